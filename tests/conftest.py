@@ -1,0 +1,16 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tokens4():
+    """A batch of 4 different samples, 24 tokens of dim 8."""
+    return torch.randn(4, 24, 8, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,14 @@
+"""vtok: visual token compression for vision and vision-language models.
+
+    tokens_out, sel = vtok.compress(tokens, "divprune", keep=0.25)
+"""
+
+from vtok.api import compress
+from vtok.budget import resolve_k
+from vtok.context import Context
+from vtok.pruners import get as get_method
+from vtok.pruners import methods, register
+from vtok.selection import Selection
+
+__version__ = "0.1.0"
+__all__ = ["Context", "Selection", "compress", "get_method", "methods", "register", "resolve_k", "__version__"]

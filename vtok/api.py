@@ -1,0 +1,64 @@
+"""The functional entry point: ``vtok.compress(tokens, method, keep, **context_and_options)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtok.budget import Keep, resolve_k
+from vtok.context import CONTEXT_KEYS, Context
+from vtok.pruners import get
+from vtok.selection import Selection
+
+
+def check_tokens(tokens: Any, name: str = "tokens") -> Tensor:
+    """Validate a token tensor ``[B, N, D]``: a floating tensor, 3-D, non-empty, finite."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, N, D], got {type(tokens).__name__}")
+    if tokens.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [B, N, D], got shape {list(tokens.shape)}")
+    b, n, d = tokens.shape
+    if b == 0 or n == 0 or d == 0:
+        raise ValueError(f"{name} must be non-empty [B, N, D] with B, N, D >= 1, got {list(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tokens.dtype}")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return tokens
+
+
+def compress(tokens: Tensor, method: str, keep: Keep, **kwargs: Any) -> tuple[Tensor, Selection]:
+    """Reduce ``tokens [B, N, D]`` to ``[B, k, D]`` with a registered strategy.
+
+    Args:
+        tokens: visual tokens ``[B, N, D]`` (patch tokens only; strip CLS / prefix tokens first).
+        method: a name from ``vtok.methods()``.
+        keep: a ratio in ``(0, 1]`` or an int count; see ``vtok.budget`` for the rounding rule.
+        **kwargs: context the method needs (``grid=(h, w)``, ``cls_attn=...``; see ``vtok.context``) and the
+            method's own options (``seed=0`` for ``random``, ...).
+
+    Returns:
+        ``(tokens_out [B, k, D], selection)``. ``keep`` resolving to all ``N`` tokens returns the input tensor
+        itself (bit-exact identity) and ``Selection.identity``.
+    """
+    tokens = check_tokens(tokens)
+    info = get(method)
+    b, n, _ = tokens.shape
+    k = resolve_k(keep, n)
+    ctx_values = {key: v for key, v in kwargs.items() if key in CONTEXT_KEYS}
+    options = {key: v for key, v in kwargs.items() if key not in CONTEXT_KEYS}
+    bad = sorted(set(options) - set(info.options))
+    if bad:
+        raise TypeError(f"method '{method}' got unknown option(s) {bad}; its options: {sorted(info.options)}, "
+                        f"context keys: {sorted(CONTEXT_KEYS)}")
+    ctx = Context.build(tokens, ctx_values)
+    ctx.require(method, info.needs)
+    if k == n:
+        return tokens, Selection.identity(b, n, tokens.device)
+    sel = info.fn(tokens, k, ctx, **options).validate()
+    if sel.k != k or sel.batch != b or sel.n != n:
+        raise RuntimeError(f"method '{method}' returned a selection of [B={sel.batch}, k={sel.k}] from N={sel.n}, "
+                           f"expected [B={b}, k={k}] from N={n}")
+    return sel.apply(tokens), sel

@@ -1,0 +1,132 @@
+"""The context a strategy may need beyond the tokens, validated in one place.
+
+Each key has a description and a validator ``(value, tokens) -> value`` that raises ``ValueError``
+naming the key and the expected shape. Strategies declare the keys they need; hooks compute exactly
+those and nothing else (so no N×N attention is built unless a method truly needs it).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Validator = Callable[[Any, Tensor], Any]
+
+
+@dataclass(frozen=True)
+class ContextKey:
+    name: str
+    description: str
+    validate: Validator
+
+
+CONTEXT_KEYS: dict[str, ContextKey] = {}
+
+
+def register_context(name: str, description: str) -> Callable[[Validator], Validator]:
+    """Decorator: register a context key with its validator."""
+
+    def deco(fn: Validator) -> Validator:
+        CONTEXT_KEYS[name] = ContextKey(name, description, fn)
+        return fn
+
+    return deco
+
+
+def _tensor(name: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"context '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"context '{name}' contains NaN or Inf")
+    return value
+
+
+def _check_shape(name: str, value: Tensor, tokens: Tensor, allowed: Mapping[int, str]) -> None:
+    """``allowed``: ndim → shape text, whose first dim must be B and last N."""
+    b, n = tokens.shape[:2]
+    if value.dim() not in allowed or value.shape[0] != b or value.shape[-1] != n:
+        want = " or ".join(allowed.values())
+        raise ValueError(f"context '{name}' must have shape {want} with B={b}, N={n}; got {list(value.shape)}")
+
+
+@register_context("cls_attn", "attention each token receives from the CLS query (or mean received attention), "
+                  "[B, N] or per head [B, H, N]")
+def _cls_attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("cls_attn", value)
+    _check_shape("cls_attn", value, tokens, {2: "[B, N]", 3: "[B, H, N]"})
+    return value
+
+
+@register_context("text_attn", "attention from text / instruction queries to each visual token, "
+                  "[B, N], [B, T, N] or [B, H, T, N]")
+def _text_attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("text_attn", value)
+    _check_shape("text_attn", value, tokens, {2: "[B, N]", 3: "[B, T, N]", 4: "[B, H, T, N]"})
+    return value
+
+
+@register_context("prev_hidden", "the same tokens' hidden states at earlier layers, [B, N, D] or [L, B, N, D]")
+def _prev_hidden(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("prev_hidden", value)
+    b, n = tokens.shape[:2]
+    ok = (value.dim() == 3 and value.shape[:2] == (b, n)) or (value.dim() == 4 and value.shape[1:3] == (b, n))
+    if not ok:
+        raise ValueError(f"context 'prev_hidden' must have shape [B, N, D] or [L, B, N, D] with B={b}, N={n}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+@register_context("grid", "patch grid (h, w) of the tokens in row-major order, h * w == N")
+def _grid(value: Any, tokens: Tensor) -> tuple[int, int]:
+    n = tokens.shape[1]
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"context 'grid' must be a pair of ints (h, w), got {value!r}")
+    h, w = int(value[0]), int(value[1])
+    if h < 1 or w < 1 or h * w != n:
+        raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n} with h, w >= 1, got ({h}, {w})")
+    return h, w
+
+
+@register_context("frames", "number of frames T; tokens are T equal frames in time order, N % T == 0")
+def _frames(value: Any, tokens: Tensor) -> int:
+    n = tokens.shape[1]
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1 or n % int(value):
+        raise ValueError(f"context 'frames' must be an int T >= 1 dividing N={n}, got {value!r}")
+    return int(value)
+
+
+@register_context("query", "a text / question embedding in the tokens' space, [B, D] or [B, Q, D]")
+def _query(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("query", value)
+    b, d = tokens.shape[0], tokens.shape[-1]
+    if value.dim() not in (2, 3) or value.shape[0] != b or value.shape[-1] != d:
+        raise ValueError(f"context 'query' must have shape [B, D] or [B, Q, D] with B={b}, D={d}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+class Context(dict):
+    """A validated mapping of context key → value. ``ctx["grid"]`` or ``ctx.get("cls_attn")``."""
+
+    @classmethod
+    def build(cls, tokens: Tensor, values: Mapping[str, Any]) -> Context:
+        ctx = cls()
+        for name, value in values.items():
+            if value is None:
+                continue
+            if name not in CONTEXT_KEYS:
+                raise ValueError(f"unknown context '{name}'; known: {sorted(CONTEXT_KEYS)}")
+            ctx[name] = CONTEXT_KEYS[name].validate(value, tokens)
+        return ctx
+
+    def require(self, method: str, needs: frozenset[str] | set[str]) -> None:
+        missing = sorted(set(needs) - set(self))
+        if missing:
+            hints = "; ".join(f"'{m}': {CONTEXT_KEYS[m].description}" for m in missing)
+            raise ValueError(f"method '{method}' needs context {missing} — pass it as a keyword ({hints})")

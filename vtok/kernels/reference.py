@@ -1,0 +1,189 @@
+"""Pure-PyTorch reference reductions: the CPU path and the oracle for the fused kernels.
+
+All are chunked so that no ``N × N`` matrix is materialised where the method does not need one:
+peak extra memory is ``O(chunk · N)`` per batch-head. Shapes: ``B`` batch, ``H`` heads, ``N`` keys/tokens,
+``M`` query rows, ``D`` features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK = 256
+
+
+def _acc(x: Tensor) -> Tensor:
+    """Upcast half precision to fp32 for accumulation."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
+                   q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
+    """Softmax attention rows for a few queries: ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, H, M, N]`` (fp32).
+
+    ``key_mask [B, N]`` (True = may be attended) and causal positions ``q_pos [M]`` / ``k_pos [N]`` (a key is
+    visible when ``k_pos <= q_pos``) are optional. Use for small ``M`` (CLS row, last token, instructions).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = torch.einsum("bhmd,bhnd->bhmn", _acc(q), _acc(k)) * scale
+    logits = _mask_logits(logits, key_mask, q_pos, k_pos)
+    return torch.softmax(logits, dim=-1)
+
+
+def _mask_logits(logits: Tensor, key_mask: Tensor | None, q_pos: Tensor | None, k_pos: Tensor | None) -> Tensor:
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+    if q_pos is not None and k_pos is not None:
+        visible = k_pos[None, :] <= q_pos[:, None]  # [M, N]
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return logits
+
+
+def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
+                       q_pos: Tensor | None = None, k_pos: Tensor | None = None, head_mean: bool = True,
+                       chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Attention each key receives, summed over the query rows: ``Σ_m softmax(q_m kᵀ · scale)``.
+
+    ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, N]`` (mean over heads) or ``[B, H, N]``; fp32. Queries are
+    processed ``chunk`` rows at a time, so peak memory is ``O(B·H·chunk·N)``, never ``M × N``. Fully masked
+    rows (a query that sees no key) contribute zero.
+    """
+    b, h, m, _ = q.shape
+    n = k.shape[2]
+    out = torch.zeros(b, h, n, device=q.device, dtype=torch.float32)
+    for s in range(0, m, chunk):
+        qp = q_pos[s:s + chunk] if q_pos is not None else None
+        p = attention_rows(q[:, :, s:s + chunk], k, scale=scale, key_mask=key_mask, q_pos=qp, k_pos=k_pos)
+        out += torch.nan_to_num(p, nan=0.0).sum(2)
+    return out.mean(1) if head_mean else out
+
+
+def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """For each row of ``a [B, Na, D]``, its most cosine-similar row of ``b [B, Nb, D]``.
+
+    Returns ``(best_sim [B, Na] fp32, best_idx [B, Na] long)``; ties go to the lowest index. Chunked over ``Na``.
+    """
+    an = torch.nn.functional.normalize(_acc(a), dim=-1)
+    bn = torch.nn.functional.normalize(_acc(b), dim=-1)
+    sims, idxs = [], []
+    for s in range(0, an.shape[1], chunk):
+        sim = an[:, s:s + chunk] @ bn.transpose(1, 2)
+        v, i = sim.max(dim=-1)
+        sims.append(v)
+        idxs.append(i)
+    return torch.cat(sims, 1).float(), torch.cat(idxs, 1)
+
+
+def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
+    """Distances ``[B, Na, Nb]`` between rows of ``a [B, Na, D]`` and ``b [B, Nb, D]`` (fp32).
+
+    ``metric``: ``"cosine"`` (1 − cos), ``"euclidean"`` or ``"sqeuclidean"``.
+    """
+    a, b = _acc(a), _acc(b)
+    if metric == "cosine":
+        an = torch.nn.functional.normalize(a, dim=-1)
+        bn = torch.nn.functional.normalize(b, dim=-1)
+        return (1.0 - an @ bn.transpose(1, 2)).float()
+    if metric in ("euclidean", "sqeuclidean"):
+        d2 = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2.0 * (a @ b.transpose(1, 2))
+        d2 = d2.clamp_min(0.0).float()
+        return d2.sqrt() if metric == "euclidean" else d2
+    raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+
+
+def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32), chunked."""
+    b, n, _ = x.shape
+    out = []
+    for s in range(0, n, chunk):
+        d = pairwise_distance(x[:, s:s + chunk], x, metric)
+        rows = torch.arange(s, min(s + chunk, n), device=x.device)
+        d[:, torch.arange(rows.numel(), device=x.device), rows] = float("inf")
+        out.append(d.min(-1).values)
+    return torch.cat(out, 1)
+
+
+def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: str = "cosine") -> Tensor:
+    """Greedy k-center / max-min selection over ``x [B, N, D]``: ``k`` indices ``[B, k]`` in selection order.
+
+    Step 1 takes ``start [B]`` (default token 0); each next step takes the token whose distance to its nearest
+    selected token is largest (ties → lowest index). Memory ``O(B·N)``; ``k`` sequential steps.
+    """
+    b, n, _ = x.shape
+    if start is None:
+        start = torch.zeros(b, dtype=torch.long, device=x.device)
+    xs = x
+    sel = torch.empty(b, k, dtype=torch.long, device=x.device)
+    sel[:, 0] = start
+    mind = pairwise_distance(xs, xs.gather(1, start.view(b, 1, 1).expand(b, 1, x.shape[2])), metric)[..., 0]
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    chosen[torch.arange(b, device=x.device), start] = True
+    for t in range(1, k):
+        nxt = mind.masked_fill(chosen, float("-inf")).argmax(1)
+        sel[:, t] = nxt
+        chosen[torch.arange(b, device=x.device), nxt] = True
+        d = pairwise_distance(xs, xs.gather(1, nxt.view(b, 1, 1).expand(b, 1, x.shape[2])), metric)[..., 0]
+        mind = torch.minimum(mind, d)
+    return sel
+
+
+def topk_gather(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of ``scores [B, N]`` (ties → lowest index), returned in ascending index order, and
+    ``x [B, N, D]`` gathered there: ``(idx [B, k], x_kept [B, k, D])``."""
+    idx = stable_topk(scores, k)
+    return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def stable_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[B, k]`` of the ``k`` largest ``scores [B, N]``, ties broken by lower index, sorted ascending."""
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=1).values
+
+
+def pagerank(attn: Tensor, *, iters: int = 30, damping: float | None = None, init: Tensor | None = None) -> Tensor:
+    """Importance by power iteration on an attention graph ``attn [B, N, N]`` (row-stochastic, row = query).
+
+    Iterates ``s ← Aᵀ s`` (a token is important when important tokens attend to it), normalised to sum 1; with
+    ``damping`` d, ``s ← d Aᵀ s + (1 − d)/N``. Returns ``[B, N]`` (fp32).
+    """
+    a = _acc(attn).float()
+    b, n, _ = a.shape
+    s = torch.full((b, n), 1.0 / n, device=a.device) if init is None else init.float() / init.float().sum(1, True)
+    for _ in range(iters):
+        s = torch.einsum("bmn,bm->bn", a, s)
+        if damping is not None:
+            s = damping * s + (1.0 - damping) / n
+        s = s / s.sum(1, keepdim=True).clamp_min(1e-30)
+    return s
+
+
+def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """Nearest centroid (squared Euclidean) for each token: ``x [B, N, D]``, ``centroids [B, C, D]`` →
+    ``(assign [B, N] long, dist [B, N] fp32)``; ties → lowest centroid index. Chunked over ``N``."""
+    idxs, ds = [], []
+    for s in range(0, x.shape[1], chunk):
+        d = pairwise_distance(x[:, s:s + chunk], centroids, "sqeuclidean")
+        v, i = d.min(-1)
+        idxs.append(i)
+        ds.append(v)
+    return torch.cat(idxs, 1), torch.cat(ds, 1)
+
+
+def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
+    """Per-frame mean and same-position cosine similarity to the previous frame.
+
+    ``x [B, T*P, D]`` with ``T = frames`` → ``(mean [B, T, D] fp32, sim_prev [B, T, P] fp32)``; frame 0 has
+    similarity 0 (it has no predecessor).
+    """
+    b, n, d = x.shape
+    p = n // frames
+    xf = _acc(x).float().view(b, frames, p, d)
+    mean = xf.mean(2)
+    xn = torch.nn.functional.normalize(xf, dim=-1)
+    sim = torch.zeros(b, frames, p, device=x.device)
+    if frames > 1:
+        sim[:, 1:] = (xn[:, 1:] * xn[:, :-1]).sum(-1)
+    return mean, sim

@@ -1,0 +1,78 @@
+"""Registry of strategies: ``@register("name", family=..., needs=..., paper=...)``.
+
+Every strategy is a pure function ``fn(tokens [B, N, D], k: int, ctx: Context, **options) -> Selection``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from vtok.context import CONTEXT_KEYS
+from vtok.selection import Selection
+
+FAMILIES = ("baseline", "attention", "transition", "diversity", "clustering", "temporal")
+
+Strategy = Callable[..., Selection]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered strategy and what it declares about itself."""
+
+    name: str
+    fn: Strategy = field(repr=False)
+    family: str
+    needs: frozenset[str]
+    uses: frozenset[str]
+    paper: str
+    merges: bool
+    summary: str
+    options: dict[str, object]
+
+    def __call__(self, *args, **kwargs) -> Selection:
+        return self.fn(*args, **kwargs)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), uses: Iterable[str] = (),
+             merges: bool = False) -> Callable[[Strategy], Strategy]:
+    """Register ``fn`` under ``name``. ``needs``: required context keys; ``uses``: optional ones."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    unknown = (set(needs) | set(uses)) - set(CONTEXT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown context keys {sorted(unknown)}; known: {sorted(CONTEXT_KEYS)}")
+
+    def deco(fn: Strategy) -> Strategy:
+        if name in _REGISTRY:
+            raise ValueError(f"method '{name}' is already registered")
+        params = list(inspect.signature(fn).parameters.values())[3:]
+        options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        _REGISTRY[name] = Method(name, fn, family, frozenset(needs), frozenset(uses), paper, merges, summary,
+                                 options)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``; unknown names raise ``ValueError`` listing close matches."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str), got {type(name).__name__}")
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {close}? " if close else ""
+        raise ValueError(f"unknown method '{name}'; {hint}available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def methods(family: str | None = None) -> list[Method]:
+    """All registered methods (optionally one family), ordered by family then name."""
+    rows = [m for m in _REGISTRY.values() if family is None or m.family == family]
+    return sorted(rows, key=lambda m: (FAMILIES.index(m.family), m.name))
