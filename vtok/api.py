@@ -61,4 +61,4 @@ def compress(tokens: Tensor, method: str, keep: Keep, **kwargs: Any) -> tuple[Te
     if sel.k != k or sel.batch != b or sel.n != n:
         raise RuntimeError(f"method '{method}' returned a selection of [B={sel.batch}, k={sel.k}] from N={sel.n}, "
                            f"expected [B={b}, k={k}] from N={n}")
-    return sel.apply(tokens), sel
+    return sel.apply(tokens, weights=ctx.get("sizes")), sel

@@ -130,3 +130,44 @@ class Context(dict):
         if missing:
             hints = "; ".join(f"'{m}': {CONTEXT_KEYS[m].description}" for m in missing)
             raise ValueError(f"method '{method}' needs context {missing} — pass it as a keyword ({hints})")
+
+
+@register_context("keys", "attention keys of the tokens (ToMe / VisionZip matching features), [B, N, Dk] or "
+                  "per head [B, H, N, dh]")
+def _keys(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("keys", value)
+    b, n = tokens.shape[:2]
+    ok = (value.dim() == 3 and value.shape[:2] == (b, n)) or (value.dim() == 4 and value.shape[0] == b
+                                                                and value.shape[2] == n)
+    if not ok:
+        raise ValueError(f"context 'keys' must have shape [B, N, Dk] or [B, H, N, dh] with B={b}, N={n}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+@register_context("attn", "full attention among the tokens (row = query), [B, N, N] or [B, H, N, N]; only for "
+                  "methods that truly need the whole graph (Zero-TPrune)")
+def _attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("attn", value)
+    b, n = tokens.shape[:2]
+    if value.dim() not in (3, 4) or value.shape[0] != b or value.shape[-2:] != (n, n):
+        raise ValueError(f"context 'attn' must have shape [B, N, N] or [B, H, N, N] with B={b}, N={n}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+@register_context("mid_attn", "attention each token receives from the CLS query at a middle, object-centric "
+                  "encoder layer (HiPrune anchors), [B, N] or [B, H, N]")
+def _mid_attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("mid_attn", value)
+    _check_shape("mid_attn", value, tokens, {2: "[B, N]", 3: "[B, H, N]"})
+    return value
+
+
+@register_context("sizes", "how many original tokens each token already stands for (ToMe size), [B, N], > 0")
+def _sizes(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("sizes", value)
+    _check_shape("sizes", value, tokens, {2: "[B, N]"})
+    if bool((value <= 0).any()):
+        raise ValueError("context 'sizes' must be > 0 everywhere")
+    return value
