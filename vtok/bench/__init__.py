@@ -1,0 +1,1 @@
+"""Evaluation and benchmarking helpers (synthetic contexts, eval models)."""

@@ -1,0 +1,1 @@
+"""attention strategies (filled in by the strategies issue)."""

@@ -1,0 +1,1 @@
+"""clustering strategies (filled in by the strategies issue)."""

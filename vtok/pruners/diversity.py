@@ -1,0 +1,1 @@
+"""diversity strategies (filled in by the strategies issue)."""

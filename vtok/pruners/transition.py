@@ -1,0 +1,1 @@
+"""transition strategies (filled in by the strategies issue)."""
