@@ -1,0 +1,30 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from vtok.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_methods_command_prints_table():
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    assert "pool2d" in res.output and "random" in res.output and "family" in res.output
+
+
+def test_demo_command_writes_png(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--size", "64", "--keep", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "PSNR" in res.output and "uniform" in res.output
+    img = Image.open(tmp_path / "kept_patches.png")
+    assert img.width > 64 and img.height > 64
+
+
+def test_demo_script_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "demos" / "prune_photo_patches.py"), "--size", "64",
+                          "--method", "pool2d", "--keep", "0.25"], capture_output=True, text=True, check=True)
+    assert "16 -> 4 tokens" in out.stdout

@@ -1,0 +1,49 @@
+"""The ``vtok`` command: ``vtok methods``, ``vtok demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="vtok: visual token compression toolkit.")
+console = Console()
+
+
+@app.command("methods")
+def methods_cmd(family: str = typer.Option(None, help="Only this family.")) -> None:
+    """List every registered strategy: family, context it needs, paper."""
+    import vtok
+
+    table = Table(title="vtok strategies")
+    for col in ("method", "family", "needs", "uses", "merges", "paper"):
+        table.add_column(col, overflow="fold")
+    for m in vtok.methods(family):
+        table.add_row(m.name, m.family, ", ".join(sorted(m.needs)) or "-", ", ".join(sorted(m.uses)) or "-",
+                      "yes" if m.merges else "", m.paper)
+    console.print(table)
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("outputs/demo"), help="Output folder."),
+             photo: str = typer.Option("astronaut", help="scikit-image photo name."),
+             size: int = typer.Option(224, help="Image side in pixels (multiple of the patch)."),
+             patch: int = typer.Option(16, help="Patch side in pixels."),
+             keep: list[float] = typer.Option([0.5, 0.25, 0.1], help="Budgets to try (repeatable).")) -> None:
+    """Run every model-free strategy on a real photo's patches; print a table and write a PNG."""
+    from vtok.demo import run_demo
+
+    rows = run_demo(out, photo=photo, size=size, patch=patch, keeps=tuple(keep))
+    table = Table(title=f"vtok demo: {photo}, {size}px, {patch}px patches")
+    for col in ("method", "family", "keep", "tokens", "PSNR (dB)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.method, r.family, f"{r.keep:g}", f"{r.kept}/{r.total}", f"{r.psnr_db:.2f}")
+    console.print(table)
+    console.print(f"wrote {out / 'kept_patches.png'}")
+
+
+if __name__ == "__main__":
+    app()
