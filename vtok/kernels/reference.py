@@ -187,3 +187,61 @@ def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
     if frames > 1:
         sim[:, 1:] = (xn[:, 1:] * xn[:, :-1]).sum(-1)
     return mean, sim
+
+
+# --- diversity / clustering primitives ---
+
+
+def density_peaks(x: Tensor, knn: int, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """Density-peaks scores with kNN density over ``x [B, N, D]`` (Euclidean distance): ``(rho, delta)`` ``[B, N]``.
+
+    ``rho_i = exp(−mean_{j ∈ kNN(i)} d(i, j)²)`` over the ``knn`` nearest *other* tokens (``knn`` is capped at
+    ``N − 1``; ``rho = 1`` when there are none). ``delta_i`` = distance to the nearest token that is denser, with
+    ties in ``rho`` broken by index (a lower index counts as denser), so exactly one token per row, the densest,
+    has none and gets the largest distance in its sample instead. fp32; two chunked passes, memory
+    ``O(B·chunk·N)``, never ``N × N``.
+    """
+    b, n, _ = x.shape
+    kk = min(int(knn), n - 1)
+    rho, rowmax = [], []
+    for s in range(0, n, chunk):
+        d2 = pairwise_distance(x[:, s:s + chunk], x, "sqeuclidean")
+        rowmax.append(d2.max(-1).values)
+        if kk > 0:
+            rows = torch.arange(s, min(s + chunk, n), device=x.device)
+            d2[:, torch.arange(rows.numel(), device=x.device), rows] = float("inf")
+            rho.append(torch.exp(-d2.topk(kk, dim=-1, largest=False).values.mean(-1)))
+        else:
+            rho.append(torch.ones(b, d2.shape[1], device=x.device))
+    density = torch.cat(rho, 1)
+    dmax = torch.cat(rowmax, 1).max(1).values.sqrt()  # [B]
+    idx = torch.arange(n, device=x.device)
+    deltas = []
+    for s in range(0, n, chunk):
+        d = pairwise_distance(x[:, s:s + chunk], x, "euclidean")
+        ri, rj = density[:, s:s + chunk, None], density[:, None, :]
+        ii = idx[s:s + chunk][None, :, None]
+        denser = (rj > ri) | ((rj == ri) & (idx[None, None, :] < ii))
+        dl = d.masked_fill(~denser, float("inf")).min(-1).values
+        deltas.append(torch.where(torch.isinf(dl), dmax[:, None].expand_as(dl), dl))
+    return density, torch.cat(deltas, 1)
+
+
+def cluster_medoids(x: Tensor, labels: Tensor, c: int, *, metric: str = "euclidean",
+                    chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Medoid of each cluster: ``x [B, N, D]``, ``labels [B, N]`` in ``[0, c)`` → ``[B, c]`` token indices.
+
+    The medoid is the member with the smallest sum of distances (``metric`` as in ``pairwise_distance``) to the
+    other members of its cluster; ties → lowest index; an empty cluster gets ``N``. Chunked over rows: memory
+    ``O(B·chunk·N)`` (the compute is ``O(N²·D)``, inherent to medoids).
+    """
+    b, n, _ = x.shape
+    cost = torch.empty(b, n, device=x.device, dtype=torch.float32)
+    for s in range(0, n, chunk):
+        d = pairwise_distance(x[:, s:s + chunk], x, metric)
+        same = labels[:, s:s + chunk, None] == labels[:, None, :]
+        cost[:, s:s + chunk] = (d * same).sum(-1)
+    best = torch.full((b, c), float("inf"), device=x.device).scatter_reduce(1, labels, cost, "amin")
+    is_best = cost == best.gather(1, labels)
+    idx = torch.where(is_best, torch.arange(n, device=x.device).expand(b, n), torch.full_like(labels, n))
+    return torch.full((b, c), n, dtype=torch.long, device=x.device).scatter_reduce(1, labels, idx, "amin")
