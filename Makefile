@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtok-installed
+# offline real data from Debian (labelled images for the eval ViT); installed on first use
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench clean
 
@@ -12,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf]"
 	@touch $(STAMP)
 
+$(FMNIST):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+
 demo: $(STAMP)
 	$(BIN)/vtok methods
 	$(BIN)/vtok demo --out outputs/demo
@@ -19,7 +26,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint $(FMNIST)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

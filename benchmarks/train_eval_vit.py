@@ -1,0 +1,157 @@
+"""Train the evaluation ViT (vtok.bench.eval_vit) on Fashion-MNIST. Deterministic under --seed, resumable.
+
+    python benchmarks/train_eval_vit.py                      # full recipe (GPU: minutes; 2-core CPU: many hours)
+    python benchmarks/train_eval_vit.py --limit 512 --epochs 1 --out /tmp/vit.safetensors   # smoke run
+
+Recipe: AdamW (lr 1e-3 at batch 256, wd 0.05), linear warmup then cosine decay, label smoothing 0.1,
+augmentation = random translation (pad 4 + random crop) and horizontal flip. The training state is saved
+atomically to ``--work/last.pt`` every ``--save-every`` steps and at each epoch end; rerunning the same command
+resumes from it. The final weights go to ``--out`` (safetensors) with test accuracy in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vtok.bench.eval_vit import CHECKPOINT, build_eval_vit, save_eval_vit
+from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
+
+
+RUN_ONLY = ("out", "work", "save_every", "device", "stop_after")  # arguments that may change on resume
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 4 px (zero padding in normalised space) and horizontal flip."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (4, 4, 4, 4), value=float(x.min()))
+    dy = torch.randint(0, 9, (n,), generator=g)
+    dx = torch.randint(0, 9, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, 1, h, w + 8)
+    out = pad.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, 1, h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(x), batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x[s:s + batch].to(device))
+        correct += int((logits.argmax(-1).cpu() == y[s:s + batch]).sum())
+    model.train()
+    return correct / len(x)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--warmup-epochs", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke runs)")
+    ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only")
+    ap.add_argument("--out", type=Path, default=CHECKPOINT)
+    ap.add_argument("--work", type=Path, default=Path("outputs/train_eval_vit"))
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    if args.limit:
+        xtr, ytr = xtr[: args.limit], ytr[: args.limit]
+    if args.test_limit:
+        xte, yte = xte[: args.test_limit], yte[: args.test_limit]
+    xtr, xte = preprocess(xtr), preprocess(xte)
+    model = build_eval_vit().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(len(xtr) / args.batch)
+    total = steps_per_epoch * args.epochs
+    warmup = max(1, int(args.warmup_epochs * steps_per_epoch))
+    step = 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    state_path = args.work / "last.pt"
+    if state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        if st["args"] != {k: v for k, v in vars(args).items() if k not in RUN_ONLY}:
+            raise ValueError(f"{state_path} was written with different arguments; remove it or use another --work")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        print(f"resumed from {state_path} at step {step}/{total}", flush=True)
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        key = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": key}, tmp)
+        os.replace(tmp, state_path)
+
+    model.train()
+    t0, seen = time.time(), 0
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        for i in range(pos, steps_per_epoch):
+            idx = order[i * args.batch:(i + 1) * args.batch]
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # this step's augmentation
+            xb = augment(xtr[idx], g).to(device)
+            yb = ytr[idx].to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, args.lr)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            seen += len(idx)
+            if step % 50 == 0 or step == total:
+                rate = seen / (time.time() - t0)
+                print(f"step {step}/{total} epoch {epoch} loss {loss.item():.4f} lr {group['lr']:.2e} "
+                      f"{rate:.0f} img/s", flush=True)
+            if step % args.save_every == 0:
+                save_state()
+            if args.stop_after and step >= args.stop_after:
+                save_state()
+                print(f"stopped after step {step}; rerun to resume", flush=True)
+                return {"stopped_at": step}
+        save_state()
+        if (epoch + 1) % 5 == 0 or step == total:
+            print(f"epoch {epoch + 1}: test accuracy {evaluate(model, xte, yte, device):.4f}", flush=True)
+    acc = evaluate(model, xte, yte, device)
+    meta = {"test_accuracy": acc, "test_images": len(xte), "train_images": len(xtr), "epochs": args.epochs,
+            "seed": args.seed, "command": "python benchmarks/train_eval_vit.py " + " ".join(argv or sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_eval_vit(model.cpu(), args.out, meta)
+    print(f"test accuracy {acc:.4f}; wrote {args.out}", flush=True)
+    return meta
+
+
+if __name__ == "__main__":
+    main()

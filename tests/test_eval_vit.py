@@ -1,0 +1,45 @@
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from vtok.bench.eval_vit import build_eval_vit, checkpoint_meta, load_eval_vit
+from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_eval_vit", ROOT / "benchmarks" / "train_eval_vit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fashion_mnist_loads_real_data():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (10000,) and set(y.unique().tolist()) == set(range(10))
+    assert preprocess(x[:2]).shape == (2, 1, 56, 56)
+
+
+def test_eval_vit_has_196_patch_tokens_and_5_to_10m_params():
+    m = build_eval_vit()
+    assert m.patch_embed.num_patches == 196
+    assert 5e6 <= sum(p.numel() for p in m.parameters()) <= 10e6
+
+
+def test_training_is_resumable_and_deterministic(tmp_path):
+    train = _train_module()
+    common = ["--limit", "48", "--batch", "16", "--epochs", "2", "--test-limit", "32", "--warmup-epochs", "0.5"]
+    # uninterrupted: 6 steps
+    train.main([*common, "--work", str(tmp_path / "a"), "--out", str(tmp_path / "a.safetensors")])
+    # interrupted after 2 steps, then resumed with the same command
+    out = train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors"),
+                      "--stop-after", "2"])
+    assert out == {"stopped_at": 2}
+    train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors")])
+    a, b = load_eval_vit(tmp_path / "a.safetensors"), load_eval_vit(tmp_path / "b.safetensors")
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), na
+    assert checkpoint_meta(tmp_path / "a.safetensors")["train_images"] == 48

@@ -1,0 +1,59 @@
+"""The evaluation ViT: a small timm ViT trained in this project on Fashion-MNIST.
+
+No pretrained ViT can be downloaded here, so vtok measures what each strategy costs in accuracy on its own
+model: 28×28 images upsampled to 56×56 and cut into 4×4 patches → 14×14 = 196 patch tokens + CLS, like
+ViT-B/16 at 224. Width 256, depth 8, 4 heads → 6.4 M parameters. Trained by ``benchmarks/train_eval_vit.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+EVAL_VIT_CONFIG = dict(img_size=56, patch_size=4, in_chans=1, num_classes=10, embed_dim=256, depth=8,
+                       num_heads=4, mlp_ratio=4.0, class_token=True, global_pool="token")
+CHECKPOINT = Path(__file__).with_name("checkpoints") / "eval_vit_fmnist.safetensors"
+
+
+def build_eval_vit(**overrides) -> VisionTransformer:
+    """The eval ViT architecture with random weights (``overrides`` change config entries)."""
+    cfg = {**EVAL_VIT_CONFIG, **overrides}
+    return VisionTransformer(**cfg)
+
+
+def save_eval_vit(model: VisionTransformer, path: str | Path, meta: dict | None = None) -> None:
+    """Weights as safetensors plus the config (and e.g. test accuracy) as JSON metadata."""
+    from safetensors.torch import save_file
+
+    cfg = {k: v for k, v in EVAL_VIT_CONFIG.items()}
+    cfg.update({"embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": json.dumps(cfg), "meta": json.dumps(meta or {})})
+
+
+def load_eval_vit(path: str | Path | None = None) -> VisionTransformer:
+    """Load the committed eval ViT (or ``path``), in eval mode. Raises ``FileNotFoundError`` with the command
+    that trains it when the checkpoint is missing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no eval ViT checkpoint at {path}; train one with "
+                                "`python benchmarks/train_eval_vit.py` (see docs/benchmarks.md)")
+    with safe_open(str(path), "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    model = VisionTransformer(**cfg)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def checkpoint_meta(path: str | Path | None = None) -> dict:
+    """The JSON metadata stored with a checkpoint (test accuracy, steps, seed, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) if path is not None else CHECKPOINT), "pt") as f:
+        return json.loads(f.metadata().get("meta", "{}"))
