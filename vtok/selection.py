@@ -13,11 +13,12 @@ from torch import Tensor
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """``x [B, N, ...]`` gathered along dim 1 with ``idx [B, k]`` → ``[B, k, ...]``."""
-    if x.dim() == 2:
-        return x.gather(1, idx)
-    shape = idx.shape + x.shape[2:]
-    return x.gather(1, idx.reshape(idx.shape + (1,) * (x.dim() - 2)).expand(shape))
+    """``x [B, N, ...]`` gathered along dim 1 with ``idx [B, k]`` → ``[B, k, ...]`` (exact copies of the rows).
+
+    Uses one ``index_select`` on the flattened batch (several times faster than an expanded ``gather``)."""
+    b, n = x.shape[:2]
+    flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
+    return x.reshape((b * n,) + x.shape[2:]).index_select(0, flat).reshape(idx.shape + x.shape[2:])
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 EVAL_VIT_CONFIG = dict(img_size=56, patch_size=4, in_chans=1, num_classes=10, embed_dim=256, depth=8,

@@ -95,11 +95,24 @@ def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
 
 
 def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32), chunked."""
+    """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32).
+
+    Rows are processed ``chunk`` at a time (``O(B·chunk·N)`` memory); features are normalised once."""
+    if metric not in ("cosine", "euclidean", "sqeuclidean"):
+        raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
     b, n, _ = x.shape
+    xa = _acc(x)
+    if metric == "cosine":
+        xa = torch.nn.functional.normalize(xa, dim=-1)
+    sq = (xa * xa).sum(-1)
     out = []
     for s in range(0, n, chunk):
-        d = pairwise_distance(x[:, s:s + chunk], x, metric)
+        dot = xa[:, s:s + chunk] @ xa.transpose(1, 2)
+        if metric == "cosine":
+            d = (1.0 - dot).float()
+        else:
+            d = (sq[:, s:s + chunk, None] + sq[:, None, :] - 2.0 * dot).clamp_min(0.0).float()
+            d = d.sqrt() if metric == "euclidean" else d
         rows = torch.arange(s, min(s + chunk, n), device=x.device)
         d[:, torch.arange(rows.numel(), device=x.device), rows] = float("inf")
         out.append(d.min(-1).values)
@@ -110,23 +123,38 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
     """Greedy k-center / max-min selection over ``x [B, N, D]``: ``k`` indices ``[B, k]`` in selection order.
 
     Step 1 takes ``start [B]`` (default token 0); each next step takes the token whose distance to its nearest
-    selected token is largest (ties → lowest index). Memory ``O(B·N)``; ``k`` sequential steps.
+    selected token is largest (ties → lowest index). Features are normalised (cosine) or their squared norms
+    computed (Euclidean) once; each step is one ``[N, D] × [D]`` product. Memory ``O(B·N)``; ``k`` sequential steps.
     """
+    if metric not in ("cosine", "euclidean", "sqeuclidean"):
+        raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
     b, n, _ = x.shape
+    rows = torch.arange(b, device=x.device)
+    xa = _acc(x)
+    if metric == "cosine":
+        xa = torch.nn.functional.normalize(xa, dim=-1)
+    else:
+        sq = (xa * xa).sum(-1)
+
+    def dist_to(c: Tensor) -> Tensor:  # c: [B] token index → [B, N] fp32 distances
+        dot = torch.bmm(xa, xa[rows, c][:, :, None])[..., 0]
+        if metric == "cosine":
+            return (1.0 - dot).float()
+        d2 = (sq + sq[rows, c][:, None] - 2.0 * dot).clamp_min(0.0).float()
+        return d2.sqrt() if metric == "euclidean" else d2
+
     if start is None:
         start = torch.zeros(b, dtype=torch.long, device=x.device)
-    xs = x
     sel = torch.empty(b, k, dtype=torch.long, device=x.device)
     sel[:, 0] = start
-    mind = pairwise_distance(xs, xs.gather(1, start.view(b, 1, 1).expand(b, 1, x.shape[2])), metric)[..., 0]
+    mind = dist_to(start)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-    chosen[torch.arange(b, device=x.device), start] = True
+    chosen[rows, start] = True
     for t in range(1, k):
         nxt = mind.masked_fill(chosen, float("-inf")).argmax(1)
         sel[:, t] = nxt
-        chosen[torch.arange(b, device=x.device), nxt] = True
-        d = pairwise_distance(xs, xs.gather(1, nxt.view(b, 1, 1).expand(b, 1, x.shape[2])), metric)[..., 0]
-        mind = torch.minimum(mind, d)
+        chosen[rows, nxt] = True
+        mind = torch.minimum(mind, dist_to(nxt))
     return sel
 
 

@@ -1,0 +1,21 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_strategies_benchmark_quick_prints_a_table():
+    # the interpreter running the tests is the project's venv python
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--quick", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("command: `python benchmarks/strategies.py --quick") for line in lines)
+    header = "| method | family | N | time / random | time / ViT-B block |"
+    assert any(line.startswith(header) for line in lines), res.stdout
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(header)]
+    names = {r.split("|")[1].strip() for r in rows}
+    assert {"random", "uniform", "pool2d", "transprune", "(ViT-B/16 block)"} <= names
+    random_row = next(r for r in rows if r.split("|")[1].strip() == "random")
+    assert random_row.split("|")[3].strip() == "64" and float(random_row.split("|")[4]) == 1.0
