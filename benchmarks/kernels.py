@@ -74,8 +74,9 @@ def cases(quick: bool, dev: torch.device, dtype: torch.dtype):
     attn_shapes = [(1, 8, 64)] if quick else [(1, 64, 576), (1, 64, 2880), (16, 64, 576), (1, 576, 12288)]
     for b, m, n in attn_shapes:
         q, k = rnd(b, heads, m, dh), rnd(b, heads, n, dh)
-        yield ("attention_received", f"B={b} H={heads} M={m} N={n}", lambda q=q, k=k: ta.attention_received_triton(q, k),
-               lambda q=q, k=k: R.attention_received(q, k), (q.numel() + k.numel()) * es + b * n * 4)
+        yield ("attention_received", f"B={b} H={heads} M={m} N={n}",
+               lambda q=q, k=k: ta.attention_received_triton(q, k), lambda q=q, k=k: R.attention_received(q, k),
+               (q.numel() + k.numel()) * es + b * n * 4)
     tok_shapes = [(1, 64, 16)] if quick else [(1, 576, 1024), (1, 2880, 1024), (16, 576, 1024), (1, 576, 4096),
                                                (1, 2880, 4096)]
     for b, n, d in tok_shapes:
@@ -87,8 +88,10 @@ def cases(quick: bool, dev: torch.device, dtype: torch.dtype):
         yield ("farthest_point", f"B={b} N={n} D={d} k={kk}", lambda x=x, kk=kk: ts.farthest_point_triton(x, kk),
                lambda x=x, kk=kk: R.farthest_point(x, kk), x.numel() * es * kk)
         s = torch.randn(b, n, device=dev)
-        yield ("topk_gather", f"B={b} N={n} D={d} k={n // 4}", lambda x=x, s=s, n=n: ts.topk_gather_triton(x, s, n // 4),
-               lambda x=x, s=s, n=n: R.topk_gather(x, s, n // 4), (b * n * 4 + 2 * b * (n // 4) * d * es))
+        yield ("topk_gather", f"B={b} N={n} D={d} k={n // 4}",
+               lambda x=x, s=s, n=n: ts.topk_gather_triton(x, s, n // 4),
+               lambda x=x, s=s, n=n: R.topk_gather(x, s, n // 4),
+               b * n * 4 + 2 * b * (n // 4) * d * es)
         c = x[:, : max(1, n // 8)].contiguous()
         yield ("kmeans_assign", f"B={b} N={n} D={d} C={c.shape[1]}", lambda x=x, c=c: tm.kmeans_assign_triton(x, c),
                lambda x=x, c=c: R.kmeans_assign(x, c), (x.numel() + c.numel()) * es + b * n * 12)

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from vtok.bench.eval_vit import CHECKPOINT, build_eval_vit, save_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
 
-
 RUN_ONLY = ("out", "work", "save_every", "device", "stop_after")  # arguments that may change on resume
 
 
