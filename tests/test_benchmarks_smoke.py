@@ -19,3 +19,12 @@ def test_strategies_benchmark_quick_prints_a_table():
     assert {"random", "uniform", "pool2d", "transprune", "(ViT-B/16 block)"} <= names
     random_row = next(r for r in rows if r.split("|")[1].strip() == "random")
     assert random_row.split("|")[3].strip() == "64" and float(random_row.split("|")[4]) == 1.0
+
+
+def test_kernels_benchmark_quick_runs_on_cpu():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ops = {ln.split("|")[1].strip() for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert {"attention_received", "cosine_argmax", "farthest_point", "topk_gather", "kmeans_assign",
+            "segment_stats"} <= ops
