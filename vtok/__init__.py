@@ -6,9 +6,11 @@
 from vtok.api import compress
 from vtok.budget import resolve_k
 from vtok.context import Context
+from vtok.hooks.encoders import capture, patch, unpatch
 from vtok.pruners import get as get_method
 from vtok.pruners import methods, register
 from vtok.selection import Selection
 
 __version__ = "0.1.0"
-__all__ = ["Context", "Selection", "compress", "get_method", "methods", "register", "resolve_k", "__version__"]
+__all__ = ["Context", "Selection", "capture", "compress", "get_method", "methods", "patch", "register", "resolve_k",
+           "unpatch", "__version__"]
