@@ -28,3 +28,13 @@ def test_demo_script_runs():
     out = subprocess.run([sys.executable, str(ROOT / "demos" / "prune_photo_patches.py"), "--size", "64",
                           "--method", "pool2d", "--keep", "0.25"], capture_output=True, text=True, check=True)
     assert "16 -> 4 tokens" in out.stdout
+
+
+def test_patch_vit_demo_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "demos" / "patch_vit.py"), "--model", "vit_tiny_patch16_224",
+                          "--img", "64", "--batch", "2", "--r", "2"], capture_output=True, text=True, check=True)
+    assert "16 patch tokens ->" in out.stdout
+    out = subprocess.run([sys.executable, str(ROOT / "demos" / "patch_vit.py"), "--model", "vit_tiny_patch16_224",
+                          "--img", "64", "--batch", "2", "--method", "cls_attn", "--keep", "0.5"],
+                         capture_output=True, text=True, check=True)
+    assert "16 patch tokens -> 8" in out.stdout
