@@ -7,13 +7,30 @@ STAMP  := $(VENV)/.vtok-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean tokenizer-data train-tokenizers bench-tokenizers
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf]"
+	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf,tokenizers]"
 	@touch $(STAMP)
+
+# offline photos for the 1D tokenizers (training + held-out evaluation); see vtok/tokenizers_img/data.py
+OPENCV_DOC := /usr/share/doc/opencv-doc/examples/data/baboon.jpg
+TOKENIZERS := fsq_nested fsq_control fsq_tail binary_nested
+
+$(OPENCV_DOC):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q opencv-doc
+
+tokenizer-data: $(STAMP) $(OPENCV_DOC)
+
+# long CPU runs (resumable: rerun to continue); outputs/tokenizers/<name>/
+train-tokenizers: tokenizer-data
+	for c in $(TOKENIZERS); do $(BIN)/vtok train-tokenizer --config configs/tokenizers/$$c.json || exit 1; done
+
+bench-tokenizers: tokenizer-data
+	$(BIN)/python benchmarks/tokenizer_rd.py $(patsubst %/model.safetensors,%,$(wildcard outputs/tokenizers/*/model.safetensors))
 
 $(FMNIST):
 	$(SUDO) apt-get update -q

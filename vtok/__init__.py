@@ -10,7 +10,8 @@ from vtok.hooks.encoders import capture, patch, unpatch
 from vtok.pruners import get as get_method
 from vtok.pruners import methods, register
 from vtok.selection import Selection
+from vtok.tokenizers_img import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Context", "Selection", "capture", "compress", "get_method", "methods", "patch", "register", "resolve_k",
-           "unpatch", "__version__"]
+__all__ = ["Context", "Selection", "capture", "compress", "get_method", "load_tokenizer", "methods", "patch",
+           "register", "resolve_k", "unpatch", "__version__"]

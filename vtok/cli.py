@@ -1,4 +1,4 @@
-"""The ``vtok`` command: ``vtok methods``, ``vtok demo``."""
+"""The ``vtok`` command: ``vtok methods``, ``vtok demo``, ``vtok train-tokenizer``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,34 @@ def demo_cmd(out: Path = typer.Option(Path("outputs/demo"), help="Output folder.
         table.add_row(r.method, r.family, f"{r.keep:g}", f"{r.kept}/{r.total}", f"{r.psnr_db:.2f}")
     console.print(table)
     console.print(f"wrote {out / 'kept_patches.png'}")
+    _tokenizer_demo(out)
+
+
+def _tokenizer_demo(out: Path) -> None:
+    """Reconstruction grids (k = 1, 2, 4, …, K) for every committed tokenizer checkpoint."""
+    from vtok.tokenizers_img.demo import demo_committed
+
+    written = demo_committed(out)
+    if not written:
+        console.print("tokenizers: no committed checkpoint under vtok/tokenizers_img/checkpoints/ yet; skipped")
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(config: Path = typer.Option(..., exists=True, dir_okay=False, help="configs/tokenizers/*.json"),
+                        out: Path = typer.Option(None, help="Output folder (default outputs/tokenizers/<name>)."),
+                        steps: int = typer.Option(None, help="Override the schedule length train.steps."),
+                        stop_at: int = typer.Option(None, help="Stop (and checkpoint) at this step; rerun resumes."),
+                        device: str = typer.Option(None, help="cpu / cuda (default: cuda if available).")) -> None:
+    """Train a 1D image tokenizer; resumes from the last checkpoint in the output folder."""
+    from vtok.tokenizers_img.config import RunConfig
+    from vtok.tokenizers_img.train import train_tokenizer
+
+    run = RunConfig.load(config)
+    out = out or Path("outputs/tokenizers") / run.name
+    res = train_tokenizer(run, out, steps=steps, stop_at=stop_at, device=device, log=console.print)
+    console.print(f"done: step {res.step}; load with vtok.load_tokenizer({str(out)!r})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""The rate–distortion benchmark runs end to end on a tiny random-init checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vtok.tokenizers_img import ModelConfig, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tokenizer_rd_benchmark_smoke(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=16, patch_size=8, num_tokens=64, width=16, enc_depth=1, dec_depth=1, heads=2)
+    Tokenizer(cfg, meta={"name": "tiny_rd", "length_mode": "nested", "step": 0}).save(tmp_path / "ck")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenizer_rd.py"), str(tmp_path / "ck"),
+                          "--sources", "skimage", "--limit", "3", "--out-dir", str(tmp_path / "rd")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| k | bits/image | bytes | PSNR (dB) | SSIM |" in res.stdout
+    assert "never drops by more than 0.1 dB" in res.stdout
+    data = json.loads((tmp_path / "rd" / "results.json").read_text())
+    rows = data["checkpoints"][0]["rows"]
+    assert [r["k"] for r in rows] == [1, 2, 4, 8, 16, 32, 64]
+    assert rows[-1]["WebP"] is not None and rows[-1]["WebP"]["bytes"] <= rows[-1]["bytes"]  # 128 B fits a WebP
+    assert (tmp_path / "rd" / "tokenizer_rd.png").stat().st_size > 1000

@@ -1,0 +1,219 @@
+"""``Tokenizer``: images ``[B, 3, H, W]`` ↔ an ordered 1D sequence of K discrete tokens, decodable from any prefix.
+
+    tok = vtok.load_tokenizer("outputs/tokenizers/fsq_nested")
+    ids = tok.tokenize(images, k=8)      # FSQ: int64 [B, 8]; binary: bool [B, 8, bits]
+    rec = tok.detokenize(ids)            # [B, 3, H, W] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vtok.images import patchify, unpatchify
+from vtok.tokenizers_img.binary import BinaryQuantizer, BitEmbedding
+from vtok.tokenizers_img.config import ModelConfig
+from vtok.tokenizers_img.fsq import FSQ
+from vtok.tokenizers_img.model import ResamplerDecoder, ResamplerEncoder
+
+FORMAT = "vtok-tokenizer"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class TokenizerOutput:
+    """Training forward result: ``recon`` like the input, ``penalty`` the binary confidence term (0 for FSQ)."""
+
+    recon: Tensor
+    penalty: Tensor
+
+
+class Tokenizer(nn.Module):
+    """1D resampler tokenizer for images (FlexTok-style registers, FSQ or binary tokens)."""
+
+    kind = "image"
+
+    def __init__(self, config: ModelConfig, meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs config.kind={self.kind!r}, got {config.kind!r}")
+        self.config, self.meta = config, dict(meta or {})
+        c = config
+        self.encoder = ResamplerEncoder(c.patch_dim, c.n_patches, c.num_tokens, c.width, c.enc_depth, c.heads,
+                                        c.mlp_ratio, c.code_dim)
+        if c.quantizer == "fsq":
+            self.quantizer: nn.Module = FSQ(c.fsq_levels)
+            self.embed: nn.Module = nn.Linear(c.code_dim, c.width)
+        else:
+            self.quantizer = BinaryQuantizer(c.bits, c.tau)
+            self.embed = BitEmbedding(c.bits, c.width)
+        self.decoder = ResamplerDecoder(c.patch_dim, c.n_patches, c.num_tokens, c.width, c.dec_depth, c.heads,
+                                        c.mlp_ratio)
+
+    # ---- geometry (overridden by the video tokenizer) ----
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Expected shape of one input without the batch dim."""
+        return (3, self.config.image_size, self.config.image_size)
+
+    def to_patches(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` → ``[B, N, patch_dim]``."""
+        return patchify(x, self.config.patch_size)
+
+    def from_patches(self, p: Tensor) -> Tensor:
+        """``[B, N, patch_dim]`` → ``[B, 3, H, W]``."""
+        _, h, w = self.config.grid
+        return unpatchify(p, (h, w), self.config.patch_size)
+
+    # ---- properties ----
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def bits_per_token(self) -> float:
+        """FSQ: ``log2(prod(levels))``; binary: ``bits``."""
+        return self.config.bits_per_token
+
+    @property
+    def codebook_size(self) -> int | None:
+        """Number of FSQ codes, or None for binary tokens."""
+        return self.quantizer.codebook_size if isinstance(self.quantizer, FSQ) else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- training forward ----
+    def encode(self, images: Tensor, k: int | None = None) -> Tensor:
+        """Pre-quantisation latents ``[B, k, code_dim]`` of the first ``k`` tokens (pixels centred to [-1, 1])."""
+        return self.encoder(self.to_patches(images) * 2.0 - 1.0, k)
+
+    def forward(self, images: Tensor, keep: Tensor | None = None,
+                generator: torch.Generator | None = None) -> TokenizerOutput:
+        """Reconstruct ``images`` from all K tokens, with tokens where ``keep [B, K]`` is False masked out."""
+        z = self.encode(images)
+        if isinstance(self.quantizer, FSQ):
+            q, _ = self.quantizer(z)
+            penalty = z.new_zeros(())
+        else:
+            q, p = self.quantizer(z, generator)
+            penalty = BinaryQuantizer.confidence_penalty(p)
+        if keep is None:
+            keep = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        return TokenizerOutput(self.from_patches(self.decoder(self.embed(q), keep)), penalty)
+
+    # ---- public API ----
+    @torch.no_grad()
+    def tokenize(self, images: Tensor, k: int | None = None) -> Tensor:
+        """Images in [0, 1] → the first ``k`` tokens (default K): FSQ int64 ``[B, k]``, binary bool ``[B, k, bits]``."""
+        self._check_images(images)
+        k = self._check_k(k)
+        z = self.encode(images.to(self.device, torch.float32), k)
+        if isinstance(self.quantizer, FSQ):
+            return self.quantizer(z)[1]
+        return z > 0  # sigmoid(z) > 0.5
+
+    @torch.no_grad()
+    def detokenize(self, ids: Tensor) -> Tensor:
+        """Any prefix of tokens (``1..K`` of them) → images in [0, 1], shaped like the tokenizer's input."""
+        codes = self._ids_to_codes(ids)
+        b, k = codes.shape[:2]
+        emb = torch.zeros(b, self.num_tokens, self.config.width, device=self.device)
+        emb[:, :k] = self.embed(codes)
+        keep = (torch.arange(self.num_tokens, device=self.device) < k).expand(b, -1)
+        return self.from_patches(self.decoder(emb, keep)).clamp(0.0, 1.0)
+
+    def reconstruct(self, images: Tensor, k: int | None = None) -> Tensor:
+        """``detokenize(tokenize(images, k))``."""
+        return self.detokenize(self.tokenize(images, k))
+
+    # ---- checks ----
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
+        want = self.input_shape
+        if images.dim() != len(want) + 1 or tuple(images.shape[1:]) != want or images.shape[0] < 1:
+            names = "[B, 3, T, H, W]" if len(want) == 4 else "[B, 3, H, W]"
+            raise ValueError(f"images must be {names} with (3, …) = {want} per sample, got shape "
+                             f"{list(images.shape)}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"images must have values in [0, 1], got range [{lo:.3g}, {hi:.3g}]")
+
+    def _check_k(self, k: int | None) -> int:
+        if k is None:
+            return self.num_tokens
+        if isinstance(k, Tensor) and k.numel() == 1:
+            k = int(k)
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise TypeError(f"k must be an int in 1..{self.num_tokens} or None, got {type(k).__name__}")
+        if not 1 <= k <= self.num_tokens:
+            raise ValueError(f"k must be in 1..{self.num_tokens} (K), got {k}")
+        return k
+
+    def _ids_to_codes(self, ids: Tensor) -> Tensor:
+        """Validated ids → float codes ``[B, k, code_dim]`` on the model's device."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        K = self.num_tokens
+        if isinstance(self.quantizer, FSQ):
+            if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+                raise TypeError(f"FSQ ids must be an integer tensor [B, k], got dtype {ids.dtype}")
+            if ids.dim() != 2 or ids.shape[0] < 1 or not 1 <= ids.shape[1] <= K:
+                raise ValueError(f"FSQ ids must be [B, k] with k in 1..{K}, got shape {list(ids.shape)}")
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"ids must be in [0, {self.codebook_size}) (codebook size), got range [{lo}, {hi}]")
+            return self.quantizer.indices_to_codes(ids.to(self.device))
+        bits = self.config.bits
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"binary ids must be a bool tensor [B, k, {bits}], got dtype {ids.dtype}")
+        if ids.dim() != 3 or ids.shape[0] < 1 or not 1 <= ids.shape[1] <= K:
+            raise ValueError(f"binary ids must be [B, k, {bits}] with k in 1..{K}, got shape {list(ids.shape)}")
+        if ids.shape[2] != bits:
+            raise ValueError(f"binary ids must have bits={bits} per token (last dim), got {ids.shape[2]}")
+        if ids.dtype != torch.bool and (int(ids.min()) < 0 or int(ids.max()) > 1):
+            raise ValueError("binary ids must hold only 0 and 1")
+        return ids.to(self.device, torch.float32)
+
+    # ---- persistence ----
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into folder ``path`` (atomically, file by file)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path / WEIGHTS_FILE)
+        doc = {"format": FORMAT, "version": 1, "model": self.config.to_dict(), "meta": self.meta}
+        atomic_write_text(path / CONFIG_FILE, json.dumps(doc, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a folder written by :meth:`save` (image or video tokenizer, chosen by the config)."""
+        from vtok.tokenizers_img.hub import load_folder
+
+        return load_folder(path)
+
+    def load_weights(self, path: str | Path) -> None:
+        self.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
