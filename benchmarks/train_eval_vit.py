@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke runs)")
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only")
-    ap.add_argument("--out", type=Path, default=CHECKPOINT)
+    ap.add_argument("--out", type=Path, default=CHECKPOINT, help="fp16 safetensors output")
     ap.add_argument("--work", type=Path, default=Path("outputs/train_eval_vit"))
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps")
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_state()
         if (epoch + 1) % 5 == 0 or step == total:
             print(f"epoch {epoch + 1}: test accuracy {evaluate(model, xte, yte, device):.4f}", flush=True)
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # as stored (fp16)
     acc = evaluate(model, xte, yte, device)
     meta = {"test_accuracy": acc, "test_images": len(xte), "train_images": len(xtr), "epochs": args.epochs,
             "seed": args.seed, "command": "python benchmarks/train_eval_vit.py " + " ".join(argv or sys.argv[1:])}

@@ -24,12 +24,13 @@ def build_eval_vit(**overrides) -> VisionTransformer:
 
 
 def save_eval_vit(model: VisionTransformer, path: str | Path, meta: dict | None = None) -> None:
-    """Weights as safetensors plus the config (and e.g. test accuracy) as JSON metadata."""
+    """Weights as fp16 safetensors (12.8 MB, under the 20 MB budget) plus the config and ``meta`` (e.g. test
+    accuracy) as JSON metadata. Accuracy in ``meta`` should be measured on the fp16-rounded weights."""
     from safetensors.torch import save_file
 
     cfg = {k: v for k, v in EVAL_VIT_CONFIG.items()}
     cfg.update({"embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().half().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"config": json.dumps(cfg), "meta": json.dumps(meta or {})})
 
 
@@ -46,7 +47,7 @@ def load_eval_vit(path: str | Path | None = None) -> VisionTransformer:
     with safe_open(str(path), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
     model = VisionTransformer(**cfg)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 
 
