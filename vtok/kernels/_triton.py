@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:  # triton is optional at import time: the reference path never needs it
     import triton
     import triton.language as tl
@@ -24,6 +26,7 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def dot_dtype_upcast(*tensors) -> bool:
-    """Whether kernels must upcast to fp32 before ``tl.dot`` (the interpreter computes bf16 dots wrongly)."""
-    return interpreting() or any(t.dtype == __import__("torch").float32 for t in tensors)
+def dot_dtype_upcast(x: torch.Tensor) -> bool:
+    """Whether kernels cast tiles to fp32 before ``tl.dot``: always in the interpreter (it computes bf16 dots
+    wrongly), and for fp32 inputs; fp16 / bf16 dot natively on the GPU, accumulating in fp32."""
+    return interpreting() or x.dtype == torch.float32

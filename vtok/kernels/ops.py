@@ -104,9 +104,8 @@ def _(x, k, start, metric):
 
 
 def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: str = "cosine") -> Tensor:
-    """Greedy k-center in pick order ``[B, k]`` (see ``reference.farthest_point``); one launch on CUDA."""
-    if metric not in ("cosine", "euclidean", "sqeuclidean"):
-        raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+    """Greedy k-center in pick order ``[B, k]`` (see ``reference.farthest_point``, which with the Triton path
+    validates ``metric``); one launch on CUDA."""
     return _farthest_point(x, int(k), start, metric)
 
 

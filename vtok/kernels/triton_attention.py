@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from vtok.kernels._triton import interpreting, next_pow2, tl, triton
+from vtok.kernels._triton import dot_dtype_upcast, next_pow2, tl, triton
 
 if triton is not None:
 
@@ -115,7 +115,7 @@ def attention_received_triton(q: Tensor, k: Tensor, scale: float | None = None, 
     scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
     q = q.contiguous() if q.stride(-1) != 1 else q
     k = k.contiguous() if k.stride(-1) != 1 else k
-    upcast = interpreting() or q.dtype == torch.float32
+    upcast = dot_dtype_upcast(q)
     bd = next_pow2(dh)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn = 64 if bd <= 64 else 32

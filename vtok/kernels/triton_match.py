@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vtok.kernels._triton import interpreting, next_pow2, tl, triton
+from vtok.kernels._triton import dot_dtype_upcast, next_pow2, tl, triton
 
 if triton is not None:
 
@@ -59,7 +59,7 @@ def _best_match(a: Tensor, b: Tensor, ra: Tensor, rb: Tensor, c: Tensor) -> tupl
     best = torch.empty(bsz, na, device=a.device, dtype=torch.float32)
     idx = torch.empty(bsz, na, device=a.device, dtype=torch.int64)
     ba, bb_, bd = 32, 64, min(64, next_pow2(d))
-    upcast = interpreting() or a.dtype == torch.float32
+    upcast = dot_dtype_upcast(a)
     _best_match_kernel[(triton.cdiv(na, ba), bsz)](
         a, b, ra.contiguous(), rb.contiguous(), c.contiguous(), best, idx, na, nb, d,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), UPCAST=upcast, BA=ba, BB=bb_, BD=bd)
