@@ -12,11 +12,13 @@ import math
 import torch
 from torch import Tensor
 
+from vtok.selection import gather_tokens
+
 DEFAULT_CHUNK = 256
 
 
-def _acc(x: Tensor) -> Tensor:
-    """Upcast half precision to fp32 for accumulation."""
+def upcast_half(x: Tensor) -> Tensor:
+    """Upcast half precision (fp16 / bf16) to fp32 for accumulation; other dtypes pass through."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -28,7 +30,7 @@ def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask
     visible when ``k_pos <= q_pos``) are optional. Use for small ``M`` (CLS row, last token, instructions).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = torch.einsum("bhmd,bhnd->bhmn", _acc(q), _acc(k)) * scale
+    logits = torch.einsum("bhmd,bhnd->bhmn", upcast_half(q), upcast_half(k)) * scale
     logits = _mask_logits(logits, key_mask, q_pos, k_pos)
     return torch.softmax(logits, dim=-1)
 
@@ -66,8 +68,8 @@ def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[
 
     Returns ``(best_sim [B, Na] fp32, best_idx [B, Na] long)``; ties go to the lowest index. Chunked over ``Na``.
     """
-    an = torch.nn.functional.normalize(_acc(a), dim=-1)
-    bn = torch.nn.functional.normalize(_acc(b), dim=-1)
+    an = torch.nn.functional.normalize(upcast_half(a), dim=-1)
+    bn = torch.nn.functional.normalize(upcast_half(b), dim=-1)
     sims, idxs = [], []
     for s in range(0, an.shape[1], chunk):
         sim = an[:, s:s + chunk] @ bn.transpose(1, 2)
@@ -82,7 +84,7 @@ def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
 
     ``metric``: ``"cosine"`` (1 − cos), ``"euclidean"`` or ``"sqeuclidean"``.
     """
-    a, b = _acc(a), _acc(b)
+    a, b = upcast_half(a), upcast_half(b)
     if metric == "cosine":
         an = torch.nn.functional.normalize(a, dim=-1)
         bn = torch.nn.functional.normalize(b, dim=-1)
@@ -101,7 +103,7 @@ def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int =
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
         raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
     b, n, _ = x.shape
-    xa = _acc(x)
+    xa = upcast_half(x)
     if metric == "cosine":
         xa = torch.nn.functional.normalize(xa, dim=-1)
     sq = (xa * xa).sum(-1)
@@ -130,7 +132,7 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
         raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
     b, n, _ = x.shape
     rows = torch.arange(b, device=x.device)
-    xa = _acc(x)
+    xa = upcast_half(x)
     if metric == "cosine":
         xa = torch.nn.functional.normalize(xa, dim=-1)
     else:
@@ -162,7 +164,7 @@ def topk_gather(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` of ``scores [B, N]`` (ties → lowest index), returned in ascending index order, and
     ``x [B, N, D]`` gathered there: ``(idx [B, k], x_kept [B, k, D])``."""
     idx = stable_topk(scores, k)
-    return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return idx, gather_tokens(x, idx)
 
 
 def stable_topk(scores: Tensor, k: int) -> Tensor:
@@ -177,7 +179,7 @@ def pagerank(attn: Tensor, *, iters: int = 30, damping: float | None = None, ini
     Iterates ``s ← Aᵀ s`` (a token is important when important tokens attend to it), normalised to sum 1; with
     ``damping`` d, ``s ← d Aᵀ s + (1 − d)/N``. Returns ``[B, N]`` (fp32).
     """
-    a = _acc(attn).float()
+    a = upcast_half(attn).float()
     b, n, _ = a.shape
     s = torch.full((b, n), 1.0 / n, device=a.device) if init is None else init.float() / init.float().sum(1, True)
     for _ in range(iters):
@@ -208,7 +210,7 @@ def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
     """
     b, n, d = x.shape
     p = n // frames
-    xf = _acc(x).float().view(b, frames, p, d)
+    xf = upcast_half(x).float().view(b, frames, p, d)
     mean = xf.mean(2)
     xn = torch.nn.functional.normalize(xf, dim=-1)
     sim = torch.zeros(b, frames, p, device=x.device)

@@ -18,7 +18,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.pruners.registry import register
-from vtok.selection import Selection
+from vtok.selection import Selection, gather_tokens
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -241,9 +241,8 @@ def visionzip_select(tokens: Tensor, k: int, ctx: Context, *, dominant: float = 
     assign = slot.clone()
     if others.shape[1]:
         feats = _features(tokens, ctx)
-        fdim = feats.shape[-1]
-        f_oth = feats.gather(1, others[..., None].expand(-1, -1, fdim))
-        f_tgt = feats.gather(1, tgt[..., None].expand(-1, -1, fdim))
+        f_oth = gather_tokens(feats, others)
+        f_tgt = gather_tokens(feats, tgt)
         _, best = ops.cosine_argmax(f_oth, f_tgt)  # [B, R - c] index into targets
         assign.scatter_(1, others, slot.gather(1, tgt.gather(1, best)))
     return Selection(keep, n, assign)
@@ -301,9 +300,7 @@ def zero_tprune_select(tokens: Tensor, k: int, ctx: Context, *, s_ratio: float =
     n_b = (k + r_s + 1) // 2
     grp_b, grp_a = survivors[:, :n_b], survivors[:, n_b:]  # grp_a in descending importance
     feats = _features(tokens, ctx)
-    fdim = feats.shape[-1]
-    sim, _ = ops.cosine_argmax(feats.gather(1, grp_a[..., None].expand(-1, -1, fdim)),
-                               feats.gather(1, grp_b[..., None].expand(-1, -1, fdim)))
+    sim, _ = ops.cosine_argmax(gather_tokens(feats, grp_a), gather_tokens(feats, grp_b))
     # keep the (|A| − r_S) least similar A tokens; on equal similarity the more important (earlier) one stays
     keep_a = torch.sort(sim, dim=1, stable=True).indices[:, :grp_a.shape[1] - r_s]
     return Selection.from_indices(torch.cat([grp_b, grp_a.gather(1, keep_a)], 1), n)

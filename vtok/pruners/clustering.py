@@ -15,18 +15,15 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import upcast_half
 from vtok.pruners.registry import register
-from vtok.selection import Selection
+from vtok.selection import Selection, gather_tokens
 
 
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
-
-
-def _acc(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _slot_sizes(assign: Tensor, k: int, sizes: Tensor | None) -> Tensor:
@@ -94,7 +91,7 @@ def tome(tokens: Tensor, k: int, ctx: Context, *, protect_first: int = 0) -> Sel
                          f"unprotected token must remain), got {p}")
     keys = ctx.get("keys")
     f = tokens if keys is None else (keys.float().mean(1) if keys.dim() == 4 else keys)
-    f = _acc(f).float()
+    f = upcast_half(f).float()
     dev = tokens.device
     rep = torch.arange(n, device=dev).expand(b, n).contiguous()  # representative of each current position
     slot_of = rep.clone()  # current position of every original token
@@ -113,7 +110,7 @@ def tome(tokens: Tensor, k: int, ctx: Context, *, protect_first: int = 0) -> Sel
         d = f.shape[-1]
         s_src = s.gather(1, src)
         num = torch.zeros_like(f).scatter_add_(1, dst[..., None].expand(b, r, d),
-                                               f.gather(1, src[..., None].expand(b, r, d)) * s_src[..., None])
+                                               gather_tokens(f, src) * s_src[..., None])
         s_new = s.scatter_add(1, dst, s_src)
         is_dst = torch.zeros(b, m, dtype=torch.bool, device=dev).scatter_(1, dst, True)
         f = torch.where(is_dst[..., None], (f * s[..., None] + num) / s_new[..., None], f)
@@ -122,7 +119,7 @@ def tome(tokens: Tensor, k: int, ctx: Context, *, protect_first: int = 0) -> Sel
         new_pos = new_pos.scatter(1, src, new_pos.gather(1, dst))
         kept = torch.sort(removed.to(torch.uint8), dim=1, stable=True).indices[:, :m - r]  # ascending positions
         slot_of = new_pos.gather(1, slot_of)
-        f = f.gather(1, kept[..., None].expand(b, m - r, d))
+        f = gather_tokens(f, kept)
         s = s_new.gather(1, kept)
         rep = rep.gather(1, kept)
         m -= r
@@ -151,7 +148,7 @@ def kmeans_pp_init(x: Tensor, k: int, seed: int) -> Tensor:
     chosen[rows, sel[:, 0]] = True
     d2 = None
     for t in range(1, k):
-        c = x.gather(1, sel[:, t - 1].view(b, 1, 1).expand(b, 1, x.shape[2]))
+        c = gather_tokens(x, sel[:, t - 1:t])
         new = ops.pairwise_distance(x, c, "sqeuclidean")[..., 0]
         d2 = new if d2 is None else torch.minimum(d2, new)
         w = d2.double().masked_fill(chosen, 0.0)
@@ -216,9 +213,9 @@ def kmeans(tokens: Tensor, k: int, ctx: Context, *, seed: int = 0, iters: int = 
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
-    x = _acc(tokens)
+    x = upcast_half(tokens)
     init = kmeans_pp_init(x, k, seed)
-    centers = x.gather(1, init[..., None].expand(b, k, d))
+    centers = gather_tokens(x, init)
     labels = None
     for _ in range(iters):
         new, dist = ops.kmeans_assign(x, centers)
@@ -227,7 +224,7 @@ def kmeans(tokens: Tensor, k: int, ctx: Context, *, seed: int = 0, iters: int = 
             break
         labels = new
         centers = _cluster_means(x, labels, k)
-    own = ((x - centers.gather(1, labels[..., None].expand(b, n, d))) ** 2).sum(-1)
+    own = ((x - gather_tokens(centers, labels)) ** 2).sum(-1)
     rep = _lowest_argmin_per_cluster(own, labels, k)
     return _merge_selection(rep, labels, n, ctx.get("sizes"))
 
@@ -269,12 +266,12 @@ def kmedoids(tokens: Tensor, k: int, ctx: Context, *, metric: str = "euclidean",
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
-    x = _acc(tokens)
+    x = upcast_half(tokens)
     slots = torch.arange(k, device=x.device).expand(b, k)
     central = ops.cluster_medoids(x, torch.zeros(b, n, dtype=torch.long, device=x.device), 1, metric=metric)[:, 0]
     med = ops.farthest_point(x, k, start=central, metric=metric).sort(1).values
     for _ in range(iters):
-        labels = _nearest(x, x.gather(1, med[..., None].expand(b, k, d)), metric)
+        labels = _nearest(x, gather_tokens(x, med), metric)
         labels = labels.scatter(1, med, slots)  # a medoid always belongs to its own cluster (duplicates)
         new = ops.cluster_medoids(x, labels, k, metric=metric).sort(1).values
         if torch.equal(new, med):
@@ -308,9 +305,9 @@ def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5) -> Selection:
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
-    x = _acc(tokens).float() / math.sqrt(d)
+    x = upcast_half(tokens).float() / math.sqrt(d)
     rho, delta = ops.density_peaks(x, knn)
     centres = ops.stable_topk(rho * delta, k)  # ascending
-    labels, _ = ops.kmeans_assign(x, x.gather(1, centres[..., None].expand(b, k, d)))
+    labels, _ = ops.kmeans_assign(x, gather_tokens(x, centres))
     labels = labels.scatter(1, centres, torch.arange(k, device=x.device).expand(b, k))
     return Selection(centres, n, labels, _slot_sizes(labels, k, ctx.get("sizes")))
