@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     args.work.mkdir(parents=True, exist_ok=True)
     state_path = args.work / "last.pt"
+    run_key = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}  # must match to resume
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["args"] != {k: v for k, v in vars(args).items() if k not in RUN_ONLY}:
+        if st["args"] != run_key:
             raise ValueError(f"{state_path} was written with different arguments; remove it or use another --work")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
-        key = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": key}, tmp)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": run_key}, tmp)
         os.replace(tmp, state_path)
 
     model.train()

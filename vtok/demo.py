@@ -38,7 +38,7 @@ def _grid_coords(grid: tuple[int, int]) -> Tensor:
     return torch.stack([ys.flatten(), xs.flatten()], 1).float()
 
 
-def rebuild(tokens: Tensor, out: Tensor, sel: Selection, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def rebuild(out: Tensor, sel: Selection, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Per-patch tokens ``[N, D]`` rebuilt from the output, and a ``[N]`` kept/merged mask, for sample 0."""
     if sel.assign is not None:
         slot = sel.assign[0].clone()
@@ -73,7 +73,7 @@ def run_demo(out_dir: str | Path, *, photo: str = "astronaut", size: int = 224, 
         for keep in keeps:
             out, sel = vtok.compress(tokens, name, keep, grid=grid) if "grid" in info.needs | info.uses \
                 else vtok.compress(tokens, name, keep)
-            per_patch, shown = rebuild(tokens, out, sel, grid)
+            per_patch, shown = rebuild(out, sel, grid)
             recon = unpatchify(per_patch[None], grid, patch)[0]
             rows.append(DemoRow(name, info.family, keep, sel.k, sel.n, psnr(recon, image)))
             dim = torch.where(shown[:, None], per_patch, 0.25 * tokens[0] + 0.35)
