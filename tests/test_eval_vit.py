@@ -31,10 +31,11 @@ def test_eval_vit_has_196_patch_tokens_and_5_to_10m_params():
 
 def test_training_is_resumable_and_deterministic(tmp_path):
     train = _train_module()
-    common = ["--limit", "48", "--batch", "16", "--epochs", "2", "--test-limit", "32", "--warmup-epochs", "0.5"]
-    # uninterrupted: 6 steps
+    common = ["--limit", "48", "--batch", "16", "--epochs", "2", "--low-res-epochs", "1", "--test-limit", "32",
+              "--warmup-epochs", "0.5"]
+    # uninterrupted: 6 steps (3 at 28×28, 3 at 56×56)
     train.main([*common, "--work", str(tmp_path / "a"), "--out", str(tmp_path / "a.safetensors")])
-    # interrupted after 2 steps, then resumed with the same command
+    # interrupted after 2 steps, then resumed with the same command across the resolution switch
     out = train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors"),
                       "--stop-after", "2"])
     assert out == {"stopped_at": 2}

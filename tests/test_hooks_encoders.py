@@ -60,8 +60,8 @@ def ref_timm(m, img, reduce):
         bias = None if sizes is None else sizes.log()[:, None, None, :]
         o, probs, k = eager_attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
                                       a.num_heads, bias)
-        x = x + blk.ls1(o)
-        x, sizes = reduce(i, x, probs, k, sizes)
+        x_in, x = x, x + blk.ls1(o)
+        x, sizes = reduce(i, x, probs, k, sizes, x_in)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return m.forward_head(m.norm(x)), sizes
 
@@ -74,8 +74,8 @@ def ref_openclip(v, img, reduce):
         bias = None if sizes is None else sizes.log()[:, None, None, :]
         o, probs, k = eager_attention(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias, a.out_proj.weight,
                                       a.out_proj.bias, a.num_heads, bias)
-        x = x + blk.ls_1(o)
-        x, sizes = reduce(i, x, probs, k, sizes)
+        x_in, x = x, x + blk.ls_1(o)
+        x, sizes = reduce(i, x, probs, k, sizes, x_in)
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     pooled, _ = v._pool(x)
     return pooled @ v.proj, sizes
@@ -84,7 +84,7 @@ def ref_openclip(v, img, reduce):
 def prune_reduce(method, keep, layer, record, p=1, **options):
     """Reference pruning: the strategy via vtok.compress on context written out from the eager attention."""
 
-    def reduce(i, x, probs, k, sizes):
+    def reduce(i, x, probs, k, sizes, x_in=None):
         if i != layer:
             return x, sizes
         info = vtok.get_method(method)
@@ -101,6 +101,8 @@ def prune_reduce(method, keep, layer, record, p=1, **options):
             ctx["grid"] = GRID
         if "attn" in want:
             ctx["attn"] = F.normalize(probs[:, :, p:, p:], p=1, dim=-1)  # patch-to-patch rows, renormalised
+        if "prev_hidden" in want:
+            ctx["prev_hidden"] = x_in[:, p:]  # the block's input: TTV of its attention update
         out, sel = vtok.compress(x[:, p:], method, keep, **ctx, **options)
         record.append(sel)
         if sel.merges:
@@ -141,7 +143,7 @@ def naive_tome_step(x, keys, sizes, r, p):
 
 
 def tome_reduce(r, p=1):
-    def reduce(i, x, probs, k, sizes):
+    def reduce(i, x, probs, k, sizes, x_in=None):
         step = min(r, (x.shape[1] - p) // 2)
         return naive_tome_step(x, k, sizes, step, p) if step > 0 else (x, sizes)
 
@@ -232,7 +234,6 @@ def test_unsupported_models_raise_type_error_listing_architectures():
     ("cls_attn", dict(keep=NP + 1), "keep"),
     ("cls_attn", dict(), "needs keep"),
     ("fastv", dict(keep=0.5), "text_attn"),
-    ("transprune", dict(keep=0.5), "prev_hidden"),
     ("divprune", dict(keep=0.5, r=4), "r="),
     ("tome", dict(), "needs keep"),
     ("tome", dict(r=4, keep=0.5), "either"),
@@ -267,6 +268,7 @@ def test_unknown_option_raises_type_error():
 @pytest.mark.parametrize("method, layer, options", [
     ("cls_attn", 1, {}), ("divprune", 2, {}), ("hiprune", 1, {"alpha": 0.3}), ("visionzip", 1, {}),
     ("zero_tprune", 2, {}), ("fopru", 1, {"mode": "row"}), ("pool2d", 0, {}), ("tome", 1, {}),
+    ("transprune", 2, {}),
 ])
 def test_timm_pruning_equals_reference(method, layer, options):
     m = make_timm()
@@ -295,8 +297,8 @@ def test_timm_two_pruning_layers_compose_selection():
     record = []
     r1, r2 = prune_reduce("cls_attn", 0.5, 1, record), prune_reduce("cls_attn", 8, 3, record)
 
-    def reduce(i, x_, probs, k, sizes):
-        x_, sizes = r1(i, x_, probs, k, sizes)
+    def reduce(i, x_, probs, k, sizes, x_in=None):
+        x_, sizes = r1(i, x_, probs, k, sizes, x_in)
         return r2(i, x_, probs, k, sizes)
 
     with torch.no_grad():
@@ -330,7 +332,7 @@ def test_timm_tome_without_proportional_attention_and_layer_subset():
     m = make_timm()
     x = images()
 
-    def reduce(i, x_, probs, k, sizes):
+    def reduce(i, x_, probs, k, sizes, x_in=None):
         return tome_reduce(6)(i, x_, probs, k, sizes) if i in (0, 2) else (x_, sizes)
 
     with torch.no_grad():
@@ -372,7 +374,7 @@ def test_model_without_cls_uses_mean_received_attention():
     x = images()
     record = []
 
-    def reduce(i, x_, probs, k, sizes):
+    def reduce(i, x_, probs, k, sizes, x_in=None):
         if i != 1:
             return x_, sizes
         out, sel = vtok.compress(x_, "cls_attn", 0.5, cls_attn=probs.mean(2).mean(1))
@@ -419,7 +421,7 @@ def test_capture_matches_eager_attention_and_restores_the_model():
         ref = m(x)
         want = {}
 
-        def reduce(i, x_, probs, k, sizes):
+        def reduce(i, x_, probs, k, sizes, x_in=None):
             want[i] = dict(cls_attn=probs[:, :, 0, 1:].mean(1), keys=k[:, :, 1:],
                            attn=F.normalize(probs[:, :, 1:, 1:], p=1, dim=-1))
             return x_, sizes

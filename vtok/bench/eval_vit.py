@@ -3,6 +3,11 @@
 No pretrained ViT can be downloaded here, so vtok measures what each strategy costs in accuracy on its own
 model: 28×28 images upsampled to 56×56 and cut into 4×4 patches → 14×14 = 196 patch tokens + CLS, like
 ViT-B/16 at 224. Width 256, depth 8, 4 heads → 6.4 M parameters. Trained by ``benchmarks/train_eval_vit.py``.
+
+The classifier mean-pools the patch tokens (timm ``global_pool="avg"``), so pruning *after* the encoder — the head
+sees only the kept tokens, as an LLM does in a VLM — changes its output. The CLS token is kept and trained too (the
+training loss also classifies from it through the same head), so CLS-attention strategies score with a CLS token
+that carries class information, as in CLIP.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 from timm.models.vision_transformer import VisionTransformer
 
 EVAL_VIT_CONFIG = dict(img_size=56, patch_size=4, in_chans=1, num_classes=10, embed_dim=256, depth=8,
-                       num_heads=4, mlp_ratio=4.0, class_token=True, global_pool="token")
+                       num_heads=4, mlp_ratio=4.0, class_token=True, global_pool="avg")
 CHECKPOINT = Path(__file__).with_name("checkpoints") / "eval_vit_fmnist.safetensors"
 
 

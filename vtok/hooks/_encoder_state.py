@@ -24,7 +24,7 @@ from vtok.kernels import ops
 from vtok.selection import Selection
 
 # context keys an encoder block can supply; everything else a strategy may need comes from outside the encoder
-ENCODER_CONTEXT = frozenset({"cls_attn", "mid_attn", "keys", "grid", "sizes", "attn"})
+ENCODER_CONTEXT = frozenset({"cls_attn", "mid_attn", "keys", "grid", "sizes", "attn", "prev_hidden"})
 CAPTURE_KEYS = ("cls_attn", "keys", "hidden", "attn")
 MAX_FULL_ATTN_TOKENS = 2048  # ``attn`` (Zero-TPrune, capture) builds [B, H, N, N]: refuse beyond this
 
@@ -160,8 +160,11 @@ class EncoderState:
 
     # ------------------------------------------------------------------------------------------------ reduction
 
-    def after_attention(self, i: int, x: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
-        """Between block ``i``'s attention and its MLP: capture, then merge / prune ``x [B, N, D]``."""
+    def after_attention(self, i: int, x: Tensor, q: Tensor, k: Tensor, scale: float, x_in: Tensor | None = None
+                        ) -> Tensor:
+        """Between block ``i``'s attention and its MLP: capture, then merge / prune ``x [B, N, D]`` (``x_in``: the
+        block's input, the ``prev_hidden`` of transition strategies)."""
+        self._x_in = x_in
         if i in self.capture:
             self._capture(i, q, k, scale)
         if not self._reduces(i, x.shape[1]):
@@ -234,6 +237,8 @@ class EncoderState:
             ctx["keys"] = k[:, :, p:]
         if "attn" in want:
             ctx["attn"] = self.patch_attn(q, k, scale)
+        if "prev_hidden" in want and getattr(self, "_x_in", None) is not None:
+            ctx["prev_hidden"] = self._x_in[:, p:]
         if self.sizes is not None:  # also the weights of merging strategies' size-weighted averages
             ctx["sizes"] = self.sizes[:, p:]
         if "grid" in want:

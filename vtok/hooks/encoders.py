@@ -23,9 +23,10 @@ classes. A forward hook on the patch embedding records the patch grid of each in
   ``cls_attn`` = the CLS row of the block's attention (or, without CLS, the mean attention each token receives),
   recomputed from ``q``/``k`` for that one query row; ``mid_attn`` (HiPrune's middle-layer anchors) = the same
   CLS row of the pruning block, so pick a middle block for HiPrune; ``keys`` = the block's keys
-  ``[B, H, N, dh]``; ``grid`` while the tokens are still the full patch grid; ``sizes`` = running merge sizes;
+  ``[B, H, N, dh]``; ``prev_hidden`` (TransPrune) = the block's input tokens, so the transition scored is the
+  block's attention update; ``grid`` while the tokens are still the full patch grid; ``sizes`` = running merge sizes;
   ``attn`` (Zero-TPrune) = the block's patch-to-patch attention ``[B, H, N, N]``, built only for N <= 2048.
-  Context a ViT cannot supply (``text_attn``, ``query``, ``prev_hidden``, ``frames``) is a ``ValueError`` at
+  Context a ViT cannot supply (``text_attn``, ``query``, ``frames``) is a ``ValueError`` at
   patch time.
 
 After each forward, ``model._vtok_state`` holds ``selection`` (the composed ``Selection`` over the original patch

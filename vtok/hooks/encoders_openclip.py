@@ -45,8 +45,8 @@ def block_forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | No
     if attn_mask is not None:
         raise ValueError("a vtok-patched open_clip block that reduces tokens does not take attn_mask")
     out, q, k, scale = attention(self.attn, self.ln_1(x), st.bias)
-    x = x + self.ls_1(out)
-    x = st.after_attention(i, x, q, k, scale)
+    x_in, x = x, x + self.ls_1(out)
+    x = st.after_attention(i, x, q, k, scale, x_in)
     x = x + self.ls_2(self.mlp(self.ln_2(x)))
     st.after_block(i, x)
     return x if batch_first else x.transpose(0, 1)

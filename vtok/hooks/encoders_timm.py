@@ -51,8 +51,8 @@ def block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: b
     if attn_mask is not None or is_causal:
         raise ValueError("a vtok-patched timm block that reduces tokens does not take attn_mask / is_causal")
     out, q, k, scale = attention(self.attn, self.norm1(x), st.bias)
-    x = x + self.drop_path1(self.ls1(out))
-    x = st.after_attention(i, x, q, k, scale)
+    x_in, x = x, x + self.drop_path1(self.ls1(out))
+    x = st.after_attention(i, x, q, k, scale, x_in)
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     st.after_block(i, x)
     return x

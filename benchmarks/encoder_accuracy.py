@@ -1,0 +1,340 @@
+"""What each strategy costs in accuracy: top-1 of the eval ViT on the 10k Fashion-MNIST test images, pruned.
+
+For every registered strategy an image encoder can feed (all but FastV, which needs an LLM's text attention) at
+each keep ratio, in two placements:
+
+* ``inside``: ``vtok.patch(vit, method, keep=keep)`` — the strategy runs at the middle block (``depth // 2``, after
+  its attention), with the context that block supplies (CLS row recomputed from q/k, keys, its input for TransPrune,
+  the grid); every later block runs on the kept tokens. Throughput ratio = images/s of the patched model over the
+  unpatched one on the same batch, timed interleaved in this run.
+* ``after``: the unpatched encoder runs in full; the strategy chooses among its output patch tokens, with context
+  captured from the last block (``mid_attn``: the middle block; ``prev_hidden``: the block before the last), and the
+  classifier sees only the kept tokens — it mean-pools them (the model's own ``global_pool="avg"`` head), as an LLM
+  sees only a VLM's kept visual tokens. Merged tokens count once each, like any other token a consumer receives.
+  Throughput ratio = encoder alone over encoder plus strategy: the strategy's overhead, as the saving happens
+  downstream.
+
+Rows also hold the unpruned model (``none``). Results accumulate per test batch in ``--out/state.json`` (written
+atomically), so an interrupted run resumes where it stopped; ``--plot`` draws accuracy against kept tokens.
+
+    python benchmarks/encoder_accuracy.py                    # the table in docs/benchmarks.md (2-core CPU: ~1 h)
+    python benchmarks/encoder_accuracy.py --test-limit 64 --methods random cls_attn --keeps 0.5   # smoke run
+
+Before measuring, the ``inside`` numbers' shortcut (the blocks before the middle run once per batch, shared by all
+rows) is checked against the patched model's own forward on a few images, for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import vtok  # noqa: E402
+from vtok.bench.eval_vit import CHECKPOINT, load_eval_vit  # noqa: E402
+from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess  # noqa: E402
+from vtok.budget import resolve_k  # noqa: E402
+from vtok.hooks._encoder_state import ENCODER_CONTEXT  # noqa: E402
+
+KEEPS = (0.75, 0.5, 0.25, 0.1)
+BASELINES = ("random", "uniform")
+
+
+def image_methods() -> list[str]:
+    """Registered strategies whose required context a ViT encoder can supply (inside or after it)."""
+    return [m.name for m in vtok.methods() if m.needs <= ENCODER_CONTEXT]
+
+
+# ------------------------------------------------------------------------------------------------ forwards
+
+
+def embed(model, x: Tensor) -> Tensor:
+    """Tokens entering block 0: ``[B, 1 + N, D]``."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def head(model, tokens: Tensor) -> Tensor:
+    """Logits from the final tokens ``[B, 1 + k, D]`` (the model's own norm and pooling head)."""
+    return model.forward_head(model.norm(tokens))
+
+
+def tail_inside(model, h_mid: Tensor, mid: int, grid: tuple[int, int]) -> Tensor:
+    """Blocks ``mid..`` of a ``vtok.patch``-ed model on the tokens ``h_mid`` entering block ``mid``: the same
+    computation as ``model(x)`` when ``h_mid`` is what blocks ``0..mid-1`` produce (nothing was reduced there)."""
+    st = model._vtok_state
+    st.grid_in = grid
+    st.begin(h_mid)
+    h = h_mid
+    for blk in model.blocks[mid:]:
+        h = blk(h)
+    return head(model, h)
+
+
+def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, int], **options) -> Tensor:
+    """Logits when ``method`` keeps ``keep`` of the final patch tokens and the head pools only those."""
+    depth = len(model.blocks)
+    last, before, mid = cap[depth - 1], cap[depth - 2], cap[depth // 2]
+    info = vtok.get_method(method)
+    want = info.needs | info.uses
+    ctx = {"cls_attn": last["cls_attn"], "mid_attn": mid["cls_attn"], "keys": last["keys"], "grid": grid,
+           "attn": last["attn"], "prev_hidden": before["hidden"]}
+    ctx = {k: v for k, v in ctx.items() if k in want}
+    out, _ = vtok.compress(model.norm(last["hidden"]), method, keep, **ctx, **options)
+    pooled = out.mean(1)  # the head's mean pooling over the tokens it receives
+    return model.head(model.fc_norm(pooled))
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
+
+
+def _key(method: str, placement: str, keep: float) -> str:
+    return f"{method}|{placement}|{keep}"
+
+
+def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[int, int]) -> None:
+    """``tail_inside`` from the shared middle tokens equals the patched model's full forward, for every method."""
+    with torch.inference_mode():
+        h_mid = embed(model, x)
+        for blk in model.blocks[:mid]:
+            h_mid = blk(h_mid)
+        for method in methods:
+            vtok.patch(model, method, keep=0.5, layers=mid)
+            try:
+                full, short = model(x), tail_inside(model, h_mid, mid, grid)
+            finally:
+                vtok.unpatch(model)
+            if not torch.allclose(full, short, atol=1e-4, rtol=1e-4):
+                raise RuntimeError(f"shortcut forward differs from the patched model for {method}: "
+                                   f"max |diff| {(full - short).abs().max().item():.3g}")
+
+
+def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch: int, state: dict,
+                     path: Path) -> None:
+    depth = len(model.blocks)
+    mid = depth // 2
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    counts = state["correct"]
+    n = len(x_all)
+    t0 = time.time()
+    while state["done"] < n:
+        s = state["done"]
+        x, y = x_all[s:s + batch], y_all[s:s + batch]
+        with torch.inference_mode():
+            with vtok.capture(model, layers=sorted({mid, depth - 2, depth - 1}),
+                              what=("cls_attn", "keys", "hidden", "attn")) as cap:
+                logits = model(x)
+            cap = {i: dict(v) for i, v in cap.items()}
+            counts["none"] = counts.get("none", 0) + int((logits.argmax(-1) == y).sum())
+            h_mid = embed(model, x)
+            for blk in model.blocks[:mid]:
+                h_mid = blk(h_mid)
+            for method in methods:
+                for keep in keeps:
+                    if _key(method, "after", keep) in state["errors"]:
+                        continue
+                    try:
+                        logits = after_logits(model, method, keep, cap, grid)
+                    except ValueError as e:  # e.g. pool2d: k that cannot tile the patch grid
+                        for placement in ("after", "inside"):
+                            state["errors"][_key(method, placement, keep)] = str(e)
+                        print(f"  {method} keep={keep}: {e}", flush=True)
+                        continue
+                    k = _key(method, "after", keep)
+                    counts[k] = counts.get(k, 0) + int((logits.argmax(-1) == y).sum())
+                    vtok.patch(model, method, keep=keep, layers=mid)
+                    try:
+                        logits = tail_inside(model, h_mid, mid, grid)
+                    finally:
+                        vtok.unpatch(model)
+                    k = _key(method, "inside", keep)
+                    counts[k] = counts.get(k, 0) + int((logits.argmax(-1) == y).sum())
+        state["done"] = s + len(x)
+        _save(path, state)
+        rate = (state["done"] - s) / max(time.time() - t0, 1e-9)
+        print(f"  {state['done']}/{n} test images ({rate:.1f} img/s over all rows); accuracy unpruned "
+              f"{counts['none'] / state['done']:.4f}", flush=True)
+        t0 = time.time()
+
+
+def _time(fn, x: Tensor) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def measure_speed(model, methods, keeps, x: Tensor, rounds: int, state: dict, path: Path) -> None:
+    """Paired, interleaved timing on one batch, per method: each round times the unpatched model, then the model
+    patched at every keep (``inside``: ratio = unpatched time / patched time), then one captured forward followed by
+    the strategy at every keep (``after``: ratio = encoder time / (encoder + strategy) time). Reported: the median
+    ratio over rounds."""
+    depth = len(model.blocks)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    layers = sorted({depth // 2, depth - 2, depth - 1})
+    speed, errors = state["speed"], state["errors"]
+    with torch.inference_mode():
+        model(x)  # warm-up
+        for method in methods:
+            todo = [kp for kp in keeps if _key(method, "inside", kp) not in errors
+                    and not (_key(method, "inside", kp) in speed and _key(method, "after", kp) in speed)]
+            if not todo:
+                continue
+            r_in: dict[float, list[float]] = {kp: [] for kp in todo}
+            r_after: dict[float, list[float]] = {kp: [] for kp in todo}
+            for rnd in range(rounds + 1):  # round 0 warms up every variant and is discarded
+                t_base = _time(model, x)
+                for kp in todo:
+                    vtok.patch(model, method, keep=kp, layers=depth // 2)
+                    try:
+                        t = _time(model, x)
+                    finally:
+                        vtok.unpatch(model)
+                    if rnd:
+                        r_in[kp].append(t_base / t)
+                with vtok.capture(model, layers=layers, what=("cls_attn", "keys", "hidden", "attn")) as cap:
+                    t_enc = _time(model, x)
+                cap = {i: dict(v) for i, v in cap.items()}
+                for kp in todo:
+                    t = time.perf_counter()
+                    after_logits(model, method, kp, cap, grid)
+                    if rnd:
+                        r_after[kp].append(t_enc / (t_enc + time.perf_counter() - t))
+            for kp in todo:
+                k_in, k_after = _key(method, "inside", kp), _key(method, "after", kp)
+                speed[k_in], speed[k_after] = statistics.median(r_in[kp]), statistics.median(r_after[kp])
+            _save(path, state)
+            print(f"  speed {method}: " + ", ".join(f"keep {kp}: inside {speed[_key(method, 'inside', kp)]:.2f}x "
+                                                    f"after {speed[_key(method, 'after', kp)]:.2f}x" for kp in todo),
+                  flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def table(state: dict, n_patches: int) -> str:
+    done, counts, speed = state["done"], state["correct"], state["speed"]
+    keeps = state["keeps"]
+    head_ = "| method | placement | " + " | ".join(f"keep {kp} ({resolve_k(kp, n_patches)} tok)" for kp in keeps)
+    lines = [head_ + " |", "|" + "---|" * (2 + len(keeps))]
+    lines.append(f"| none (unpruned) | — | {counts['none'] / done:.4f}" + " | " * (len(keeps) - 1) + " |")
+    for placement in ("inside", "after"):
+        for method in state["methods"]:
+            cells = []
+            for kp in keeps:
+                k = _key(method, placement, kp)
+                acc = f"{counts[k] / done:.4f}" if k in counts else "—"
+                sp = f" ({speed[k]:.2f}×)" if k in speed else ""
+                cells.append("n/a" if k in state["errors"] else acc + sp)
+            name = f"**{method}**" if method in BASELINES else method
+            lines.append(f"| {name} | {placement} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{k.split('|')[0]} keep={k.split('|')[2]}: {e}" for k, e in state["errors"].items()})
+    return "\n".join(lines + [""] + [f"n/a — {n}" for n in notes])
+
+
+def plot(state: dict, n_patches: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done, counts, keeps = state["done"], state["correct"], state["keeps"]
+    ks = [resolve_k(kp, n_patches) for kp in keeps]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    cmap = plt.get_cmap("tab20")
+    for ax, placement in zip(axes, ("inside", "after"), strict=True):
+        for j, method in enumerate(state["methods"]):
+            acc = [counts.get(_key(method, placement, kp), float("nan")) / done for kp in keeps]
+            base = method in BASELINES
+            ax.plot(ks, acc, marker="o", ms=3, color="black" if base else cmap(j % 20),
+                    ls="--" if base else "-", lw=2 if base else 1.2, label=method)
+        ax.axhline(counts["none"] / done, color="grey", lw=0.8, ls=":", label="unpruned")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel(f"patch tokens kept (of {n_patches})")
+        ax.set_title({"inside": f"inside the encoder (pruned at block {state['mid']})",
+                      "after": "after the encoder (head pools the kept tokens)"}[placement])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"top-1 on {done} Fashion-MNIST test images")
+    axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every image strategy")
+    ap.add_argument("--keeps", nargs="+", type=float, default=list(KEEPS))
+    ap.add_argument("--test-limit", type=int, default=0, help="first N test images only (default all 10k)")
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--speed-batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per throughput ratio")
+    ap.add_argument("--out", type=Path, default=Path("outputs/encoder_accuracy"))
+    ap.add_argument("--plot", type=Path, default=None, help="write the accuracy plot here (PNG)")
+    args = ap.parse_args(argv)
+
+    methods = args.methods or image_methods()
+    bad = sorted(set(methods) - set(image_methods()))
+    if bad:
+        raise ValueError(f"--methods: {bad} cannot run on a ViT encoder; choose from {image_methods()}")
+    for kp in args.keeps:
+        if not 0.0 < kp <= 1.0:
+            raise ValueError(f"--keeps must be ratios in (0, 1], got {kp}")
+    torch.manual_seed(0)
+    model = load_eval_vit(args.checkpoint)
+    x_all, y_all = load_fashion_mnist("test")
+    if args.test_limit:
+        x_all, y_all = x_all[: args.test_limit], y_all[: args.test_limit]
+    x_all = preprocess(x_all)
+    n_patches = int(model.patch_embed.num_patches)
+    mid = len(model.blocks) // 2
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "state.json"
+    key = {"checkpoint": str(args.checkpoint), "methods": methods, "keeps": args.keeps, "n": len(x_all),
+           "batch": args.batch, "mid": mid}
+    state = json.loads(path.read_text()) if path.exists() else None
+    if state is not None and state.get("key") != key:
+        raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
+    if state is None:
+        command = "python benchmarks/encoder_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        state = {"key": key, "methods": methods, "keeps": args.keeps, "mid": mid, "done": 0, "correct": {},
+                 "speed": {}, "errors": {}, "command": command}
+        print("checking the shared-prefix shortcut against each patched model's forward ...", flush=True)
+        grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        check_shortcut(model, methods, x_all[:8], mid, grid)
+        _save(path, state)
+    else:
+        print(f"resuming {path}: {state['done']}/{len(x_all)} images done", flush=True)
+    print(f"accuracy: {len(methods)} methods × {len(args.keeps)} keeps × inside/after on {len(x_all)} images",
+          flush=True)
+    measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path)
+    print(f"throughput: batch {args.speed_batch}, {args.rounds} paired rounds per row "
+          f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    measure_speed(model, methods, args.keeps, x_all[: args.speed_batch], args.rounds, state, path)
+    print(table(state, n_patches))
+    if args.plot is not None:
+        plot(state, n_patches, args.plot)
+        print(f"wrote {args.plot}")
+    return state
+
+
+if __name__ == "__main__":
+    main()

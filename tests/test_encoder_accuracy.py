@@ -1,0 +1,80 @@
+"""benchmarks/encoder_accuracy.py: its shortcut equals the patched model, and a tiny run completes and resumes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import vtok
+from vtok.bench.eval_vit import build_eval_vit, save_eval_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("encoder_accuracy", ROOT / "benchmarks" / "encoder_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_vit() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=4,
+                             num_heads=2, global_pool="avg").eval()
+
+
+def test_image_methods_are_every_strategy_but_fastv():
+    bench = _bench()
+    assert set(bench.image_methods()) == {m.name for m in vtok.methods()} - {"fastv"}
+
+
+def test_shortcut_equals_patched_forward_for_every_method():
+    bench = _bench()
+    m = tiny_vit()
+    x = torch.randn(3, 1, 32, 32)
+    bench.check_shortcut(m, bench.image_methods(), x, mid=2, grid=(8, 8))  # raises on a mismatch
+    assert not hasattr(m, "_vtok_state")
+
+
+def test_after_placement_keep_all_is_the_model():
+    bench = _bench()
+    m = tiny_vit()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.inference_mode():
+        with vtok.capture(m, layers=[1, 2, 3], what=("cls_attn", "keys", "hidden", "attn")) as cap:
+            ref = m(x)
+        cap = {i: dict(v) for i, v in cap.items()}
+        for method in ("uniform", "cls_attn", "transprune", "divprune"):
+            torch.testing.assert_close(bench.after_logits(m, method, 1.0, cap, (8, 8)), ref, atol=1e-5, rtol=1e-5)
+        # half the tokens: the head pools exactly the kept final tokens
+        out = bench.after_logits(m, "uniform", 0.5, cap, (8, 8))
+        kept = torch.arange(64)[1::2]  # uniform's bin centres for k = N/2
+        torch.testing.assert_close(out, m.head(m.fc_norm(cap[3]["hidden"][:, kept].mean(1))), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_run_writes_rows_and_resumes(tmp_path, capsys):
+    bench = _bench()
+    ckpt = tmp_path / "vit.safetensors"
+    torch.manual_seed(0)
+    save_eval_vit(build_eval_vit(), ckpt)
+    argv = ["--checkpoint", str(ckpt), "--methods", "random", "uniform", "cls_attn", "--keeps", "0.5",
+            "--test-limit", "6", "--batch", "4", "--speed-batch", "2", "--rounds", "1", "--out", str(tmp_path / "o"),
+            "--plot", str(tmp_path / "acc.png")]
+    state = bench.main(argv)
+    assert state["done"] == 6 and (tmp_path / "acc.png").exists()
+    assert set(state["correct"]) == {"none"} | {f"{m}|{p}|0.5" for m in ("random", "uniform", "cls_attn")
+                                                 for p in ("inside", "after")}
+    assert all(0 <= v <= 6 for v in state["correct"].values()) and len(state["speed"]) == 6
+    table = capsys.readouterr().out
+    assert "| **random** | inside |" in table and "| cls_attn | after |" in table
+    again = bench.main(argv)  # everything done: resumes and recomputes nothing
+    assert again["correct"] == state["correct"]
+    assert json.loads((tmp_path / "o" / "state.json").read_text())["done"] == 6
+    with pytest.raises(ValueError, match="other settings"):
+        bench.main([*argv[:-4], "--out", str(tmp_path / "o"), "--keeps", "0.25"])
+    with pytest.raises(ValueError, match="cannot run on a ViT encoder"):
+        bench.main([*argv, "--methods", "fastv"])
