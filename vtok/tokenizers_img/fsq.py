@@ -1,5 +1,9 @@
 """Finite scalar quantisation (FSQ): each dim is squashed into ``levels[i]`` evenly spaced values in [-1, 1].
 
+The bound is the FSQ paper's (Mentzer et al. 2023, Sec. 3: ``f(z) = ⌊L/2⌋ tanh(z)``), written as digits
+``(tanh(z) + 1)(L − 1) / 2 ∈ (0, L − 1)``: slope ``(L − 1) / 2`` at 0 (a plain sigmoid would halve it and make the
+codes less sensitive to the encoder's output).
+
 A code is a vector of digits ``d_i ∈ {0, …, L_i − 1}`` shown to the decoder as ``2 d_i / (L_i − 1) − 1``; its
 index is the mixed-radix number ``Σ d_i · Π_{j<i} L_j`` in ``[0, Π L_i)``.
 """
@@ -42,7 +46,7 @@ class FSQ(nn.Module):
         if z.shape[-1] != self.dim:
             raise ValueError(f"z must have last dim {self.dim} (len(levels)), got shape {list(z.shape)}")
         span = (self._levels - 1).to(z.dtype)
-        scaled = torch.sigmoid(z) * span  # in (0, L - 1)
+        scaled = (torch.tanh(z) + 1.0) * span / 2.0  # in (0, L - 1)
         digits = scaled + (scaled.round() - scaled).detach()  # straight-through rounding
         return 2.0 * digits / span - 1.0, self.digits_to_indices(digits.detach().round().long())
 

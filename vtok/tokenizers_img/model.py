@@ -12,13 +12,17 @@ from vtok.tokenizers_img.blocks import Block
 from vtok.tokenizers_img.masks import register_attention_mask
 
 
-def _param(*shape: int) -> nn.Parameter:
-    """A learned embedding (positions, registers, queries, mask token), N(0, 1) like ``nn.Embedding``.
+def _param(*shape: int, std: float) -> nn.Parameter:
+    """A learned embedding (positions, registers, queries, mask token) drawn from N(0, std²).
 
-    Unit scale matters here: with ViT's usual std 0.02 the registers and queries start nearly identical, the
-    attention stays uniform and the model sits at the dataset-mean image for thousands of steps.
+    Scales matter at initialisation. The image must dominate what the registers read and what the decoder sees:
+    with unit-scale positions / registers the encoder's output barely depends on the image (its spread across
+    images is ~1/10 of one FSQ step, so a register emits 1–6 distinct codes over 64 crops), and with unit-scale
+    token positions the decoder's output barely depends on its tokens, so the model learns the mean image and sits
+    there. Registers, token positions and the mask token start small (0.02, as FlexTok's registers and mask token);
+    patch positions and the decoder's patch queries start at 0.3, enough to keep positions apart.
     """
-    return nn.Parameter(torch.randn(*shape))
+    return nn.Parameter(torch.randn(*shape) * std)
 
 
 class ResamplerEncoder(nn.Module):
@@ -29,8 +33,8 @@ class ResamplerEncoder(nn.Module):
         super().__init__()
         self.n_patches, self.n_registers = n_patches, n_registers
         self.embed = nn.Linear(patch_dim, width)
-        self.pos = _param(n_patches, width)
-        self.registers = _param(n_registers, width)
+        self.pos = _param(n_patches, width, std=0.3)
+        self.registers = _param(n_registers, width, std=0.02)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
@@ -61,9 +65,9 @@ class ResamplerDecoder(nn.Module):
                  mlp_ratio: float) -> None:
         super().__init__()
         self.n_registers = n_registers
-        self.mask_token = _param(width)
-        self.token_pos = _param(n_registers, width)
-        self.queries = _param(n_patches, width)
+        self.mask_token = _param(width, std=0.02)
+        self.token_pos = _param(n_registers, width, std=0.02)
+        self.queries = _param(n_patches, width, std=0.3)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, patch_dim)
