@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vtok.bench.eval_vit import CHECKPOINT, build_eval_vit, save_eval_vit
+from vtok.bench.eval_vit import CHECKPOINT, build_eval_vit, load_eval_vit, save_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
 
 RUN_ONLY = ("out", "work", "save_every", "device", "stop_after")  # arguments that may change on resume
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=Path("outputs/train_eval_vit"))
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these weights (a --work/last.pt or a safetensors checkpoint), fresh optimiser and "
+                         "schedule: a warm restart, e.g. a second stage")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
@@ -102,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
         xte, yte = xte[: args.test_limit], yte[: args.test_limit]
     xlow, xtr, xte_low, xte = preprocess(xtr, 28), preprocess(xtr), preprocess(xte[:1000], 28), preprocess(xte)
     model = build_eval_vit(dynamic_img_size=True).to(device)  # same weights; resamples pos-embed at 28×28
+    if args.init is not None:
+        if args.init.suffix == ".safetensors":
+            init = load_eval_vit(args.init).state_dict()
+        else:
+            init = torch.load(args.init, map_location="cpu", weights_only=False)["model"]
+        model.load_state_dict(init)
+        print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(xtr) / args.batch)
     total = math.ceil(steps_per_epoch * args.epochs)
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     args.work.mkdir(parents=True, exist_ok=True)
     state_path = args.work / "last.pt"
-    run_key = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}  # must match to resume
+    run_key = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in RUN_ONLY}  # must match to resume
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
         if st["args"] != run_key:
