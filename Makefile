@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.vtok-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean tokenizer-data train-tokenizers bench-tokenizers
+.PHONY: demo test lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ bench-tokenizers: tokenizer-data
 $(FMNIST):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+
+# the committed eval ViT, in three resumable stages (2-core CPU: ~1 h 45 min; see docs/benchmarks.md)
+EVT := $(BIN)/python benchmarks/train_eval_vit.py
+eval-vit: $(STAMP) $(FMNIST)
+	$(EVT) --stop-after 938 --work outputs/train_eval_vit
+	$(EVT) --init outputs/train_eval_vit/last.pt --seed 1 --epochs 2.2 --low-res-epochs 2.0 --lr 6e-4 \
+	  --warmup-epochs 0.1 --stop-after 938 --work outputs/train_eval_vit_stage2
+	$(EVT) --init outputs/train_eval_vit_stage2/last.pt --seed 2 --epochs 0.25 --low-res-epochs 0 --lr 2e-4 \
+	  --warmup-epochs 0.02 --work outputs/train_eval_vit_stage3
+
+encoder-accuracy: $(STAMP) $(FMNIST)
+	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png
 
 demo: $(STAMP)
 	$(BIN)/vtok methods

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     args.work.mkdir(parents=True, exist_ok=True)
     state_path = args.work / "last.pt"
-    run_key = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in RUN_ONLY}  # must match to resume
+    # must match to resume
+    run_key = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in RUN_ONLY}
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
         if st["args"] != run_key:
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": run_key}, tmp)
         os.replace(tmp, state_path)
 
+    if args.stop_after and step >= args.stop_after:
+        print(f"already at step {step} (--stop-after {args.stop_after}); nothing to do", flush=True)
+        return {"stopped_at": step}
     model.train()
     t0, seen = time.time(), 0
     while step < total:

@@ -39,8 +39,24 @@ def test_training_is_resumable_and_deterministic(tmp_path):
     out = train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors"),
                       "--stop-after", "2"])
     assert out == {"stopped_at": 2}
+    again = train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors"),
+                        "--stop-after", "2"])
+    assert again == {"stopped_at": 2}  # already there: no extra step
     train.main([*common, "--work", str(tmp_path / "b"), "--out", str(tmp_path / "b.safetensors")])
     a, b = load_eval_vit(tmp_path / "a.safetensors"), load_eval_vit(tmp_path / "b.safetensors")
     for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), na
     assert checkpoint_meta(tmp_path / "a.safetensors")["train_images"] == 48
+
+
+def test_committed_checkpoint_is_accurate():
+    """The committed eval ViT: its 10k-test accuracy (stored at training time, on the fp16 weights; 83.0 %, short of
+    the issue's 85 % — see docs/benchmarks.md), re-measured here on the first 1,000 test images."""
+    meta = checkpoint_meta()
+    assert meta["test_accuracy"] >= 0.83 and meta["test_images"] == 10000
+    model = load_eval_vit()
+    assert model.patch_embed.num_patches == 196
+    x, y = load_fashion_mnist("test")
+    with torch.inference_mode():
+        pred = torch.cat([model(preprocess(x[s:s + 250])).argmax(-1) for s in range(0, 1000, 250)])
+    assert (pred == y[:1000]).float().mean() >= 0.80
