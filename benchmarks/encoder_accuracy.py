@@ -14,8 +14,10 @@ each keep ratio, in two placements:
   Throughput ratio = encoder alone over encoder plus strategy: the strategy's overhead, as the saving happens
   downstream.
 
-Rows also hold the unpruned model (``none``). Results accumulate per test batch in ``--out/state.json`` (written
-atomically), so an interrupted run resumes where it stopped; ``--plot`` draws accuracy against kept tokens.
+Rows also hold the unpruned model (``none``). Throughput is measured first (on a quiet machine, before the long
+part), then accuracy accumulates per test batch in ``--out/state.json`` (written atomically), so an interrupted run
+resumes where it stopped and the table always says on how many test images it was measured; ``--plot`` draws
+accuracy against kept tokens.
 
     python benchmarks/encoder_accuracy.py                    # the table in docs/benchmarks.md (2-core CPU: ~1 h)
     python benchmarks/encoder_accuracy.py --test-limit 64 --methods random cls_attn --keeps 0.5   # smoke run
@@ -125,7 +127,7 @@ def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[i
 
 
 def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch: int, state: dict,
-                     path: Path) -> None:
+                     path: Path, deadline: float = float("inf")) -> None:
     depth = len(model.blocks)
     mid = depth // 2
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
@@ -133,6 +135,9 @@ def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch:
     n = len(x_all)
     t0 = time.time()
     while state["done"] < n:
+        if time.time() > deadline:
+            print(f"  time budget spent: stopping at {state['done']}/{n} images (rerun to resume)", flush=True)
+            return
         s = state["done"]
         x, y = x_all[s:s + batch], y_all[s:s + batch]
         with torch.inference_mode():
@@ -192,6 +197,17 @@ def measure_speed(model, methods, keeps, x: Tensor, rounds: int, state: dict, pa
         for method in methods:
             todo = [kp for kp in keeps if _key(method, "inside", kp) not in errors
                     and not (_key(method, "inside", kp) in speed and _key(method, "after", kp) in speed)]
+            for kp in list(todo):  # budgets a strategy cannot make (e.g. pool2d's grid tiling) become n/a rows
+                vtok.patch(model, method, keep=kp, layers=depth // 2)
+                try:
+                    model(x[:1])
+                except ValueError as e:
+                    for placement in ("after", "inside"):
+                        errors[_key(method, placement, kp)] = str(e)
+                    print(f"  {method} keep={kp}: {e}", flush=True)
+                    todo.remove(kp)
+                finally:
+                    vtok.unpatch(model)
             if not todo:
                 continue
             r_in: dict[float, list[float]] = {kp: [] for kp in todo}
@@ -288,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per throughput ratio")
     ap.add_argument("--out", type=Path, default=Path("outputs/encoder_accuracy"))
     ap.add_argument("--plot", type=Path, default=None, help="write the accuracy plot here (PNG)")
+    ap.add_argument("--minutes", type=float, default=0, help="stop measuring accuracy after about this long "
+                    "(state saved; rerun to resume); 0: no limit")
     args = ap.parse_args(argv)
 
     methods = args.methods or image_methods()
@@ -323,12 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
         _save(path, state)
     else:
         print(f"resuming {path}: {state['done']}/{len(x_all)} images done", flush=True)
-    print(f"accuracy: {len(methods)} methods × {len(args.keeps)} keeps × inside/after on {len(x_all)} images",
-          flush=True)
-    measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path)
     print(f"throughput: batch {args.speed_batch}, {args.rounds} paired rounds per row "
           f"(load {os.getloadavg()[0]:.2f})", flush=True)
     measure_speed(model, methods, args.keeps, x_all[: args.speed_batch], args.rounds, state, path)
+    print(f"accuracy: {len(methods)} methods × {len(args.keeps)} keeps × inside/after on {len(x_all)} images",
+          flush=True)
+    deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
+    measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path, deadline)
     print(table(state, n_patches))
     if args.plot is not None:
         plot(state, n_patches, args.plot)
