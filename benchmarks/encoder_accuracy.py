@@ -277,10 +277,11 @@ def plot(state: dict, n_patches: int, out: Path) -> None:
             acc = [counts.get(_key(method, placement, kp), float("nan")) / done for kp in keeps]
             base = method in BASELINES
             ax.plot(ks, acc, marker="o", ms=3, color="black" if base else cmap(j % 20),
-                    ls="--" if base else "-", lw=2 if base else 1.2, label=method)
+                    ls={"random": "--", "uniform": "-."}.get(method, "-"), lw=2 if base else 1.2, label=method)
         ax.axhline(counts["none"] / done, color="grey", lw=0.8, ls=":", label="unpruned")
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel(f"patch tokens kept (of {n_patches})")
         ax.set_title({"inside": f"inside the encoder (pruned at block {state['mid']})",
                       "after": "after the encoder (head pools the kept tokens)"}[placement])
