@@ -1,19 +1,8 @@
-import importlib.util
-from pathlib import Path
-
 import torch
+from scripts import load_benchmark
 
 from vtok.bench.eval_vit import build_eval_vit, checkpoint_meta, load_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_eval_vit", ROOT / "benchmarks" / "train_eval_vit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_fashion_mnist_loads_real_data():
@@ -30,7 +19,7 @@ def test_eval_vit_has_196_patch_tokens_and_5_to_10m_params():
 
 
 def test_training_is_resumable_and_deterministic(tmp_path):
-    train = _train_module()
+    train = load_benchmark("train_eval_vit")
     common = ["--limit", "48", "--batch", "16", "--epochs", "2", "--low-res-epochs", "1", "--test-limit", "32",
               "--warmup-epochs", "0.5"]
     # uninterrupted: 6 steps (3 at 28×28, 3 at 56×56)

@@ -164,14 +164,13 @@ class EncoderState:
                         ) -> Tensor:
         """Between block ``i``'s attention and its MLP: capture, then merge / prune ``x [B, N, D]`` (``x_in``: the
         block's input, the ``prev_hidden`` of transition strategies)."""
-        self._x_in = x_in
         if i in self.capture:
             self._capture(i, q, k, scale)
         if not self._reduces(i, x.shape[1]):
             return x
         if i in self.plan.merge_r:
             return self._merge(i, x, k)
-        return self._prune(i, x, q, k, scale)
+        return self._prune(i, x, q, k, scale, x_in)
 
     def after_block(self, i: int, x: Tensor) -> None:
         if "hidden" in self.capture.get(i, ()):
@@ -202,14 +201,14 @@ class EncoderState:
         self._sel = patch_sel if self._sel is None else self._sel.compose(patch_sel)
         return x
 
-    def _prune(self, i: int, x: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
+    def _prune(self, i: int, x: Tensor, q: Tensor, k: Tensor, scale: float, x_in: Tensor | None = None) -> Tensor:
         """Any registered strategy on the patch tokens only; prefix tokens are re-attached in front."""
         from vtok.api import compress
 
         method = self.plan.method
         p = self.n_prefix
         patch = x[:, p:]
-        ctx = self.context(method, q, k, scale, i)
+        ctx = self.context(method, q, k, scale, i, x_in)
         out, sel = compress(patch, method.name, self.plan.prune_keep[i], **ctx, **self.plan.options)
         if self.sizes is not None or sel.merges:
             b = x.shape[0]
@@ -224,8 +223,10 @@ class EncoderState:
         self._sel = sel if self._sel is None else self._sel.compose(sel)
         return torch.cat([x[:, :p], out], 1)
 
-    def context(self, method: Any, q: Tensor, k: Tensor, scale: float, i: int) -> dict[str, Any]:
-        """Exactly the context ``method`` declares (needs and uses) that an encoder block can supply."""
+    def context(self, method: Any, q: Tensor, k: Tensor, scale: float, i: int, x_in: Tensor | None = None
+                ) -> dict[str, Any]:
+        """Exactly the context ``method`` declares (needs and uses) that an encoder block can supply (``x_in``: the
+        block's input tokens, given as ``prev_hidden``)."""
         want = (method.needs | method.uses) & ENCODER_CONTEXT
         p = self.n_prefix
         n = k.shape[2] - p
@@ -237,8 +238,8 @@ class EncoderState:
             ctx["keys"] = k[:, :, p:]
         if "attn" in want:
             ctx["attn"] = self.patch_attn(q, k, scale)
-        if "prev_hidden" in want and getattr(self, "_x_in", None) is not None:
-            ctx["prev_hidden"] = self._x_in[:, p:]
+        if "prev_hidden" in want and x_in is not None:
+            ctx["prev_hidden"] = x_in[:, p:]
         if self.sizes is not None:  # also the weights of merging strategies' size-weighted averages
             ctx["sizes"] = self.sizes[:, p:]
         if "grid" in want:

