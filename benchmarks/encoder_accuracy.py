@@ -65,6 +65,29 @@ def embed(model, x: Tensor) -> Tensor:
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
 
+def grid_of(model) -> tuple[int, int]:
+    """The model's patch grid at its default resolution."""
+    return tuple(int(g) for g in model.patch_embed.grid_size)
+
+
+def forward_to(model, x: Tensor, mid: int) -> Tensor:
+    """The (unpatched) tokens entering block ``mid``: ``[B, 1 + N, D]``."""
+    h = embed(model, x)
+    for blk in model.blocks[:mid]:
+        h = blk(h)
+    return h
+
+
+def captured_forward(model, x: Tensor) -> tuple[Tensor, dict]:
+    """The unpatched model's logits and what ``after_logits`` reads: per block (middle, next-to-last, last) its
+    ``cls_attn``, ``keys``, ``hidden`` and ``attn``."""
+    depth = len(model.blocks)
+    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1}),
+                      what=("cls_attn", "keys", "hidden", "attn")) as cap:
+        logits = model(x)
+    return logits, {i: dict(v) for i, v in cap.items()}
+
+
 def head(model, tokens: Tensor) -> Tensor:
     """Logits from the final tokens ``[B, 1 + k, D]`` (the model's own norm and pooling head)."""
     return model.forward_head(model.norm(tokens))
@@ -109,12 +132,29 @@ def _key(method: str, placement: str, keep: float) -> str:
     return f"{method}|{placement}|{keep}"
 
 
+def find_infeasible(model, methods, keeps, x: Tensor, state: dict) -> None:
+    """Budgets a strategy cannot make (e.g. pool2d's grid tiling) become n/a rows in ``state["errors"]``."""
+    errors = state["errors"]
+    with torch.inference_mode():
+        for method in methods:
+            for kp in keeps:
+                if _key(method, "inside", kp) in errors or _key(method, "inside", kp) in state["speed"]:
+                    continue  # known already
+                vtok.patch(model, method, keep=kp, layers=len(model.blocks) // 2)
+                try:
+                    model(x[:1])
+                except ValueError as e:
+                    for placement in ("after", "inside"):
+                        errors[_key(method, placement, kp)] = str(e)
+                    print(f"  {method} keep={kp}: {e}", flush=True)
+                finally:
+                    vtok.unpatch(model)
+
+
 def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[int, int]) -> None:
     """``tail_inside`` from the shared middle tokens equals the patched model's full forward, for every method."""
     with torch.inference_mode():
-        h_mid = embed(model, x)
-        for blk in model.blocks[:mid]:
-            h_mid = blk(h_mid)
+        h_mid = forward_to(model, x, mid)
         for method in methods:
             vtok.patch(model, method, keep=0.5, layers=mid)
             try:
@@ -128,9 +168,8 @@ def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[i
 
 def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch: int, state: dict,
                      path: Path, deadline: float = float("inf")) -> None:
-    depth = len(model.blocks)
-    mid = depth // 2
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    mid = len(model.blocks) // 2
+    grid = grid_of(model)
     counts = state["correct"]
     n = len(x_all)
     t0 = time.time()
@@ -141,25 +180,14 @@ def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch:
         s = state["done"]
         x, y = x_all[s:s + batch], y_all[s:s + batch]
         with torch.inference_mode():
-            with vtok.capture(model, layers=sorted({mid, depth - 2, depth - 1}),
-                              what=("cls_attn", "keys", "hidden", "attn")) as cap:
-                logits = model(x)
-            cap = {i: dict(v) for i, v in cap.items()}
+            logits, cap = captured_forward(model, x)
             counts["none"] = counts.get("none", 0) + int((logits.argmax(-1) == y).sum())
-            h_mid = embed(model, x)
-            for blk in model.blocks[:mid]:
-                h_mid = blk(h_mid)
+            h_mid = forward_to(model, x, mid)
             for method in methods:
                 for keep in keeps:
                     if _key(method, "after", keep) in state["errors"]:
                         continue
-                    try:
-                        logits = after_logits(model, method, keep, cap, grid)
-                    except ValueError as e:  # e.g. pool2d: k that cannot tile the patch grid
-                        for placement in ("after", "inside"):
-                            state["errors"][_key(method, placement, keep)] = str(e)
-                        print(f"  {method} keep={keep}: {e}", flush=True)
-                        continue
+                    logits = after_logits(model, method, keep, cap, grid)
                     k = _key(method, "after", keep)
                     counts[k] = counts.get(k, 0) + int((logits.argmax(-1) == y).sum())
                     vtok.patch(model, method, keep=keep, layers=mid)
@@ -188,26 +216,14 @@ def measure_speed(model, methods, keeps, x: Tensor, rounds: int, state: dict, pa
     patched at every keep (``inside``: ratio = unpatched time / patched time), then one captured forward followed by
     the strategy at every keep (``after``: ratio = encoder time / (encoder + strategy) time). Reported: the median
     ratio over rounds."""
-    depth = len(model.blocks)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    layers = sorted({depth // 2, depth - 2, depth - 1})
+    mid = len(model.blocks) // 2
+    grid = grid_of(model)
     speed, errors = state["speed"], state["errors"]
     with torch.inference_mode():
         model(x)  # warm-up
         for method in methods:
             todo = [kp for kp in keeps if _key(method, "inside", kp) not in errors
                     and not (_key(method, "inside", kp) in speed and _key(method, "after", kp) in speed)]
-            for kp in list(todo):  # budgets a strategy cannot make (e.g. pool2d's grid tiling) become n/a rows
-                vtok.patch(model, method, keep=kp, layers=depth // 2)
-                try:
-                    model(x[:1])
-                except ValueError as e:
-                    for placement in ("after", "inside"):
-                        errors[_key(method, placement, kp)] = str(e)
-                    print(f"  {method} keep={kp}: {e}", flush=True)
-                    todo.remove(kp)
-                finally:
-                    vtok.unpatch(model)
             if not todo:
                 continue
             r_in: dict[float, list[float]] = {kp: [] for kp in todo}
@@ -215,16 +231,16 @@ def measure_speed(model, methods, keeps, x: Tensor, rounds: int, state: dict, pa
             for rnd in range(rounds + 1):  # round 0 warms up every variant and is discarded
                 t_base = _time(model, x)
                 for kp in todo:
-                    vtok.patch(model, method, keep=kp, layers=depth // 2)
+                    vtok.patch(model, method, keep=kp, layers=mid)
                     try:
                         t = _time(model, x)
                     finally:
                         vtok.unpatch(model)
                     if rnd:
                         r_in[kp].append(t_base / t)
-                with vtok.capture(model, layers=layers, what=("cls_attn", "keys", "hidden", "attn")) as cap:
-                    t_enc = _time(model, x)
-                cap = {i: dict(v) for i, v in cap.items()}
+                t = time.perf_counter()
+                _, cap = captured_forward(model, x)
+                t_enc = time.perf_counter() - t
                 for kp in todo:
                     t = time.perf_counter()
                     after_logits(model, method, kp, cap, grid)
@@ -305,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per throughput ratio")
     ap.add_argument("--out", type=Path, default=Path("outputs/encoder_accuracy"))
     ap.add_argument("--plot", type=Path, default=None, help="write the accuracy plot here (PNG)")
+    ap.add_argument("--report", action="store_true", help="only print the table (and --plot) of the saved state")
     ap.add_argument("--minutes", type=float, default=0, help="stop measuring accuracy after about this long "
                     "(state saved; rerun to resume); 0: no limit")
     args = ap.parse_args(argv)
@@ -332,27 +349,35 @@ def main(argv: list[str] | None = None) -> dict:
     state = json.loads(path.read_text()) if path.exists() else None
     if state is not None and state.get("key") != key:
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
+    if args.report:
+        if state is None or state["done"] == 0:
+            raise ValueError(f"--report: {path} holds no measured images yet")
+        return report(state, n_patches, args.plot)
     if state is None:
         command = "python benchmarks/encoder_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         state = {"key": key, "methods": methods, "keeps": args.keeps, "mid": mid, "done": 0, "correct": {},
                  "speed": {}, "errors": {}, "command": command}
         print("checking the shared-prefix shortcut against each patched model's forward ...", flush=True)
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        check_shortcut(model, methods, x_all[:8], mid, grid)
+        check_shortcut(model, methods, x_all[:8], mid, grid_of(model))
         _save(path, state)
     else:
         print(f"resuming {path}: {state['done']}/{len(x_all)} images done", flush=True)
     print(f"throughput: batch {args.speed_batch}, {args.rounds} paired rounds per row "
           f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    find_infeasible(model, methods, args.keeps, x_all[:1], state)
     measure_speed(model, methods, args.keeps, x_all[: args.speed_batch], args.rounds, state, path)
     print(f"accuracy: {len(methods)} methods × {len(args.keeps)} keeps × inside/after on {len(x_all)} images",
           flush=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
     measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path, deadline)
+    return report(state, n_patches, args.plot)
+
+
+def report(state: dict, n_patches: int, plot_path: Path | None) -> dict:
     print(table(state, n_patches))
-    if args.plot is not None:
-        plot(state, n_patches, args.plot)
-        print(f"wrote {args.plot}")
+    if plot_path is not None:
+        plot(state, n_patches, plot_path)
+        print(f"wrote {plot_path}")
     return state
 
 

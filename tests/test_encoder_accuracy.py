@@ -1,24 +1,14 @@
 """benchmarks/encoder_accuracy.py: its shortcut equals the patched model, and a tiny run completes and resumes."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_benchmark
 from timm.models.vision_transformer import VisionTransformer
 
 import vtok
 from vtok.bench.eval_vit import build_eval_vit, save_eval_vit
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("encoder_accuracy", ROOT / "benchmarks" / "encoder_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_vit() -> VisionTransformer:
@@ -28,12 +18,12 @@ def tiny_vit() -> VisionTransformer:
 
 
 def test_image_methods_are_every_strategy_but_fastv():
-    bench = _bench()
+    bench = load_benchmark("encoder_accuracy")
     assert set(bench.image_methods()) == {m.name for m in vtok.methods()} - {"fastv"}
 
 
 def test_shortcut_equals_patched_forward_for_every_method():
-    bench = _bench()
+    bench = load_benchmark("encoder_accuracy")
     m = tiny_vit()
     x = torch.randn(3, 1, 32, 32)
     bench.check_shortcut(m, bench.image_methods(), x, mid=2, grid=(8, 8))  # raises on a mismatch
@@ -41,7 +31,7 @@ def test_shortcut_equals_patched_forward_for_every_method():
 
 
 def test_after_placement_keep_all_is_the_model():
-    bench = _bench()
+    bench = load_benchmark("encoder_accuracy")
     m = tiny_vit()
     x = torch.randn(3, 1, 32, 32)
     with torch.inference_mode():
@@ -57,7 +47,7 @@ def test_after_placement_keep_all_is_the_model():
 
 
 def test_tiny_run_writes_rows_and_resumes(tmp_path, capsys):
-    bench = _bench()
+    bench = load_benchmark("encoder_accuracy")
     ckpt = tmp_path / "vit.safetensors"
     torch.manual_seed(0)
     save_eval_vit(build_eval_vit(), ckpt)
@@ -73,8 +63,11 @@ def test_tiny_run_writes_rows_and_resumes(tmp_path, capsys):
     assert "| **random** | inside |" in table and "| cls_attn | after |" in table
     again = bench.main(argv)  # everything done: resumes and recomputes nothing
     assert again["correct"] == state["correct"]
+    assert bench.main([*argv, "--report"]) == again  # report only: the saved state, untouched
     assert json.loads((tmp_path / "o" / "state.json").read_text())["done"] == 6
     with pytest.raises(ValueError, match="other settings"):
         bench.main([*argv[:-4], "--out", str(tmp_path / "o"), "--keeps", "0.25"])
+    with pytest.raises(ValueError, match="no measured images"):
+        bench.main([*argv[:-4], "--out", str(tmp_path / "empty"), "--report"])
     with pytest.raises(ValueError, match="cannot run on a ViT encoder"):
         bench.main([*argv, "--methods", "fastv"])
