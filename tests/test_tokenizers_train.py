@@ -99,3 +99,56 @@ def test_shipped_configs_parse():
     shapes = {(r.model.image_size, r.model.patch_size, r.model.num_tokens, r.model.width, r.model.enc_depth,
                r.model.dec_depth) for r in runs.values()}
     assert len(shapes) == 1  # same architecture for every run
+
+
+def test_multi_keep_forward_equals_separate_forwards():
+    torch.manual_seed(0)
+    run = _run()
+    tok = Tokenizer(run.model).eval()
+    x = torch.rand(3, 3, 16, 16)
+    keeps = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    both = torch.stack([keeps, torch.ones_like(keeps)])
+    with torch.no_grad():
+        out = tok(x, both).recon
+        assert out.shape == (2, 3, 3, 16, 16)
+        torch.testing.assert_close(out[0], tok(x, keeps).recon)
+        torch.testing.assert_close(out[1], tok(x).recon)
+    try:
+        tok(x, both[:, :2])
+    except ValueError as e:
+        assert "keep must be [B, K] or [R, B, K]" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_also_full_step_matches_explicit_two_term_loss(tmp_path):
+    """One ``also_full`` step == AdamW on the mean of the sampled-prefix loss and the all-K loss."""
+    from vtok.tokenizers_img.length import prefix_mask, sample_lengths
+    from vtok.tokenizers_img.losses import reconstruction_loss
+    from vtok.tokenizers_img.train import _optimizer, step_generator
+
+    run = _run(steps=1, also_full=True)
+    tc, mc = run.train, run.model
+    res = train_tokenizer(run, tmp_path, progress=False, log=lambda s: None)
+
+    torch.manual_seed(tc.seed)
+    ref = Tokenizer(mc)
+    opt = _optimizer(ref, tc)
+    g = step_generator(tc.seed, 0)
+    x = CropPool(training_photos(tc.sources, tc.video_frames), mc.image_size, tc.scales).sample(tc.batch_size, g)
+    keep = prefix_mask(sample_lengths("nested", tc.batch_size, mc.num_tokens, g, tc.nested_dist), mc.num_tokens)
+    loss_k = reconstruction_loss(ref(x, keep).recon, x, tc.grad_weight)[0]
+    loss_full = reconstruction_loss(ref(x).recon, x, tc.grad_weight)[0]
+    for group in opt.param_groups:
+        group["lr"] = lr_at(0, tc)
+    loss = (loss_k + loss_full) / 2
+    lk, lf = float(loss_k.detach()), float(loss_full.detach())
+    assert abs(res.history[0]["loss"] - (lk + lf) / 2) < 1e-6 * lk
+    assert abs(lk - lf) > 1e-3 * lk  # the two terms really differ
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), tc.grad_clip)
+    opt.step()
+    got = res.tokenizer.state_dict()
+    for name, w in ref.state_dict().items():
+        torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-6)
+    assert TrainConfig(also_full=True) != TrainConfig()

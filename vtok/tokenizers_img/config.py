@@ -98,10 +98,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe: length training mode, optimiser, data sources, checkpoint cadence."""
+    """Training recipe: length training mode, optimiser, data sources, checkpoint cadence.
+
+    ``also_full`` (nested/tail only): each image is decoded twice per step, from its sampled prefix and from
+    all K tokens, and the two losses are averaged — the two-term case of Matryoshka Representation Learning's
+    sum over nested sizes (Kusupati et al. 2022, Eq. 1), so the full-length code is trained on every step.
+    """
 
     length_mode: str = "nested"
     nested_dist: str = "pow2"
+    also_full: bool = False
     steps: int = 20000
     batch_size: int = 64
     lr: float = 1e-3
@@ -126,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"length_mode must be one of {LENGTH_MODES}, got {self.length_mode!r}")
         if self.nested_dist not in NESTED_DISTS:
             raise ValueError(f"nested_dist must be one of {NESTED_DISTS}, got {self.nested_dist!r}")
+        if not isinstance(self.also_full, bool):
+            raise TypeError(f"also_full must be a bool, got {type(self.also_full).__name__}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every"):
             _positive_int(name, getattr(self, name))
         bad = [s for s in self.sources if s not in SOURCES]

@@ -100,7 +100,11 @@ class Tokenizer(nn.Module):
 
     def forward(self, images: Tensor, keep: Tensor | None = None,
                 generator: torch.Generator | None = None) -> TokenizerOutput:
-        """Reconstruct ``images`` from all K tokens, with tokens where ``keep [B, K]`` is False masked out."""
+        """Reconstruct ``images`` from their K tokens with the tokens where ``keep`` is False masked out.
+
+        ``keep`` is ``[B, K]`` (one reconstruction, like ``images``) or ``[R, B, K]``: R reconstructions of the
+        same quantised tokens, ``recon [R, B, ...]``, for a loss over several prefix lengths at one encoder cost.
+        """
         z = self.encode(images)
         if isinstance(self.quantizer, FSQ):
             q, _ = self.quantizer(z)
@@ -110,7 +114,15 @@ class Tokenizer(nn.Module):
             penalty = BinaryQuantizer.confidence_penalty(p)
         if keep is None:
             keep = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        return TokenizerOutput(self.from_patches(self.decoder(self.embed(q), keep)), penalty)
+        if keep.dim() == 2:
+            return TokenizerOutput(self.from_patches(self.decoder(self.embed(q), keep)), penalty)
+        if keep.dim() != 3 or keep.shape[1:] != z.shape[:2]:
+            raise ValueError(f"keep must be [B, K] or [R, B, K] with B, K = {tuple(z.shape[:2])}, "
+                             f"got {tuple(keep.shape)}")
+        r = keep.shape[0]
+        tokens = self.embed(q).repeat(r, 1, 1)
+        recon = self.from_patches(self.decoder(tokens, keep.flatten(0, 1)))
+        return TokenizerOutput(recon.unflatten(0, (r, -1)), penalty)
 
     # ---- public API ----
     @torch.no_grad()

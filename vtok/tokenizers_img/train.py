@@ -130,10 +130,12 @@ def train_tokenizer(config: RunConfig | str | Path, out_dir: str | Path, *, step
         x = pool.sample(tc.batch_size, g).to(dev)
         lengths = sample_lengths(tc.length_mode, tc.batch_size, mc.num_tokens, g, tc.nested_dist)
         keep = prefix_mask(lengths, mc.num_tokens).to(dev)
+        if tc.also_full and tc.length_mode != "none":  # every image also decoded from all K tokens
+            keep = torch.stack([keep, torch.ones_like(keep)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         res = model(x, keep, generator=step_generator(tc.seed, step, dev) if dev.type != "cpu" else g)
-        loss, mse = reconstruction_loss(res.recon, x, tc.grad_weight)
+        loss, mse = reconstruction_loss(res.recon, x.expand_as(res.recon), tc.grad_weight)
         loss = loss + tc.confidence_weight * res.penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
