@@ -29,6 +29,7 @@ rows) is checked against the patched model's own forward on a few images, for ev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -310,6 +311,15 @@ def plot(state: dict, n_patches: int, out: Path) -> None:
     plt.close(fig)
 
 
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of the checkpoint file: a resumed run must measure the same weights, wherever the repo lives."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
@@ -344,8 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "state.json"
-    key = {"checkpoint": str(args.checkpoint), "methods": methods, "keeps": args.keeps, "n": len(x_all),
-           "batch": args.batch, "mid": mid}
+    key = {"checkpoint_sha256": checkpoint_digest(args.checkpoint), "methods": methods, "keeps": args.keeps,
+           "n": len(x_all), "batch": args.batch, "mid": mid}
     state = json.loads(path.read_text()) if path.exists() else None
     if state is not None and state.get("key") != key:
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")

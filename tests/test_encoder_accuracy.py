@@ -71,3 +71,21 @@ def test_tiny_run_writes_rows_and_resumes(tmp_path, capsys):
         bench.main([*argv[:-4], "--out", str(tmp_path / "empty"), "--report"])
     with pytest.raises(ValueError, match="cannot run on a ViT encoder"):
         bench.main([*argv, "--methods", "fastv"])
+
+
+def test_resume_keys_on_checkpoint_contents_not_its_path(tmp_path):
+    bench = load_benchmark("encoder_accuracy")
+    torch.manual_seed(0)
+    vit = build_eval_vit()
+    save_eval_vit(vit, tmp_path / "a.safetensors")
+    argv = ["--methods", "uniform", "--keeps", "0.5", "--test-limit", "4", "--batch", "4", "--speed-batch", "2",
+            "--rounds", "1", "--out", str(tmp_path / "o")]
+    state = bench.main(["--checkpoint", str(tmp_path / "a.safetensors"), *argv])
+    (tmp_path / "moved").mkdir()  # same weights elsewhere (e.g. a fresh clone): resumes, nothing recomputed
+    (tmp_path / "moved" / "a.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    assert bench.main(["--checkpoint", str(tmp_path / "moved" / "a.safetensors"), *argv, "--report"]) == state
+    with torch.no_grad():  # retrained weights at the same path: refused, never mixed into the old counts
+        vit.head.bias.add_(1.0)
+    save_eval_vit(vit, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="other settings"):
+        bench.main(["--checkpoint", str(tmp_path / "a.safetensors"), *argv])
