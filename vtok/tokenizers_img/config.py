@@ -40,9 +40,12 @@ class ModelConfig:
     fsq_levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
     bits: int = 16
     tau: float = 1.0
+    flow_head: bool = False  # add the optional rectified-flow decoder head (vtok/tokenizers_img/flow.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fsq_levels", tuple(self.fsq_levels))
+        if not isinstance(self.flow_head, bool):
+            raise TypeError(f"flow_head must be a bool, got {type(self.flow_head).__name__}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.quantizer not in QUANTIZERS:
@@ -117,6 +120,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_weight: float = 0.1
     confidence_weight: float = 0.01
+    flow_weight: float = 1.0  # weight of the rectified-flow loss (models with flow_head only)
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 25
@@ -136,6 +140,8 @@ class TrainConfig:
             raise TypeError(f"also_full must be a bool, got {type(self.also_full).__name__}")
         for name in ("steps", "batch_size", "ckpt_every", "log_every"):
             _positive_int(name, getattr(self, name))
+        if not self.flow_weight >= 0:
+            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
         bad = [s for s in self.sources if s not in SOURCES]
         if not self.sources or bad:
             raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {list(self.sources)}")

@@ -75,9 +75,13 @@ class ResamplerDecoder(nn.Module):
         nn.init.constant_(self.head.bias, 0.5)  # start at mid-grey
 
     def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        return self.head(self.features(tokens, keep))
+
+    def features(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """The patch queries' final normed features ``[B, N, width]`` (what the pixel head and a flow head read)."""
         b = tokens.shape[0]
         x = torch.where(keep[..., None], tokens, self.mask_token.to(tokens.dtype)) + self.token_pos
         x = torch.cat([x, self.queries.expand(b, -1, -1)], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.head(self.norm(x[:, self.n_registers:]))
+        return self.norm(x[:, self.n_registers:])

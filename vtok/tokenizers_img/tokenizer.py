@@ -3,6 +3,7 @@
     tok = vtok.load_tokenizer("outputs/tokenizers/fsq_nested")
     ids = tok.tokenize(images, k=8)      # FSQ: int64 [B, 8]; binary: bool [B, 8, bits]
     rec = tok.detokenize(ids)            # [B, 3, H, W] in [0, 1]
+    rec = tok.detokenize(ids, sampler="flow", steps=16, generator=g)   # models built with flow_head=True
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from vtok.images import patchify, unpatchify
 from vtok.tokenizers_img.binary import BinaryQuantizer, BitEmbedding
 from vtok.tokenizers_img.config import ModelConfig
+from vtok.tokenizers_img.flow import FlowHead
 from vtok.tokenizers_img.fsq import FSQ
 from vtok.tokenizers_img.model import ResamplerDecoder, ResamplerEncoder
 
@@ -29,10 +31,12 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 @dataclass
 class TokenizerOutput:
-    """Training forward result: ``recon`` like the input, ``penalty`` the binary confidence term (0 for FSQ)."""
+    """Training forward result: ``recon`` like the input, ``penalty`` the binary confidence term (0 for FSQ),
+    ``flow_loss`` the rectified-flow loss (None without a flow head)."""
 
     recon: Tensor
     penalty: Tensor
+    flow_loss: Tensor | None = None
 
 
 class Tokenizer(nn.Module):
@@ -58,6 +62,7 @@ class Tokenizer(nn.Module):
             self.embed = BitEmbedding(c.bits, c.width)
         self.decoder = ResamplerDecoder(c.patch_dim, c.n_patches, c.num_tokens, c.width, c.dec_depth, c.heads,
                                         c.mlp_ratio)
+        self.flow = FlowHead(c.patch_dim, c.width) if c.flow_head else None
 
     # ---- geometry (overridden by the video tokenizer) ----
     @property
@@ -114,15 +119,17 @@ class Tokenizer(nn.Module):
             penalty = BinaryQuantizer.confidence_penalty(p)
         if keep is None:
             keep = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
-        if keep.dim() == 2:
-            return TokenizerOutput(self.from_patches(self.decoder(self.embed(q), keep)), penalty)
-        if keep.dim() != 3 or keep.shape[1:] != z.shape[:2]:
+        if keep.dim() not in (2, 3) or keep.shape[-2:] != z.shape[:2]:
             raise ValueError(f"keep must be [B, K] or [R, B, K] with B, K = {tuple(z.shape[:2])}, "
                              f"got {tuple(keep.shape)}")
-        r = keep.shape[0]
-        tokens = self.embed(q).repeat(r, 1, 1)
-        recon = self.from_patches(self.decoder(tokens, keep.flatten(0, 1)))
-        return TokenizerOutput(recon.unflatten(0, (r, -1)), penalty)
+        r = 1 if keep.dim() == 2 else keep.shape[0]
+        feats = self.decoder.features(self.embed(q).repeat(r, 1, 1), keep.reshape(-1, keep.shape[-1]))
+        recon = self.from_patches(self.decoder.head(feats))
+        flow_loss = None
+        if self.flow is not None:
+            target = (self.to_patches(images) * 2.0 - 1.0).repeat(r, 1, 1)
+            flow_loss = self.flow.loss(target, feats, generator)
+        return TokenizerOutput(recon if keep.dim() == 2 else recon.unflatten(0, (r, -1)), penalty, flow_loss)
 
     # ---- public API ----
     @torch.no_grad()
@@ -136,14 +143,29 @@ class Tokenizer(nn.Module):
         return z > 0  # sigmoid(z) > 0.5
 
     @torch.no_grad()
-    def detokenize(self, ids: Tensor) -> Tensor:
-        """Any prefix of tokens (``1..K`` of them) → images in [0, 1], shaped like the tokenizer's input."""
+    def detokenize(self, ids: Tensor, sampler: str = "mean", steps: int = 16,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """Any prefix of tokens (``1..K`` of them) → images in [0, 1], shaped like the tokenizer's input.
+
+        ``sampler="mean"``: the deterministic (MSE) decoder. ``sampler="flow"`` (models built with
+        ``flow_head=True``): a sample from the rectified-flow head, ``steps`` Euler steps from noise drawn with
+        ``generator`` — sharper at short prefixes, different for every draw.
+        """
+        if sampler not in ("mean", "flow"):
+            raise ValueError(f"sampler must be 'mean' or 'flow', got {sampler!r}")
+        if sampler == "flow" and self.flow is None:
+            raise ValueError("sampler='flow' needs a tokenizer built with ModelConfig(flow_head=True); this one "
+                             "has only the deterministic decoder (use sampler='mean')")
         codes = self._ids_to_codes(ids)
         b, k = codes.shape[:2]
         emb = torch.zeros(b, self.num_tokens, self.config.width, device=self.device)
         emb[:, :k] = self.embed(codes)
         keep = (torch.arange(self.num_tokens, device=self.device) < k).expand(b, -1)
-        return self.from_patches(self.decoder(emb, keep)).clamp(0.0, 1.0)
+        feats = self.decoder.features(emb, keep)
+        if sampler == "mean":
+            return self.from_patches(self.decoder.head(feats)).clamp(0.0, 1.0)
+        patches = self.flow.sample(feats, self.config.patch_dim, steps, generator)
+        return self.from_patches((patches + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def reconstruct(self, images: Tensor, k: int | None = None) -> Tensor:
         """``detokenize(tokenize(images, k))``."""

@@ -137,6 +137,8 @@ def train_tokenizer(config: RunConfig | str | Path, out_dir: str | Path, *, step
         res = model(x, keep, generator=step_generator(tc.seed, step, dev) if dev.type != "cpu" else g)
         loss, mse = reconstruction_loss(res.recon, x.expand_as(res.recon), tc.grad_weight)
         loss = loss + tc.confidence_weight * res.penalty
+        if res.flow_loss is not None:
+            loss = loss + tc.flow_weight * res.flow_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -147,6 +149,8 @@ def train_tokenizer(config: RunConfig | str | Path, out_dir: str | Path, *, step
         if done % tc.log_every == 0 or done == end:
             row = {"step": done, "loss": sum(running) / len(running), "mse": float(mse.detach()), "lr": lr_at(step, tc),
                    "images_per_s": seen / (time.perf_counter() - t0)}
+            if res.flow_loss is not None:
+                row["flow"] = float(res.flow_loss.detach())
             running = []
             if done % tc.ckpt_every == 0 or done == end:
                 if eval_images is not None:
