@@ -39,10 +39,10 @@ def test_training_is_resumable_and_deterministic(tmp_path):
 
 
 def test_committed_checkpoint_is_accurate():
-    """The committed eval ViT: its 10k-test accuracy (stored at training time, on the fp16 weights; 83.0 %, short of
-    the issue's 85 % — see docs/benchmarks.md), re-measured here on the first 1,000 test images."""
+    """The committed eval ViT: its 10k-test accuracy (stored at training time, on the fp16 weights: 85.48 %; the issue
+    asks for ≥ 85 %), re-measured here on the first 1,000 test images."""
     meta = checkpoint_meta()
-    assert meta["test_accuracy"] >= 0.83 and meta["test_images"] == 10000
+    assert meta["test_accuracy"] >= 0.85 and meta["test_images"] == 10000
     model = load_eval_vit()
     assert model.patch_embed.num_patches == 196
     x, y = load_fashion_mnist("test")
