@@ -48,4 +48,4 @@ def test_committed_checkpoint_is_accurate():
     x, y = load_fashion_mnist("test")
     with torch.inference_mode():
         pred = torch.cat([model(preprocess(x[s:s + 250])).argmax(-1) for s in range(0, 1000, 250)])
-    assert (pred == y[:1000]).float().mean() >= 0.80
+    assert (pred == y[:1000]).float().mean() >= 0.85  # 87.1 % measured
