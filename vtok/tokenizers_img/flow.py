@@ -50,11 +50,9 @@ class FlowHead(nn.Module):
 
     def loss(self, target: Tensor, h: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Rectified-flow loss for target patches ``[B, N, P]`` (centred to [-1, 1]) given features ``h``."""
-        b = target.shape[0]
-        t = torch.rand(b, generator=generator, device=target.device if generator is None else generator.device)
-        x0 = torch.randn(target.shape, generator=generator,
-                         device=target.device if generator is None else generator.device)
-        t, x0 = t.to(target.device, target.dtype), x0.to(target.device, target.dtype)
+        dev = target.device if generator is None else generator.device  # draw where the generator lives
+        t = torch.rand(target.shape[0], generator=generator, device=dev).to(target.device, target.dtype)
+        x0 = torch.randn(target.shape, generator=generator, device=dev).to(target.device, target.dtype)
         x_t = t[:, None, None] * target + (1 - t[:, None, None]) * x0
         return ((self(x_t, t, h) - (target - x0)) ** 2).mean()
 
@@ -64,8 +62,8 @@ class FlowHead(nn.Module):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         b, n = h.shape[:2]
-        x = torch.randn(b, n, patch_dim, generator=generator,
-                        device=h.device if generator is None else generator.device).to(h.device, h.dtype)
+        dev = h.device if generator is None else generator.device
+        x = torch.randn(b, n, patch_dim, generator=generator, device=dev).to(h.device, h.dtype)
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full((b,), i * dt, device=h.device, dtype=h.dtype)

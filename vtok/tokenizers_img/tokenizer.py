@@ -99,9 +99,13 @@ class Tokenizer(nn.Module):
         return next(self.parameters()).device
 
     # ---- training forward ----
+    def centred_patches(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] → patches ``[B, N, patch_dim]`` centred to [-1, 1] (what the encoder and flow head see)."""
+        return self.to_patches(images) * 2.0 - 1.0
+
     def encode(self, images: Tensor, k: int | None = None) -> Tensor:
-        """Pre-quantisation latents ``[B, k, code_dim]`` of the first ``k`` tokens (pixels centred to [-1, 1])."""
-        return self.encoder(self.to_patches(images) * 2.0 - 1.0, k)
+        """Pre-quantisation latents ``[B, k, code_dim]`` of the first ``k`` tokens."""
+        return self.encoder(self.centred_patches(images), k)
 
     def forward(self, images: Tensor, keep: Tensor | None = None,
                 generator: torch.Generator | None = None) -> TokenizerOutput:
@@ -110,7 +114,8 @@ class Tokenizer(nn.Module):
         ``keep`` is ``[B, K]`` (one reconstruction, like ``images``) or ``[R, B, K]``: R reconstructions of the
         same quantised tokens, ``recon [R, B, ...]``, for a loss over several prefix lengths at one encoder cost.
         """
-        z = self.encode(images)
+        patches = self.centred_patches(images)
+        z = self.encoder(patches)
         if isinstance(self.quantizer, FSQ):
             q, _ = self.quantizer(z)
             penalty = z.new_zeros(())
@@ -127,8 +132,7 @@ class Tokenizer(nn.Module):
         recon = self.from_patches(self.decoder.head(feats))
         flow_loss = None
         if self.flow is not None:
-            target = (self.to_patches(images) * 2.0 - 1.0).repeat(r, 1, 1)
-            flow_loss = self.flow.loss(target, feats, generator)
+            flow_loss = self.flow.loss(patches.repeat(r, 1, 1), feats, generator)
         return TokenizerOutput(recon if keep.dim() == 2 else recon.unflatten(0, (r, -1)), penalty, flow_loss)
 
     # ---- public API ----
