@@ -52,7 +52,7 @@ eval-vit: $(STAMP) $(FMNIST)
 	  --warmup-epochs 0.02 --work outputs/train_eval_vit_stage5
 
 encoder-accuracy: $(STAMP) $(FMNIST)
-	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png
+	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2
 
 demo: $(STAMP)
 	$(BIN)/vtok methods

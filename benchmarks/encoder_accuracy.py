@@ -19,7 +19,7 @@ part), then accuracy accumulates per test batch in ``--out/state.json`` (written
 resumes where it stopped and the table always says on how many test images it was measured; ``--plot`` draws
 accuracy against kept tokens.
 
-    python benchmarks/encoder_accuracy.py                    # the table in docs/benchmarks.md (2-core CPU: ~1 h)
+    python benchmarks/encoder_accuracy.py --jobs 2           # the table in docs/benchmarks.md (2-core CPU: ~3 h)
     python benchmarks/encoder_accuracy.py --test-limit 64 --methods random cls_attn --keeps 0.5   # smoke run
 
 Before measuring, the ``inside`` numbers' shortcut (the blocks before the middle run once per batch, shared by all
@@ -167,43 +167,89 @@ def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[i
                                    f"max |diff| {(full - short).abs().max().item():.3g}")
 
 
-def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch: int, state: dict,
-                     path: Path, deadline: float = float("inf")) -> None:
+def batch_counts(model, methods, keeps, x: Tensor, y: Tensor, errors: dict, seed: int) -> dict[str, int]:
+    """Correct predictions on one test batch ``x [B, C, H, W]``, ``y [B]`` for every row. The RNG is seeded per
+    batch (``seed``: the batch's first image index), so a row's counts do not depend on where a run resumed or how
+    many ``--jobs`` shared the batches."""
+    torch.manual_seed(seed)
     mid = len(model.blocks) // 2
     grid = grid_of(model)
+    counts: dict[str, int] = {}
+    with torch.inference_mode():
+        logits, cap = captured_forward(model, x)
+        counts["none"] = int((logits.argmax(-1) == y).sum())
+        h_mid = forward_to(model, x, mid)
+        for method in methods:
+            for keep in keeps:
+                if _key(method, "after", keep) in errors:
+                    continue
+                logits = after_logits(model, method, keep, cap, grid)
+                counts[_key(method, "after", keep)] = int((logits.argmax(-1) == y).sum())
+                vtok.patch(model, method, keep=keep, layers=mid)
+                try:
+                    logits = tail_inside(model, h_mid, mid, grid)
+                finally:
+                    vtok.unpatch(model)
+                counts[_key(method, "inside", keep)] = int((logits.argmax(-1) == y).sum())
+    return counts
+
+
+_WORK: dict = {}  # what forked --jobs workers read (set before the pool forks; shared copy-on-write)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker(s: int) -> tuple[int, dict[str, int]]:
+    w = _WORK
+    x, y = w["x"][s:s + w["batch"]], w["y"][s:s + w["batch"]]
+    return s, batch_counts(w["model"], w["methods"], w["keeps"], x, y, w["errors"], seed=s)
+
+
+def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch: int, state: dict,
+                     path: Path, deadline: float = float("inf"), jobs: int = 1) -> None:
+    """Accumulate every row's correct count, batch by batch, into ``state`` (saved after each batch). With
+    ``jobs > 1``, forked workers (``torch`` threads split between them) measure batches in parallel, and their results
+    are committed in order, so the saved state is always a contiguous prefix of the test set and resumes as usual."""
     counts = state["correct"]
     n = len(x_all)
-    t0 = time.time()
-    while state["done"] < n:
+    starts = range(state["done"], n, batch)
+    first, t_run = state["done"], time.time()
+
+    def commit(s: int, c: dict[str, int]) -> None:
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+        state["done"] = min(s + batch, n)
+        _save(path, state)
+        rate = (state["done"] - first) / max(time.time() - t_run, 1e-9)
+        print(f"  {state['done']}/{n} test images ({rate:.2f} img/s over all rows, this run); accuracy unpruned "
+              f"{counts['none'] / state['done']:.4f}", flush=True)
+
+    def stop() -> bool:
         if time.time() > deadline:
             print(f"  time budget spent: stopping at {state['done']}/{n} images (rerun to resume)", flush=True)
-            return
-        s = state["done"]
-        x, y = x_all[s:s + batch], y_all[s:s + batch]
-        with torch.inference_mode():
-            logits, cap = captured_forward(model, x)
-            counts["none"] = counts.get("none", 0) + int((logits.argmax(-1) == y).sum())
-            h_mid = forward_to(model, x, mid)
-            for method in methods:
-                for keep in keeps:
-                    if _key(method, "after", keep) in state["errors"]:
-                        continue
-                    logits = after_logits(model, method, keep, cap, grid)
-                    k = _key(method, "after", keep)
-                    counts[k] = counts.get(k, 0) + int((logits.argmax(-1) == y).sum())
-                    vtok.patch(model, method, keep=keep, layers=mid)
-                    try:
-                        logits = tail_inside(model, h_mid, mid, grid)
-                    finally:
-                        vtok.unpatch(model)
-                    k = _key(method, "inside", keep)
-                    counts[k] = counts.get(k, 0) + int((logits.argmax(-1) == y).sum())
-        state["done"] = s + len(x)
-        _save(path, state)
-        rate = (state["done"] - s) / max(time.time() - t0, 1e-9)
-        print(f"  {state['done']}/{n} test images ({rate:.1f} img/s over all rows); accuracy unpruned "
-              f"{counts['none'] / state['done']:.4f}", flush=True)
-        t0 = time.time()
+            return True
+        return False
+
+    if jobs <= 1 or len(starts) <= 1:
+        for s in starts:
+            if stop():
+                return
+            commit(s, batch_counts(model, methods, keeps, x_all[s:s + batch], y_all[s:s + batch],
+                                   state["errors"], seed=s))
+        return
+    import multiprocessing as mp
+
+    _WORK.update(model=model, methods=methods, keeps=keeps, x=x_all, y=y_all, batch=batch, errors=state["errors"])
+    threads = max(1, torch.get_num_threads() // jobs)
+    with mp.get_context("fork").Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+        for s, c in pool.imap(_worker, starts):
+            commit(s, c)
+            if s + batch < n and stop():
+                pool.terminate()
+                return
+    _WORK.clear()
 
 
 def _time(fn, x: Tensor) -> float:
@@ -334,12 +380,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report", action="store_true", help="only print the table (and --plot) of the saved state")
     ap.add_argument("--minutes", type=float, default=0, help="stop measuring accuracy after about this long "
                     "(state saved; rerun to resume); 0: no limit")
+    ap.add_argument("--jobs", type=int, default=1, help="measure accuracy in this many forked processes, the "
+                    "torch threads split between them (same counts as --jobs 1)")
     args = ap.parse_args(argv)
 
     methods = args.methods or image_methods()
     bad = sorted(set(methods) - set(image_methods()))
     if bad:
         raise ValueError(f"--methods: {bad} cannot run on a ViT encoder; choose from {image_methods()}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     for kp in args.keeps:
         if not 0.0 < kp <= 1.0:
             raise ValueError(f"--keeps must be ratios in (0, 1], got {kp}")
@@ -379,11 +429,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"accuracy: {len(methods)} methods × {len(args.keeps)} keeps × inside/after on {len(x_all)} images",
           flush=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
-    measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path, deadline)
+    measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path, deadline, args.jobs)
     return report(state, n_patches, args.plot)
 
 
 def report(state: dict, n_patches: int, plot_path: Path | None) -> dict:
+    if state["done"] == 0:
+        print("no test images measured yet: no table (rerun to continue)", flush=True)
+        return state
     print(table(state, n_patches))
     if plot_path is not None:
         plot(state, n_patches, plot_path)

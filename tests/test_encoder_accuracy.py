@@ -89,3 +89,22 @@ def test_resume_keys_on_checkpoint_contents_not_its_path(tmp_path):
     save_eval_vit(vit, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="other settings"):
         bench.main(["--checkpoint", str(tmp_path / "a.safetensors"), *argv])
+
+
+def test_jobs_and_resume_points_give_the_same_counts(tmp_path):
+    """Per-batch seeding: forked workers, or a run stopped and resumed, count exactly what one straight run does
+    (``random`` included)."""
+    bench = load_benchmark("encoder_accuracy")
+    ckpt = tmp_path / "vit.safetensors"
+    torch.manual_seed(0)
+    save_eval_vit(build_eval_vit(), ckpt)
+    argv = ["--checkpoint", str(ckpt), "--methods", "random", "uniform", "--keeps", "0.25", "--test-limit", "10",
+            "--batch", "3", "--speed-batch", "2", "--rounds", "1"]
+    one = bench.main([*argv, "--out", str(tmp_path / "one")])
+    two = bench.main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
+    assert two["done"] == one["done"] == 10 and two["correct"] == one["correct"]
+    stopped = bench.main([*argv, "--out", str(tmp_path / "stop"), "--minutes", "1e-9"])  # deadline before batch 1
+    assert stopped["done"] == 0
+    assert bench.main([*argv, "--out", str(tmp_path / "stop")])["correct"] == one["correct"]
+    with pytest.raises(ValueError, match="--jobs"):
+        bench.main([*argv, "--out", str(tmp_path / "bad"), "--jobs", "0"])
