@@ -168,9 +168,9 @@ def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[i
 
 
 def batch_counts(model, methods, keeps, x: Tensor, y: Tensor, errors: dict, seed: int) -> dict[str, int]:
-    """Correct predictions on one test batch ``x [B, C, H, W]``, ``y [B]`` for every row. The RNG is seeded per
-    batch (``seed``: the batch's first image index), so a row's counts do not depend on where a run resumed or how
-    many ``--jobs`` shared the batches."""
+    """Correct predictions on one test batch ``x [B, C, H, W]``, ``y [B]`` for every row. The registered strategies
+    draw only from their own seeded generators; torch's global RNG is also seeded per batch (``seed``: the batch's
+    first image index), so even a strategy that used it would count the same whatever the resume point or ``--jobs``."""
     torch.manual_seed(seed)
     mid = len(model.blocks) // 2
     grid = grid_of(model)
@@ -226,30 +226,28 @@ def measure_accuracy(model, methods, keeps, x_all: Tensor, y_all: Tensor, batch:
         print(f"  {state['done']}/{n} test images ({rate:.2f} img/s over all rows, this run); accuracy unpruned "
               f"{counts['none'] / state['done']:.4f}", flush=True)
 
-    def stop() -> bool:
-        if time.time() > deadline:
-            print(f"  time budget spent: stopping at {state['done']}/{n} images (rerun to resume)", flush=True)
-            return True
-        return False
+    jobs = min(jobs, len(starts))  # no idle workers, and no fork for a single batch
+    pool = None
+    if jobs > 1:
+        import multiprocessing as mp
 
-    if jobs <= 1 or len(starts) <= 1:
-        for s in starts:
-            if stop():
+        _WORK.update(model=model, methods=methods, keeps=keeps, x=x_all, y=y_all, batch=batch, errors=state["errors"])
+        pool = mp.get_context("fork").Pool(jobs, initializer=_worker_init,
+                                           initargs=(max(1, torch.get_num_threads() // jobs),))
+        results = pool.imap(_worker, starts)
+    else:  # lazy: a batch is measured only when the loop asks for it
+        results = ((s, batch_counts(model, methods, keeps, x_all[s:s + batch], y_all[s:s + batch], state["errors"],
+                                    seed=s)) for s in starts)
+    try:
+        for _ in starts:
+            if time.time() > deadline:
+                print(f"  time budget spent: stopping at {state['done']}/{n} images (rerun to resume)", flush=True)
                 return
-            commit(s, batch_counts(model, methods, keeps, x_all[s:s + batch], y_all[s:s + batch],
-                                   state["errors"], seed=s))
-        return
-    import multiprocessing as mp
-
-    _WORK.update(model=model, methods=methods, keeps=keeps, x=x_all, y=y_all, batch=batch, errors=state["errors"])
-    threads = max(1, torch.get_num_threads() // jobs)
-    with mp.get_context("fork").Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
-        for s, c in pool.imap(_worker, starts):
-            commit(s, c)
-            if s + batch < n and stop():
-                pool.terminate()
-                return
-    _WORK.clear()
+            commit(*next(results))
+    finally:
+        if pool is not None:
+            pool.terminate()  # every result consumed, or the deadline passed: nothing left worth waiting for
+            _WORK.clear()
 
 
 def _time(fn, x: Tensor) -> float:

@@ -92,8 +92,8 @@ def test_resume_keys_on_checkpoint_contents_not_its_path(tmp_path):
 
 
 def test_jobs_and_resume_points_give_the_same_counts(tmp_path):
-    """Per-batch seeding: forked workers, or a run stopped and resumed, count exactly what one straight run does
-    (``random`` included)."""
+    """Forked workers, or a run stopped and resumed, count exactly what one straight run does (``random``
+    included)."""
     bench = load_benchmark("encoder_accuracy")
     ckpt = tmp_path / "vit.safetensors"
     torch.manual_seed(0)
@@ -106,5 +106,7 @@ def test_jobs_and_resume_points_give_the_same_counts(tmp_path):
     stopped = bench.main([*argv, "--out", str(tmp_path / "stop"), "--minutes", "1e-9"])  # deadline before batch 1
     assert stopped["done"] == 0
     assert bench.main([*argv, "--out", str(tmp_path / "stop")])["correct"] == one["correct"]
+    assert bench.main([*argv, "--out", str(tmp_path / "stop2"), "--jobs", "2", "--minutes", "1e-9"])["done"] == 0
+    assert not bench._WORK  # the workers' shared inputs are released on every exit path
     with pytest.raises(ValueError, match="--jobs"):
         bench.main([*argv, "--out", str(tmp_path / "bad"), "--jobs", "0"])
