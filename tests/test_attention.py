@@ -258,13 +258,23 @@ def test_visionzip_dominant_and_contextual_hand_computed():
     x = torch.stack([e[0], e[0] + 0.1 * e[2], e[1], e[0] + 0.1 * e[3], e[2], e[2] + 0.1 * e[0], e[3],
                      e[2] + 0.2 * e[1]])[None]
     cls = torch.tensor([[0.0, 0.1, 0.9, 0.1, 0.0, 0.1, 0.8, 0.0]])
-    out, sel = vtok.compress(x, "visionzip", keep=4, cls_attn=cls, dominant=0.5)
+    out, sel = vtok.compress(x, "visionzip", keep=4, cls_attn=cls, dominant=0.5, merge="mean", order="position")
     # remaining [0,1,3,4,5,7], R=6, c=2, step=3 -> targets at remaining positions 0, 3 = tokens 0 and 4
-    assert sel.keep.tolist() == [[0, 2, 4, 6]]
+    assert sel.keep.tolist() == [[0, 2, 4, 6]] and sel.order is None
     assert sel.assign.tolist() == [[0, 0, 1, 0, 2, 2, 3, 2]]
     assert torch.allclose(out[0, 0], x[0, [0, 1, 3]].mean(0))
     assert torch.allclose(out[0, 2], x[0, [4, 5, 7]].mean(0))
     assert torch.equal(out[0, 1], x[0, 2]) and torch.equal(out[0, 3], x[0, 6])
+    # the authors' code (default): [dominant ascending | contextual], contextual = target + mean(other members)
+    ref, sel_r = vtok.compress(x, "visionzip", keep=4, cls_attn=cls, dominant=0.5)
+    assert sel_r.keep.tolist() == [[0, 2, 4, 6]] and sel_r.emitted_keep().tolist() == [[2, 6, 0, 4]]
+    assert sel_r.output_of_each_token().tolist() == [[2, 2, 0, 2, 3, 3, 1, 3]]
+    assert torch.equal(ref[0, 0], x[0, 2]) and torch.equal(ref[0, 1], x[0, 6])
+    assert torch.allclose(ref[0, 2], x[0, 0] + x[0, [1, 3]].mean(0))
+    assert torch.allclose(ref[0, 3], x[0, 4] + x[0, [5, 7]].mean(0))
+    # an int dominant is a count: 2 dominant tokens of 4
+    _, sel_i = vtok.compress(x, "visionzip", keep=4, cls_attn=cls, dominant=2)
+    assert torch.equal(sel_i.emitted_keep(), sel_r.emitted_keep())
     # with keys the matching uses the keys, not the tokens: swap which target 1 and 5 join
     keys = x.clone()
     keys[0, 1], keys[0, 5] = x[0, 5], x[0, 1]
@@ -285,8 +295,9 @@ def test_visionzip_default_split_matches_paper():
         dom = set(vtok.get_method("cls_attn").fn(x, d, Context.build(x, {"cls_attn": cls})).keep[0].tolist())
         assert dom <= set(sel.keep[0].tolist())
         sizes = sel.token_sizes()[0]
-        kept = sel.keep[0].tolist()
+        kept = sel.emitted_keep()[0].tolist()
         assert all(sizes[j] == 1 for j, i in enumerate(kept) if i in dom)  # dominant tokens stand alone
+        assert set(kept[:d]) == dom  # emitted first, as the authors' code does
         assert sizes.sum() == n  # every token is kept or merged into a contextual token
 
 

@@ -1,7 +1,11 @@
 """``Selection``: the one result type every strategy returns.
 
-A selection says which of ``N`` tokens survive, in original order, and (for merging strategies)
-which surviving slot every original token is averaged into.
+A selection says which of ``N`` tokens survive (``keep``, always ascending: positions stay meaningful), which
+surviving slot every original token is averaged into (``assign``, merging strategies), and optionally the order in
+which the surviving slots are *emitted* (``order``). Slots are numbered by ascending ``keep``; ``apply`` / ``gather``
+return them in emitted order, which is slot order unless ``order`` says otherwise (ToMe's ``[unmerged A | B]``,
+VisionZip's ``[dominant | contextual]``: the order the authors' code produces, which the next ToMe block's
+alternating split or a VLM's position ids depend on).
 """
 
 from __future__ import annotations
@@ -31,14 +35,22 @@ class Selection:
         n: original token count ``N``.
         assign: optional ``LongTensor [B, N]``: the output slot in ``[0, k)`` each original token is merged
             into, or ``-1`` for a token that is dropped. ``None`` means plain gathering.
-        size: optional ``[B, k]``: how many original tokens each output token stands for (ToMe's size).
-            For a merging selection it defaults to the count of tokens assigned to each slot.
+        size: optional ``[B, k]``: how many original tokens each slot stands for (ToMe's size), per slot (aligned
+            with ``keep``). For a merging selection it defaults to the count of tokens assigned to each slot.
+        order: optional ``LongTensor [B, k]``, a permutation of ``0..k-1`` per row: output position ``j`` of
+            ``apply`` / ``gather`` holds slot ``order[b, j]``. ``None`` = slot order (ascending positions). It never
+            changes *which* tokens survive or how they are averaged, only the order they are emitted in.
+        coef: optional ``[B, N]`` explicit mixing coefficients of a merging selection: slot ``j`` is
+            ``Σ_{i: assign[i]=j} coef[i] · x_i`` with no normalisation (incoming ``weights`` are ignored: the strategy
+            folded them in). For merges that are not weighted means, e.g. VisionZip's ``target + mean(others)``.
     """
 
     keep: Tensor
     n: int
     assign: Tensor | None = None
     size: Tensor | None = None
+    order: Tensor | None = None
+    coef: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -63,6 +75,24 @@ class Selection:
         return cls(idx.sort(dim=1).values, n)
 
     @classmethod
+    def from_emitted(cls, positions: Tensor, n: int, assign: Tensor | None = None, size: Tensor | None = None,
+                     coef: Tensor | None = None) -> Selection:
+        """Selection from the emitted view: ``positions [B, k]`` = the original token each output takes, in output
+        order (unique per row); ``assign [B, N]`` = the *output* index each token goes to (or -1); ``size [B, k]`` per
+        output. Slots are renumbered by ascending position and ``order`` records the emission (``None`` when the
+        positions are already ascending)."""
+        keep, slot_to_out = positions.sort(dim=1)  # slot s is output slot_to_out[s]
+        k = positions.shape[1]
+        ar = torch.arange(k, device=positions.device).expand_as(positions)
+        order = torch.empty_like(slot_to_out).scatter_(1, slot_to_out, ar)  # output j holds slot order[j]
+        if assign is not None:
+            assign = torch.where(assign >= 0, order.gather(1, assign.clamp_min(0)), torch.full_like(assign, -1))
+        if size is not None:
+            size = size.gather(1, slot_to_out)
+        ordered = bool((order == ar).all()) if k else True
+        return cls(keep, n, assign, size, None if ordered else order, coef)
+
+    @classmethod
     def from_mask(cls, mask: Tensor) -> Selection:
         """Selection from a boolean keep mask ``[B, N]`` with the same count of ``True`` per row."""
         counts = mask.sum(1)
@@ -74,16 +104,35 @@ class Selection:
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
         return cls(idx.gather(1, order[:, :k]), mask.shape[1])
 
+    def emit(self, x: Tensor) -> Tensor:
+        """Slot-aligned ``x [B, k, ...]`` → emitted order (what ``apply`` returns); the input itself without
+        ``order``."""
+        return x if self.order is None else gather_tokens(x, self.order)
+
+    def emitted_keep(self) -> Tensor:
+        """``[B, k]``: the original position each output token takes, in output order (``keep`` without ``order``)."""
+        return self.emit(self.keep)
+
+    def output_of_each_token(self) -> Tensor:
+        """``[B, N]``: the output index (emitted order) each original token ends up in, -1 for dropped tokens."""
+        slot = self.assign if self.assign is not None else self._slot_of_each_token()
+        if self.order is None:
+            return slot
+        out_of_slot = torch.empty_like(self.order).scatter_(
+            1, self.order, torch.arange(self.k, device=self.order.device).expand_as(self.order))
+        return torch.where(slot >= 0, out_of_slot.gather(1, slot.clamp_min(0)), slot)
+
     def token_sizes(self) -> Tensor | None:
-        """``[B, k]`` sizes: the explicit ``size``, else counts from ``assign``, else ``None``."""
+        """``[B, k]`` sizes of the output tokens, in emitted order: the explicit ``size``, else counts from ``assign``,
+        else ``None``."""
         if self.size is not None:
-            return self.size
+            return self.emit(self.size)
         if self.assign is None:
             return None
         a = self.assign
         valid = a >= 0
         out = torch.zeros(a.shape[0], self.k, device=a.device, dtype=torch.float32)
-        return out.scatter_add_(1, a.clamp_min(0), valid.to(torch.float32))
+        return self.emit(out.scatter_add_(1, a.clamp_min(0), valid.to(torch.float32)))
 
     def kept_mask(self) -> Tensor:
         """Boolean ``[B, N]``: True at kept positions."""
@@ -91,7 +140,7 @@ class Selection:
         return m.scatter_(1, self.keep, True)
 
     def apply(self, tokens: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Reduce ``tokens [B, N, D]`` to ``[B, k, D]``.
+        """Reduce ``tokens [B, N, D]`` to ``[B, k, D]`` (in emitted order).
 
         Without ``assign``: gather the kept rows (bit-exact copies). With ``assign``: each output slot is
         the weighted mean of the tokens assigned to it, weights being ``weights [B, N]`` (e.g. ToMe sizes
@@ -99,39 +148,55 @@ class Selection:
         """
         self._check_tokens(tokens)
         if self.assign is None:
-            return gather_tokens(tokens, self.keep)
+            return gather_tokens(tokens, self.emitted_keep())
         b, n, d = tokens.shape
         a = self.assign
-        w = torch.ones(b, n, device=tokens.device, dtype=torch.float32) if weights is None else weights.float()
         if weights is not None and weights.shape != (b, n):
             raise ValueError(f"weights must have shape [B, N] = {[b, n]}, got {list(weights.shape)}")
-        w = w * (a >= 0)
         idx = a.clamp_min(0)
         acc = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
         num = torch.zeros(b, self.k, d, device=tokens.device, dtype=acc)
+        if self.coef is not None:
+            c = (self.coef.to(acc) * (a >= 0))[..., None]
+            return self.emit(num.scatter_add_(1, idx[..., None].expand(b, n, d), tokens.to(acc) * c).to(tokens.dtype))
+        w = torch.ones(b, n, device=tokens.device, dtype=torch.float32) if weights is None else weights.float()
+        w = w * (a >= 0)
         num.scatter_add_(1, idx[..., None].expand(b, n, d), tokens.to(acc) * w[..., None].to(acc))
         den = torch.zeros(b, self.k, device=tokens.device, dtype=acc).scatter_add_(1, idx, w.to(acc))
-        return (num / den.clamp_min(torch.finfo(acc).tiny)[..., None]).to(tokens.dtype)
+        return self.emit((num / den.clamp_min(torch.finfo(acc).tiny)[..., None]).to(tokens.dtype))
 
     def gather(self, x: Tensor) -> Tensor:
-        """Gather any per-token tensor ``x [B, N, ...]`` (positions, masks, sizes) at the kept indices."""
+        """Gather any per-token tensor ``x [B, N, ...]`` (positions, masks, sizes) at the kept indices, in emitted
+        order."""
         if x.shape[:2] != (self.batch, self.n):
             raise ValueError(f"x must start with [B, N] = {[self.batch, self.n]}, got {list(x.shape)}")
-        return gather_tokens(x, self.keep)
+        return gather_tokens(x, self.emitted_keep())
 
     def compose(self, after: Selection) -> Selection:
-        """The selection equal to applying ``self`` and then ``after`` (defined on ``self``'s output)."""
+        """The selection equal to applying ``self`` and then ``after`` (defined on ``self``'s output, in its emitted
+        order). Sizes are not carried (a merged result counts its members)."""
         if after.n != self.k or after.batch != self.batch:
             raise ValueError(f"after must select from [B={self.batch}, N={self.k}] tokens, "
                              f"got [B={after.batch}, N={after.n}]")
-        keep = self.keep.gather(1, after.keep)
+        positions = self.emitted_keep().gather(1, after.emitted_keep())
         if self.assign is None and after.assign is None:
-            return Selection(keep, self.n)
-        first = self.assign if self.assign is not None else self._slot_of_each_token()
-        second = after.assign if after.assign is not None else after._slot_of_each_token()
-        valid = first >= 0
-        assign = torch.where(valid, second.gather(1, first.clamp_min(0)), torch.full_like(first, -1))
-        return Selection(keep, self.n, assign)
+            return Selection.from_emitted(positions, self.n)
+        first, second = self.output_of_each_token(), after.output_of_each_token()
+        assign = torch.where(first >= 0, second.gather(1, first.clamp_min(0)), torch.full_like(first, -1))
+        coef = None
+        if self.coef is not None or after.coef is not None:  # linear maps compose: coefficients multiply
+            c1, c2 = self._effective_coef(), after._effective_coef()
+            coef = torch.where(first >= 0, c1 * c2.gather(1, first.clamp_min(0)), torch.zeros_like(c1))
+        return Selection.from_emitted(positions, self.n, assign, coef=coef)
+
+    def _effective_coef(self) -> Tensor:
+        """``[B, N]`` coefficients of the unweighted ``apply``: ``coef``, else ``1 / group size`` (1 for a gather)."""
+        if self.coef is not None:
+            return self.coef.float()
+        slot = self.assign if self.assign is not None else self._slot_of_each_token()
+        valid = slot >= 0
+        count = torch.zeros(self.batch, self.k, device=slot.device).scatter_add_(1, slot.clamp_min(0), valid.float())
+        return torch.where(valid, 1.0 / count.gather(1, slot.clamp_min(0)).clamp_min(1), torch.zeros_like(count[:, :1]))
 
     def _slot_of_each_token(self) -> Tensor:
         """``[B, N]``: output slot of each kept token, -1 for dropped ones (for plain gathers)."""
@@ -163,4 +228,12 @@ class Selection:
                 raise ValueError(f"assign values must lie in [-1, k={self.k})")
         if self.size is not None and self.size.shape != keep.shape:
             raise ValueError(f"size must have shape [B, k] = {list(keep.shape)}, got {list(self.size.shape)}")
+        if self.order is not None:
+            o = self.order
+            ar = torch.arange(keep.shape[1], device=o.device).expand_as(keep)
+            if o.shape != keep.shape or o.dtype != torch.long or not torch.equal(o.sort(1).values, ar):
+                raise ValueError(f"order must be a LongTensor [B, k] = {list(keep.shape)} holding a permutation of "
+                                 f"0..k-1 in every row")
+        if self.coef is not None and (self.assign is None or self.coef.shape != self.assign.shape):
+            raise ValueError(f"coef must have shape [B, N] = {[keep.shape[0], self.n]} and comes with assign")
         return self
