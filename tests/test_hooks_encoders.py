@@ -51,18 +51,22 @@ def eager_attention(x, w_qkv, b_qkv, w_out, b_out, heads, bias=None):
     return out @ w_out.T + b_out, probs, k
 
 
-def ref_timm(m, img, reduce):
-    """timm ViT by hand; ``reduce(i, x, probs, keys, sizes) -> (x, sizes)`` runs between attention and MLP."""
+def ref_timm(m, img, reduce, after_mlp=False, prop_attn=True):
+    """timm ViT by hand; ``reduce(i, x, probs, keys, sizes) -> (x, sizes)`` runs between attention and MLP (or on
+    the block's output with ``after_mlp``, with that block's attention)."""
     x = m.norm_pre(m._pos_embed(m.patch_embed(img)))
     sizes = None
     for i, blk in enumerate(m.blocks):
         a = blk.attn
-        bias = None if sizes is None else sizes.log()[:, None, None, :]
+        bias = None if sizes is None or not prop_attn else sizes.log()[:, None, None, :]
         o, probs, k = eager_attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
                                       a.num_heads, bias)
         x_in, x = x, x + blk.ls1(o)
-        x, sizes = reduce(i, x, probs, k, sizes, x_in)
+        if not after_mlp:
+            x, sizes = reduce(i, x, probs, k, sizes, x_in)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        if after_mlp:
+            x, sizes = reduce(i, x, probs, k, sizes, x_in)
     return m.forward_head(m.norm(x)), sizes
 
 
@@ -81,20 +85,25 @@ def ref_openclip(v, img, reduce):
     return pooled @ v.proj, sizes
 
 
-def prune_reduce(method, keep, layer, record, p=1, **options):
-    """Reference pruning: the strategy via vtok.compress on context written out from the eager attention."""
+def prune_reduce(method, keep, layer, record, p=1, mid_layer=None, **options):
+    """Reference pruning: the strategy via vtok.compress on context written out from the eager attention. Scores are
+    the CLS row (head mean), or for methods reading all query rows (HiPrune) the attention received averaged over
+    heads and every query row; ``mid_attn`` is that score at ``mid_layer`` (default: the pruning block)."""
+    info = vtok.get_method(method)
+    mids = {}
 
     def reduce(i, x, probs, k, sizes, x_in=None):
+        score = probs[:, :, :, p:].mean((1, 2)) if info.placement.score_rows == "all" else probs[:, :, 0, p:].mean(1)
+        if i == mid_layer:
+            mids["mid"] = score
         if i != layer:
             return x, sizes
-        info = vtok.get_method(method)
         want = info.needs | info.uses
-        cls_row = probs[:, :, 0, p:].mean(1)
         ctx = {}
         if "cls_attn" in want:
-            ctx["cls_attn"] = cls_row
+            ctx["cls_attn"] = score
         if "mid_attn" in want:
-            ctx["mid_attn"] = cls_row
+            ctx["mid_attn"] = mids.get("mid", score)
         if "keys" in want:
             ctx["keys"] = k[:, :, p:]
         if "grid" in want:
@@ -112,14 +121,16 @@ def prune_reduce(method, keep, layer, record, p=1, **options):
     return reduce
 
 
-def naive_tome_step(x, keys, sizes, r, p):
+def naive_tome_step(x, keys, sizes, r, p, order="tome"):
     """One ToMe step per sample with Python loops: A = even positions, B = odd; CLS (< p) protected; edges by cosine
-    of head-averaged keys; the r best edges merge A into B by size-weighted average; original order kept."""
+    of head-averaged keys; the r best edges merge A into B by size-weighted average. The result is emitted as in
+    ToMe's code, ``[protected, unmerged A (ascending when p > 0, else by descending score), B]``, or in position
+    order (``order="position"``)."""
     outs, out_sizes = [], []
     for b in range(x.shape[0]):
         f = F.normalize(keys[b].mean(0), dim=-1)
         n = x.shape[1]
-        s = torch.ones(n) if sizes is None else sizes[b]
+        s = torch.ones(n, dtype=x.dtype) if sizes is None else sizes[b]
         dst_pos = [j for j in range(1, n, 2) if j >= p]
         edges = []
         for a in range(0, n, 2):
@@ -127,12 +138,15 @@ def naive_tome_step(x, keys, sizes, r, p):
                 continue
             sims = torch.stack([f[a] @ f[j] for j in dst_pos])
             edges.append((float(sims.max()), a, dst_pos[int(sims.argmax())]))
-        edges = sorted(edges, key=lambda e: -e[0])[:r]  # stable: ties keep A order
-        src = {a: d for _, a, d in edges}
+        edges = sorted(edges, key=lambda e: -e[0])  # stable: ties keep A order
+        src = {a: d for _, a, d in edges[:r]}
+        if order == "position":
+            seq = [t for t in range(n) if t not in src]
+        else:
+            unm = [a for _, a, _ in edges[r:]]
+            seq = list(range(p)) + (sorted(unm) if p else unm) + dst_pos
         rows, szs = [], []
-        for t in range(n):
-            if t in src:
-                continue
+        for t in seq:
             members = [t] + [a for a, d in src.items() if d == t]
             w = torch.stack([s[m] for m in members])
             rows.append((x[b, members] * w[:, None]).sum(0) / w.sum())
@@ -142,10 +156,10 @@ def naive_tome_step(x, keys, sizes, r, p):
     return torch.stack(outs), torch.stack(out_sizes)
 
 
-def tome_reduce(r, p=1):
+def tome_reduce(r, p=1, order="tome"):
     def reduce(i, x, probs, k, sizes, x_in=None):
         step = min(r, (x.shape[1] - p) // 2)
-        return naive_tome_step(x, k, sizes, step, p) if step > 0 else (x, sizes)
+        return naive_tome_step(x, k, sizes, step, p, order) if step > 0 else (x, sizes)
 
     return reduce
 
@@ -275,7 +289,9 @@ def test_timm_pruning_equals_reference(method, layer, options):
     x = images()
     record = []
     with torch.no_grad():
-        ref, ref_sizes = ref_timm(m, x, prune_reduce(method, 0.5, layer, record, **options))
+        place = vtok.get_method(method).placement
+        ref, ref_sizes = ref_timm(m, x, prune_reduce(method, 0.5, layer, record, **options), place.at == "output",
+                                  place.prop_attn)
         vtok.patch(m, method, keep=0.5, layers=layer, **options)
         out = m(x)
         st = m._vtok_state
@@ -329,11 +345,12 @@ def test_timm_tome_equals_reference_with_proportional_attention(r):
 
 
 def test_timm_tome_without_proportional_attention_and_layer_subset():
+    """Also the spatial-order option: ``order="position"`` keeps every merged sequence in position order."""
     m = make_timm()
     x = images()
 
     def reduce(i, x_, probs, k, sizes, x_in=None):
-        return tome_reduce(6)(i, x_, probs, k, sizes) if i in (0, 2) else (x_, sizes)
+        return tome_reduce(6, order="position")(i, x_, probs, k, sizes) if i in (0, 2) else (x_, sizes)
 
     with torch.no_grad():
         # reference without the bias: drop sizes before each attention, keep them for the weighted averages
@@ -346,10 +363,10 @@ def test_timm_tome_without_proportional_attention_and_layer_subset():
             xs, sizes = reduce(i, xs, probs, k, sizes)
             xs = xs + blk.mlp(blk.norm2(xs))
         ref = m.forward_head(m.norm(xs))
-        vtok.patch(m, "tome", r=6, layers=[0, 2], prop_attn=False)
+        vtok.patch(m, "tome", r=6, layers=[0, 2], prop_attn=False, order="position")
         out = m(x)
     close(out, ref)
-    assert m._vtok_state.selection.k == NP - 12
+    assert m._vtok_state.selection.k == NP - 12 and m._vtok_state.selection.order is None
 
 
 def test_openclip_pruning_and_tome_equal_reference():

@@ -53,6 +53,9 @@ class Plan:
     prune_keep: dict[int, int | float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     prop_attn: bool = True
+    at: str = "attention"  # prune between attention and MLP, or on the block's "output"
+    score_rows: str = "cls"  # cls_attn / mid_attn from the CLS row, or averaged over "all" query rows
+    mid_layer: int | None = None  # block whose attention gives mid_attn (None: the pruning block)
 
 
 class EncoderState:
@@ -74,6 +77,8 @@ class EncoderState:
         self._batch = 0
         self._device: torch.device | None = None
         self._sel: Selection | None = None
+        self._mid: Tensor | None = None  # mid_attn read at plan.mid_layer during this forward
+        self._pending: tuple[Tensor, Tensor, float, Tensor | None] | None = None  # (q, k, scale, x_in) for "output"
 
     # ------------------------------------------------------------------------------------------------ per forward
 
@@ -100,6 +105,8 @@ class EncoderState:
         self.grid = g if g is not None and g[0] * g[1] == self.n_patch0 else None
         self.sizes = None
         self._sel = None
+        self._mid = None
+        self._pending = None
         self.captured.clear()
 
     def _reduces(self, i: int, n: int) -> bool:
@@ -112,7 +119,8 @@ class EncoderState:
 
     def active(self, i: int, x: Tensor) -> bool:
         """Whether block ``i`` must run the vtok forward (else its original forward, bit-exact)."""
-        return (self.sizes is not None and self.plan.prop_attn) or i in self.capture or self._reduces(i, x.shape[1])
+        return ((self.sizes is not None and self.plan.prop_attn) or i in self.capture or i == self.plan.mid_layer
+                or self._reduces(i, x.shape[1]))
 
     def bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional attention (ToMe Sec. 3): ``log(size)`` added to every key's logits, ``[B, 1, 1, N]``, passed to
@@ -131,21 +139,20 @@ class EncoderState:
         rows = rows * sizes.float()[:, None, None, :]
         return rows / rows.sum(-1, keepdim=True)
 
-    def received(self, q: Tensor, k: Tensor, scale: float) -> Tensor:
-        """``[B, N]`` (all tokens, head mean): the CLS row of this block's attention, or for encoders without CLS the
-        mean attention each token receives over all query rows (chunked, never ``N × N``)."""
-        sizes = self.sizes
-        if self.spec.has_cls:
-            if sizes is None or not self.plan.prop_attn:
-                return ops.attention_received(q[:, :, :1], k, scale=scale)
-            return self._size_bias_rows(ops.attention_rows(q[:, :, :1], k, scale=scale), sizes)[:, :, 0].mean(1)
+    def received(self, q: Tensor, k: Tensor, scale: float, rows: str = "cls") -> Tensor:
+        """``[B, N]`` (all tokens, head mean): the CLS row of this block's attention (``rows="cls"``), or the attention
+        each token receives averaged over all query rows (``rows="all"``, and for encoders without CLS); chunked over
+        queries, never ``N × N``."""
+        if rows == "cls" and self.spec.has_cls:
+            q = q[:, :, :1]
         n = q.shape[2]
+        sizes = self.sizes
         if sizes is None or not self.plan.prop_attn:
             return ops.attention_received(q, k, scale=scale) / n
         out = torch.zeros(k.shape[0], k.shape[2], device=k.device)
         for s in range(0, n, 256):
-            rows = self._size_bias_rows(ops.attention_rows(q[:, :, s:s + 256], k, scale=scale), sizes)
-            out += rows.sum(2).mean(1)
+            att = self._size_bias_rows(ops.attention_rows(q[:, :, s:s + 256], k, scale=scale), sizes)
+            out += att.sum(2).mean(1)
         return out / n
 
     def patch_attn(self, q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -163,18 +170,29 @@ class EncoderState:
     def after_attention(self, i: int, x: Tensor, q: Tensor, k: Tensor, scale: float, x_in: Tensor | None = None
                         ) -> Tensor:
         """Between block ``i``'s attention and its MLP: capture, then merge / prune ``x [B, N, D]`` (``x_in``: the
-        block's input, the ``prev_hidden`` of transition strategies)."""
+        block's input, the ``prev_hidden`` of transition strategies); with ``at="output"`` the pruning waits for
+        ``after_block`` with this attention's context."""
         if i in self.capture:
             self._capture(i, q, k, scale)
+        if i == self.plan.mid_layer:
+            self._mid = self.received(q, k, scale, self.plan.score_rows)[:, self.n_prefix:]
         if not self._reduces(i, x.shape[1]):
             return x
         if i in self.plan.merge_r:
             return self._merge(i, x, k)
+        if self.plan.at == "output":
+            self._pending = (q, k, scale, x_in)
+            return x
         return self._prune(i, x, q, k, scale, x_in)
 
-    def after_block(self, i: int, x: Tensor) -> None:
+    def after_block(self, i: int, x: Tensor) -> Tensor:
+        """After block ``i``'s MLP: capture its output, then prune it if the plan says ``at="output"``."""
         if "hidden" in self.capture.get(i, ()):
             self.captured.setdefault(i, {})["hidden"] = x[:, self.n_prefix:]
+        if self._pending is None:
+            return x
+        (q, k, scale, x_in), self._pending = self._pending, None
+        return self._prune(i, x, q, k, scale, x_in)
 
     def _capture(self, i: int, q: Tensor, k: Tensor, scale: float) -> None:
         p = self.n_prefix
@@ -188,16 +206,19 @@ class EncoderState:
             out["attn"] = self.patch_attn(q, k, scale)
 
     def _merge(self, i: int, x: Tensor, k: Tensor) -> Tensor:
-        """ToMe step: bipartite matching on the block's keys (head mean), ``r`` pairs merged, prefix protected."""
+        """ToMe step: bipartite matching on the block's keys (head mean), ``r`` pairs merged, prefix protected; the
+        merged sequence comes out in the strategy's emission order (ToMe's ``[prefix, unmerged A, B]`` by default), so
+        the next block's alternating split runs over it as in the authors' code."""
         p, n = self.n_prefix, x.shape[1]
         r = min(self.plan.merge_r[i], (n - p) // 2)
         # the registered strategy called directly: its inputs come from the block itself, so the validation
         # ``compress`` does for user input (finite checks over x and keys) is skipped on this per-block path
         ctx = Context(keys=k) if self.sizes is None else Context(keys=k, sizes=self.sizes)
-        sel = self.plan.method.fn(x, n - r, ctx, protect_first=p)
+        sel = self.plan.method.fn(x, n - r, ctx, protect_first=p, **self.plan.options)
         x = sel.apply(x, weights=self.sizes)
-        self.sizes = sel.size.float()
-        patch_sel = Selection(sel.keep[:, p:] - p, n - p, sel.assign[:, p:] - p)
+        self.sizes = sel.token_sizes()
+        pos, out = sel.emitted_keep(), sel.output_of_each_token()  # prefix tokens are emitted first, unmerged
+        patch_sel = Selection.from_emitted(pos[:, p:] - p, n - p, out[:, p:] - p)
         self._sel = patch_sel if self._sel is None else self._sel.compose(patch_sel)
         return x
 
@@ -216,7 +237,7 @@ class EncoderState:
             if sel.merges:
                 a = sel.assign
                 new = torch.zeros(b, sel.k, device=x.device, dtype=old.dtype)
-                new.scatter_add_(1, a.clamp_min(0), old[:, p:] * (a >= 0))
+                new = sel.emit(new.scatter_add_(1, a.clamp_min(0), old[:, p:] * (a >= 0)))
             else:
                 new = sel.gather(old[:, p:])
             self.sizes = torch.cat([old[:, :p], new], 1)
@@ -232,8 +253,10 @@ class EncoderState:
         n = k.shape[2] - p
         ctx: dict[str, Any] = {}
         if want & {"cls_attn", "mid_attn"}:
-            score = self.received(q, k, scale)[:, p:]
+            score = self.received(q, k, scale, self.plan.score_rows)[:, p:]
             ctx.update({key: score for key in want & {"cls_attn", "mid_attn"}})
+            if "mid_attn" in want and self._mid is not None:
+                ctx["mid_attn"] = self._mid
         if "keys" in want:
             ctx["keys"] = k[:, :, p:]
         if "attn" in want:

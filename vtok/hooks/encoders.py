@@ -15,14 +15,19 @@ classes. A forward hook on the patch embedding records the patch grid of each in
 
 * ``tome`` with ``r``: ToMe (arXiv 2210.09461) in every block of ``layers`` (default all): bipartite matching on
   the block's keys averaged over heads, ``r`` pairs merged by size-weighted average, prefix (CLS / register /
-  distillation) tokens protected; from then on every block adds ``log(size)`` to its attention logits
-  (proportional attention, ``prop_attn=True``) as the additive float mask of the fused kernel.
+  distillation) tokens protected; the merged sequence is ``[prefix, unmerged A, B]`` as in the authors' code (the
+  next block's alternating split runs over that order; ``order="position"`` keeps spatial order instead); from
+  then on every block adds ``log(size)`` to its attention logits (proportional attention, ``prop_attn=True``) as
+  the additive float mask of the fused kernel.
 * any other strategy (or ``tome`` with ``keep``) with ``keep`` (a ratio of the patch tokens present at that block,
-  or an int count) at ``layers`` (default: the middle block ``depth // 2``): the strategy sees the patch tokens
-  only; prefix tokens are never dropped and are re-attached in front. Its context comes from that block:
-  ``cls_attn`` = the CLS row of the block's attention (or, without CLS, the mean attention each token receives),
-  recomputed from ``q``/``k`` for that one query row; ``mid_attn`` (HiPrune's middle-layer anchors) = the same
-  CLS row of the pruning block, so pick a middle block for HiPrune; ``keys`` = the block's keys
+  or an int count) at ``layers`` (default: the method's ``placement``, else the middle block ``depth // 2``),
+  between the block's attention and its MLP, or on the block's output (``at="output"``, VisionZip's default, at
+  block −2 as its code reads layer −2): the strategy sees the patch tokens only; prefix tokens are never dropped
+  and are re-attached in front (its emission order, ``Selection.order``, is kept). Its context comes from that
+  block: ``cls_attn`` = the CLS row of the block's attention (or, without CLS, the mean attention each token
+  receives), recomputed from ``q``/``k`` for that one query row — for HiPrune (``placement.score_rows="all"``) the
+  attention received averaged over heads and all query rows, as its authors compute it; ``mid_attn`` (HiPrune's
+  anchors) = the same quantity at ``mid_layer`` (default ``floor(9/24 · depth)``); ``keys`` = the block's keys
   ``[B, H, N, dh]``; ``prev_hidden`` (TransPrune) = the block's input tokens, so the transition scored is the
   block's attention update; ``grid`` while the tokens are still the full patch grid; ``sizes`` = running merge sizes;
   ``attn`` (Zero-TPrune) = the block's patch-to-patch attention ``[B, H, N, N]``, built only for N <= 2048.
@@ -94,20 +99,32 @@ def _per_layer(name: str, value: Any, layers: list[int]) -> list[Any]:
     return [value] * len(layers)
 
 
-def _plan(spec: Spec, method: str, keep: Any, layers: Any, r: Any, prop_attn: bool, options: dict) -> Plan:
+_AT = ("attention", "output")
+
+
+def _plan(spec: Spec, method: str, keep: Any, layers: Any, r: Any, prop_attn: bool, options: dict,
+          at: str | None = None, mid_layer: int | None = None) -> Plan:
     from vtok.pruners import get
 
     info = get(method)  # ValueError for unknown names
     depth = len(spec.blocks)
-    plan = Plan(method=info, prop_attn=bool(prop_attn))
+    place = info.placement
+    at = place.at if at is None else at
+    if at not in _AT:
+        raise ValueError(f"at must be one of {list(_AT)}, got {at!r}")
+    prop_attn = place.prop_attn if prop_attn is None else bool(prop_attn)
+    plan = Plan(method=info, prop_attn=prop_attn, at=at, score_rows=place.score_rows)
     if r is not None:
         if method != "tome":
             raise ValueError(f"r= is ToMe's per-block merge count (method 'tome'); for '{method}' pass keep=")
         if keep is not None:
             raise ValueError("pass either r= (tokens merged per block) or keep= (one budget at layers=), not both")
-        if options:
-            raise TypeError(f"'tome' with r= takes no options (the prefix is protected by the hook), got "
+        if set(options) - {"order"}:
+            raise TypeError(f"'tome' with r= takes only the option order= (the prefix is protected by the hook), got "
                             f"{sorted(options)}")
+        if at != "attention":
+            raise ValueError("ToMe merges between attention and MLP (at='attention')")
+        plan.options = dict(options)
         lays = _layers(layers, depth, list(range(depth)))
         for v in _per_layer("r", r, lays):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
@@ -124,7 +141,18 @@ def _plan(spec: Spec, method: str, keep: Any, layers: Any, r: Any, prop_attn: bo
     bad = sorted(set(options) - set(info.options))
     if bad:
         raise TypeError(f"method '{method}' got unknown option(s) {bad}; its options: {sorted(info.options)}")
-    lays = _layers(layers, depth, [depth // 2])
+    lays = _layers(layers, depth, [depth // 2 if place.layer is None else place.layer % depth])
+    if "mid_attn" in (info.needs | info.uses):
+        if mid_layer is not None:
+            mid = _layers(mid_layer, depth, [])[0]
+            if mid > lays[0]:
+                raise ValueError(f"mid_layer={mid_layer} comes after the pruning block {lays[0]}; mid_attn must be "
+                                 f"read at or before it")
+            plan.mid_layer = mid
+        elif place.mid_layer is not None:
+            plan.mid_layer = min(int(place.mid_layer * depth), lays[0])
+    elif mid_layer is not None:
+        raise ValueError(f"mid_layer= is for methods that read mid_attn (HiPrune); '{method}' does not")
     if "grid" in info.needs and len(lays) > 1:
         raise ValueError(f"method '{method}' needs the full patch grid, so it can prune at one block only, got "
                          f"layers={lays}")
@@ -178,7 +206,8 @@ def _install(model: torch.nn.Module, spec: Spec, plan: Plan) -> EncoderState:
 
 
 def patch(model: torch.nn.Module, method: str, keep: int | float | Sequence[int | float] | None = None, *,
-          layers: int | Sequence[int] | None = None, r: int | Sequence[int] | None = None, prop_attn: bool = True,
+          layers: int | Sequence[int] | None = None, r: int | Sequence[int] | None = None,
+          prop_attn: bool | None = None, at: str | None = None, mid_layer: int | None = None,
           **options: Any) -> torch.nn.Module:
     """Reduce tokens inside a timm / open_clip ViT in place; returns ``model``. See the module docstring.
 
@@ -189,9 +218,17 @@ def patch(model: torch.nn.Module, method: str, keep: int | float | Sequence[int 
         keep: budget at each pruning block: a ratio in ``(0, 1]`` of the patch tokens present there, or an int
             count (one value, or one per layer).
         layers: block index or indices (negative allowed; ``layer=`` is accepted too). Default: every block for
-            ToMe's ``r``, else the middle block ``depth // 2``.
+            ToMe's ``r``, else the method's placement (``vtok.get_method(m).placement.layer``: VisionZip ``-2``, as its
+            code reads layer −2) or the middle block ``depth // 2``.
+        at: ``"attention"`` (prune between the block's attention and its MLP) or ``"output"`` (prune the block's
+            output, with that block's attention as context). Default: the method's placement (VisionZip
+            ``"output"``, every other method ``"attention"``).
+        mid_layer: the block whose attention gives ``mid_attn`` (HiPrune's anchors), at or before the pruning
+            block. Default: the method's placement (HiPrune: ``floor(9/24 · depth)``, the paper's layer 9 of
+            CLIP ViT-L/14's 24), capped at the pruning block.
         r: ToMe's tokens merged per block (int, or one per layer); clamped to half the unprotected tokens.
         prop_attn: add ``log(size)`` to the attention logits once tokens were merged (ToMe's proportional attention).
+            Default: the method's placement (on, except VisionZip, whose code does not).
         **options: the strategy's own options (``seed=`` for ``random``, ...).
 
     Raises:
@@ -203,7 +240,7 @@ def patch(model: torch.nn.Module, method: str, keep: int | float | Sequence[int 
         layers = options.pop("layer")  # DESIGN.md spells it layer=6
     spec = _spec(model)
     _check_unpatched(model, spec)
-    plan = _plan(spec, method, keep, layers, r, prop_attn, options)
+    plan = _plan(spec, method, keep, layers, r, prop_attn, options, at, mid_layer)
     _install(model, spec, plan)
     return model
 

@@ -48,7 +48,7 @@ def block_forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | No
     x_in, x = x, x + self.ls_1(out)
     x = st.after_attention(i, x, q, k, scale, x_in)
     x = x + self.ls_2(self.mlp(self.ln_2(x)))
-    st.after_block(i, x)
+    x = st.after_block(i, x)
     return x if batch_first else x.transpose(0, 1)
 
 

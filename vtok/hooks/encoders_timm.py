@@ -54,7 +54,7 @@ def block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: b
     x_in, x = x, x + self.drop_path1(self.ls1(out))
     x = st.after_attention(i, x, q, k, scale, x_in)
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-    st.after_block(i, x)
+    x = st.after_block(i, x)
     return x
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
-from vtok.pruners.registry import register
+from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection, gather_tokens
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,6 +156,7 @@ def _grid_neighbours(mask: Tensor, h: int, w: int) -> Tensor:
 
 
 @register("hiprune", family="attention", needs=("mid_attn", "cls_attn", "grid"),
+          placement=Placement(score_rows="all", mid_layer=9 / 24),
           paper="HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language Models "
                 "(arXiv 2508.00553)")
 def hiprune_select(tokens: Tensor, k: int, ctx: Context, *, alpha: float = 0.1) -> Selection:
@@ -205,6 +206,7 @@ _VZ_ORDER = ("reference", "position")
 
 
 @register("visionzip", family="attention", needs=("cls_attn",), uses=("keys",), merges=True,
+          placement=Placement(layer=-2, at="output", prop_attn=False),
           paper="VisionZip: Longer is Better but Not Necessary in Vision Language Models (arXiv 2412.04467)")
 def visionzip_select(tokens: Tensor, k: int, ctx: Context, *, dominant: float | int = 54 / 64,
                      merge: str = "reference", order: str = "reference") -> Selection:

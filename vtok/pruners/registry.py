@@ -19,6 +19,30 @@ Strategy = Callable[..., Selection]
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a strategy's paper / code applies it inside a ViT encoder and which attention it reads; ``vtok.patch``
+    uses it for its defaults (the user can override each).
+
+    Attributes:
+        layer: default block (negative counts from the end); ``None``: the middle block ``depth // 2``.
+        at: ``"attention"`` (between the block's attention and its MLP, ToMe / EViT) or ``"output"`` (on the block's
+            output, as methods that read a layer's hidden states do, e.g. VisionZip at layer −2).
+        score_rows: the query rows behind ``cls_attn`` / ``mid_attn``: ``"cls"`` (the CLS row; mean received attention
+            for encoders without CLS) or ``"all"`` (attention received, averaged over heads and all query rows).
+        mid_layer: the block ``mid_attn`` is read from, as a fraction of the depth (``floor(mid_layer · depth)``);
+            ``None``: the pruning block itself.
+        prop_attn: whether later blocks add ``log(size)`` to their attention logits once this method merged tokens
+            (ToMe's proportional attention); ``False`` where the authors' code does not (VisionZip).
+    """
+
+    layer: int | None = None
+    at: str = "attention"
+    score_rows: str = "cls"
+    mid_layer: float | None = None
+    prop_attn: bool = True
+
+
+@dataclass(frozen=True)
 class Method:
     """One registered strategy and what it declares about itself."""
 
@@ -31,6 +55,7 @@ class Method:
     merges: bool
     summary: str
     options: dict[str, object]
+    placement: Placement = field(default_factory=Placement)
 
     def __call__(self, *args, **kwargs) -> Selection:
         return self.fn(*args, **kwargs)
@@ -40,8 +65,9 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), uses: Iterable[str] = (),
-             merges: bool = False) -> Callable[[Strategy], Strategy]:
-    """Register ``fn`` under ``name``. ``needs``: required context keys; ``uses``: optional ones."""
+             merges: bool = False, placement: Placement | None = None) -> Callable[[Strategy], Strategy]:
+    """Register ``fn`` under ``name``. ``needs``: required context keys; ``uses``: optional ones; ``placement``: where
+    the encoder hook applies it by default."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     unknown = (set(needs) | set(uses)) - set(CONTEXT_KEYS)
@@ -55,7 +81,7 @@ def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), u
         options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _REGISTRY[name] = Method(name, fn, family, frozenset(needs), frozenset(uses), paper, merges, summary,
-                                 options)
+                                 options, placement or Placement())
         return fn
 
     return deco
