@@ -55,18 +55,22 @@ def test_todre_hand_computed_start_and_groups():
     groups = [0, 1, 2, 0, 1, 0, 2]
     jitter = torch.tensor([[0, .01, 0], [.01, 0, 0], [0, 0, 0], [0, 0, .02], [0, 0, .01], [0, .02, 0], [.02, 0, 0]])
     x = (base[groups] + jitter)[None]
-    _, sel = vtok.compress(x, "todre", keep=3)
-    assert sorted(groups[i] for i in sel.keep[0].tolist()) == [0, 1, 2]
-    # the relevance signal chooses the first center: the relevant token is always kept
+    for version in ("v2", "v1"):
+        _, sel = vtok.compress(x, "todre", keep=3, version=version)
+        assert sorted(groups[i] for i in sel.keep[0].tolist()) == [0, 1, 2]
     for j in range(7):
-        rel = torch.zeros(1, 7)
-        rel[0, j] = 1.0
-        _, s = vtok.compress(x, "todre", keep=3, text_attn=rel)
-        assert j in s.keep[0].tolist()
-        assert sorted(groups[i] for i in s.keep[0].tolist()) == [0, 1, 2]
-    # without relevance, k=1 keeps the most central token: the largest group (e1) holds it
-    _, s1 = vtok.compress(x, "todre", keep=1)
-    assert groups[s1.keep[0, 0]] == 0
+        one_hot = torch.zeros(1, 7)
+        one_hot[0, j] = 1.0
+        # v2 (default): the [CLS] attention chooses the pivot; v1: the relevance signal chooses the first center.
+        # Either way the chosen token is always kept and each group still gets one pick
+        for version, key in (("v2", "cls_attn"), ("v1", "text_attn")):
+            _, s = vtok.compress(x, "todre", keep=3, version=version, **{key: one_hot})
+            assert j in s.keep[0].tolist()
+            assert sorted(groups[i] for i in s.keep[0].tolist()) == [0, 1, 2]
+    # without cls_attn / relevance, k=1 keeps the most central token: the largest group (e1) holds it
+    for version in ("v2", "v1"):
+        _, s1 = vtok.compress(x, "todre", keep=1, version=version)
+        assert groups[s1.keep[0, 0]] == 0
 
 
 def test_todre_candidates_filter_by_relevance():
@@ -74,13 +78,18 @@ def test_todre_candidates_filter_by_relevance():
     rel = torch.tensor([[0.1, 0.2, 0.9, 0.8, 0.0, 0.0]])
     # k-center from the most relevant token (180) over 4 candidates: 180, 0, then 90 and 270 (ties -> lowest index
     # picks 90 first); the 2 most relevant candidates are 180 and 270
-    _, s = vtok.compress(x, "todre", keep=2, text_attn=rel, candidates=2.0)
+    _, s = vtok.compress(x, "todre", keep=2, text_attn=rel, candidates=2.0, version="v1")
     assert s.keep[0].tolist() == [2, 3]
-    _, s = vtok.compress(x, "todre", keep=2, text_attn=rel)
+    _, s = vtok.compress(x, "todre", keep=2, text_attn=rel, version="v1")
     assert s.keep[0].tolist() == [0, 2]  # pure k-center from 180: the opposite token
+    # v2 from the same start: max-sum also takes the opposite token (cumulative cos -1) second
+    _, s = vtok.compress(x, "todre", keep=2, text_attn=rel, start="relevance")
+    assert s.keep[0].tolist() == [0, 2]
     # query embedding as the relevance source: most similar token is 45 deg
     q = torch.tensor([[math.cos(math.radians(40)), math.sin(math.radians(40))]])
-    _, s = vtok.compress(x, "todre", keep=1, query=q)
+    _, s = vtok.compress(x, "todre", keep=1, query=q, version="v1")
+    assert s.keep[0].tolist() == [4]
+    _, s = vtok.compress(x, "todre", keep=1, query=q, start="relevance")
     assert s.keep[0].tolist() == [4]
 
 
@@ -161,6 +170,11 @@ def test_errors(tokens4):
         vtok.compress(tokens4, "todre", keep=4, start="middle")
     with pytest.raises(ValueError, match="start='relevance' needs"):
         vtok.compress(tokens4, "todre", keep=4, start="relevance")
+    with pytest.raises(ValueError, match="start='cls' needs context 'cls_attn'"):
+        vtok.compress(tokens4, "todre", keep=4, start="cls")
+    for bad in ("v3", "V2", 2, None):
+        with pytest.raises(ValueError, match="version"):
+            vtok.compress(tokens4, "todre", keep=4, version=bad)
     for bad in (0.5, 0, "2", True, float("nan")):
         with pytest.raises(ValueError, match="candidates"):
             vtok.compress(tokens4, "todre", keep=4, candidates=bad)
@@ -168,6 +182,8 @@ def test_errors(tokens4):
         vtok.compress(tokens4, "todre", keep=4, text_attn=torch.rand(4, 23))
     with pytest.raises(ValueError, match="query"):
         vtok.compress(tokens4, "todre", keep=4, query=torch.rand(4, 7))
+    with pytest.raises(ValueError, match="cls_attn"):
+        vtok.compress(tokens4, "todre", keep=4, cls_attn=torch.rand(4, 23))
     with pytest.raises(TypeError, match="unknown option"):
         vtok.compress(tokens4, "divprune", keep=4, seed=0)
 
