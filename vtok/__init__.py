@@ -15,3 +15,12 @@ from vtok.tokenizers_img import load_tokenizer
 __version__ = "0.1.0"
 __all__ = ["Context", "Selection", "capture", "compress", "get_method", "load_tokenizer", "methods", "patch",
            "register", "resolve_k", "unpatch", "__version__"]
+
+
+def __getattr__(name: str):
+    """``vtok.bench`` on first use (it imports the eval model's dependencies only when asked for)."""
+    if name == "bench":
+        import importlib
+
+        return importlib.import_module("vtok.bench")
+    raise AttributeError(f"module 'vtok' has no attribute {name!r}")

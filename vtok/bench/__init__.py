@@ -1,1 +1,37 @@
-"""Evaluation and benchmarking helpers (synthetic contexts, eval models)."""
+"""Evaluation and benchmarking helpers (synthetic contexts, eval models).
+
+    import vtok.bench
+    vit = vtok.bench.load_eval_vit()          # the committed Fashion-MNIST eval ViT (eval mode)
+    ctx = vtok.bench.example_context("transprune", tokens)
+
+The names below are loaded on first use, so ``import vtok.bench`` stays cheap (the eval ViT needs timm and
+safetensors, the data loader numpy).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_eval_vit": "vtok.bench.eval_vit",
+    "build_eval_vit": "vtok.bench.eval_vit",
+    "save_eval_vit": "vtok.bench.eval_vit",
+    "checkpoint_meta": "vtok.bench.eval_vit",
+    "load_fashion_mnist": "vtok.bench.fashion_mnist",
+    "example_context": "vtok.bench.synthetic",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'vtok.bench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
