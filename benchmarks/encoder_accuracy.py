@@ -3,12 +3,16 @@
 For every registered strategy an image encoder can feed (all but FastV, which needs an LLM's text attention) at
 each keep ratio, in two placements:
 
-* ``inside``: ``vtok.patch(vit, method, keep=keep)`` — the strategy runs at the middle block (``depth // 2``, after
-  its attention), with the context that block supplies (CLS row recomputed from q/k, keys, its input for TransPrune,
-  the grid); every later block runs on the kept tokens. Throughput ratio = images/s of the patched model over the
+* ``inside``: ``vtok.patch(vit, method, keep=keep, layers=depth // 2)`` — every strategy runs at the middle block
+  (the same block for all, so rows compare), with the method's own placement otherwise (after the block's
+  attention, or on its output for VisionZip; no proportional attention after VisionZip) and the context that block
+  supplies (CLS row recomputed from q/k — HiPrune: attention averaged over heads and all query rows, anchors from
+  block ``floor(9/24 · depth)`` — keys, its input for TransPrune, the grid); every later block runs on the kept
+  tokens. Throughput ratio = images/s of the patched model over the
   unpatched one on the same batch, timed interleaved in this run.
 * ``after``: the unpatched encoder runs in full; the strategy chooses among its output patch tokens, with context
-  captured from the last block (``mid_attn``: the middle block; ``prev_hidden``: the block before the last), and the
+  captured from the last block (``mid_attn``: the middle block, or the method's ``mid_layer`` block; ``cls_attn``
+  of HiPrune: the head- and query-averaged attention; ``prev_hidden``: the block before the last), and the
   classifier sees only the kept tokens — it mean-pools them (the model's own ``global_pool="avg"`` head), as an LLM
   sees only a VLM's kept visual tokens. Merged tokens count once each, like any other token a consumer receives.
   Throughput ratio = encoder alone over encoder plus strategy: the strategy's overhead, as the saving happens
@@ -24,6 +28,14 @@ accuracy against kept tokens.
 
 Before measuring, the ``inside`` numbers' shortcut (the blocks before the middle run once per batch, shared by all
 rows) is checked against the patched model's own forward on a few images, for every method.
+
+Re-measuring some methods (after their defaults changed) without redoing the rest: measure them into another
+``--out`` with ``--methods`` (same keeps, batch and checkpoint), then ``--merge-from`` that finished state into the
+main one, which replaces those methods' rows::
+
+    python benchmarks/encoder_accuracy.py --methods tome visionzip --out outputs/remeasure --jobs 2
+    python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --merge-from outputs/remeasure \
+        --plot docs/encoder_accuracy.png
 """
 
 from __future__ import annotations
@@ -79,12 +91,19 @@ def forward_to(model, x: Tensor, mid: int) -> Tensor:
     return h
 
 
+def mid_block(method: str, depth: int) -> int:
+    """The block ``mid_attn`` comes from: the method's ``placement.mid_layer``, else the middle block."""
+    frac = vtok.get_method(method).placement.mid_layer
+    return depth // 2 if frac is None else int(frac * depth)
+
+
 def captured_forward(model, x: Tensor) -> tuple[Tensor, dict]:
-    """The unpatched model's logits and what ``after_logits`` reads: per block (middle, next-to-last, last) its
-    ``cls_attn``, ``keys``, ``hidden`` and ``attn``."""
+    """The unpatched model's logits and what ``after_logits`` reads: per block (middle, every method's mid block,
+    next-to-last, last) its ``cls_attn``, ``attn_received``, ``keys``, ``hidden`` and ``attn``."""
     depth = len(model.blocks)
-    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1}),
-                      what=("cls_attn", "keys", "hidden", "attn")) as cap:
+    mids = {mid_block(m, depth) for m in image_methods()}
+    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1} | mids),
+                      what=("cls_attn", "attn_received", "keys", "hidden", "attn")) as cap:
         logits = model(x)
     return logits, {i: dict(v) for i, v in cap.items()}
 
@@ -94,25 +113,46 @@ def head(model, tokens: Tensor) -> Tensor:
     return model.forward_head(model.norm(tokens))
 
 
-def tail_inside(model, h_mid: Tensor, mid: int, grid: tuple[int, int]) -> Tensor:
-    """Blocks ``mid..`` of a ``vtok.patch``-ed model on the tokens ``h_mid`` entering block ``mid``: the same
-    computation as ``model(x)`` when ``h_mid`` is what blocks ``0..mid-1`` produce (nothing was reduced there)."""
+def first_active(model) -> int:
+    """The first block a ``vtok.patch``-ed model does anything at (pruning, or reading ``mid_attn``)."""
+    plan = model._vtok_state.plan
+    blocks = list(plan.prune_keep) + list(plan.merge_r) + ([] if plan.mid_layer is None else [plan.mid_layer])
+    return min(blocks)
+
+
+def tail_inside(model, h_start: Tensor, start: int, grid: tuple[int, int]) -> Tensor:
+    """Blocks ``start..`` of a ``vtok.patch``-ed model on the tokens ``h_start`` entering block ``start``: the same
+    computation as ``model(x)`` when ``h_start`` is what blocks ``0..start-1`` produce and nothing happens there
+    (``start <= first_active(model)``)."""
     st = model._vtok_state
     st.grid_in = grid
-    st.begin(h_mid)
-    h = h_mid
-    for blk in model.blocks[mid:]:
+    st.begin(h_start)
+    h = h_start
+    for blk in model.blocks[start:]:
         h = blk(h)
     return head(model, h)
+
+
+class Prefixes:
+    """Tokens entering block ``i`` of the unpatched model for one batch, computed once per block asked for."""
+
+    def __init__(self, model, x: Tensor):
+        self.model, self.x, self.cache = model, x, {}
+
+    def __call__(self, i: int) -> Tensor:
+        if i not in self.cache:
+            self.cache[i] = forward_to(self.model, self.x, i)
+        return self.cache[i]
 
 
 def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, int], **options) -> Tensor:
     """Logits when ``method`` keeps ``keep`` of the final patch tokens and the head pools only those."""
     depth = len(model.blocks)
-    last, before, mid = cap[depth - 1], cap[depth - 2], cap[depth // 2]
     info = vtok.get_method(method)
+    score = "attn_received" if info.placement.score_rows == "all" else "cls_attn"
+    last, before, mid = cap[depth - 1], cap[depth - 2], cap[mid_block(method, depth)]
     want = info.needs | info.uses
-    ctx = {"cls_attn": last["cls_attn"], "mid_attn": mid["cls_attn"], "keys": last["keys"], "grid": grid,
+    ctx = {"cls_attn": last[score], "mid_attn": mid[score], "keys": last["keys"], "grid": grid,
            "attn": last["attn"], "prev_hidden": before["hidden"]}
     ctx = {k: v for k, v in ctx.items() if k in want}
     out, _ = vtok.compress(model.norm(last["hidden"]), method, keep, **ctx, **options)
@@ -155,11 +195,12 @@ def find_infeasible(model, methods, keeps, x: Tensor, state: dict) -> None:
 def check_shortcut(model, methods: list[str], x: Tensor, mid: int, grid: tuple[int, int]) -> None:
     """``tail_inside`` from the shared middle tokens equals the patched model's full forward, for every method."""
     with torch.inference_mode():
-        h_mid = forward_to(model, x, mid)
+        prefix = Prefixes(model, x)
         for method in methods:
             vtok.patch(model, method, keep=0.5, layers=mid)
             try:
-                full, short = model(x), tail_inside(model, h_mid, mid, grid)
+                start = first_active(model)
+                full, short = model(x), tail_inside(model, prefix(start), start, grid)
             finally:
                 vtok.unpatch(model)
             if not torch.allclose(full, short, atol=1e-4, rtol=1e-4):
@@ -178,7 +219,7 @@ def batch_counts(model, methods, keeps, x: Tensor, y: Tensor, errors: dict, seed
     with torch.inference_mode():
         logits, cap = captured_forward(model, x)
         counts["none"] = int((logits.argmax(-1) == y).sum())
-        h_mid = forward_to(model, x, mid)
+        prefix = Prefixes(model, x)
         for method in methods:
             for keep in keeps:
                 if _key(method, "after", keep) in errors:
@@ -187,7 +228,8 @@ def batch_counts(model, methods, keeps, x: Tensor, y: Tensor, errors: dict, seed
                 counts[_key(method, "after", keep)] = int((logits.argmax(-1) == y).sum())
                 vtok.patch(model, method, keep=keep, layers=mid)
                 try:
-                    logits = tail_inside(model, h_mid, mid, grid)
+                    start = first_active(model)
+                    logits = tail_inside(model, prefix(start), start, grid)
                 finally:
                     vtok.unpatch(model)
                 counts[_key(method, "inside", keep)] = int((logits.argmax(-1) == y).sum())
@@ -355,6 +397,28 @@ def plot(state: dict, n_patches: int, out: Path) -> None:
     plt.close(fig)
 
 
+def merge_rows(state: dict, other: dict) -> None:
+    """Replace ``state``'s rows of ``other``'s methods by ``other``'s (accuracy, throughput, n/a notes). Both must
+    measure the same weights, keeps, test images and batches, and ``other`` must be complete."""
+    same = ("checkpoint_sha256", "keeps", "n", "batch", "mid")
+    diff = [f for f in same if state["key"].get(f) != other["key"].get(f)]
+    if diff:
+        raise ValueError(f"--merge-from: the two runs differ in {diff}; only rows of the same protocol can merge")
+    if other["done"] != other["key"]["n"] or state["done"] != state["key"]["n"]:
+        raise ValueError(f"--merge-from: both runs must be complete (merged run {other['done']}/{other['key']['n']}, "
+                         f"this run {state['done']}/{state['key']['n']} images); resume them first")
+    if other["correct"]["none"] != state["correct"]["none"]:
+        raise ValueError("--merge-from: the unpruned counts differ, so the two runs did not see the same model/data")
+    unknown = sorted(set(other["methods"]) - set(state["methods"]))
+    if unknown:
+        raise ValueError(f"--merge-from: methods {unknown} are not rows of this run")
+    for part in ("correct", "speed", "errors"):
+        for key in [k for k in state[part] if k != "none" and k.split("|")[0] in other["methods"]]:
+            del state[part][key]
+        state[part].update({k: v for k, v in other[part].items() if k != "none"})
+    state.setdefault("merged", []).append({"methods": other["methods"], "command": other.get("command", "")})
+
+
 def checkpoint_digest(path: Path) -> str:
     """SHA-256 of the checkpoint file: a resumed run must measure the same weights, wherever the repo lives."""
     h = hashlib.sha256()
@@ -378,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--report", action="store_true", help="only print the table (and --plot) of the saved state")
     ap.add_argument("--minutes", type=float, default=0, help="stop measuring accuracy after about this long "
                     "(state saved; rerun to resume); 0: no limit")
+    ap.add_argument("--merge-from", type=Path, default=None, help="a finished state dir (same checkpoint, keeps, "
+                    "images, batch) whose methods' rows replace those rows here (see the module docstring)")
     ap.add_argument("--jobs", type=int, default=1, help="measure accuracy in this many forked processes, the "
                     "torch threads split between them (same counts as --jobs 1)")
     args = ap.parse_args(argv)
@@ -407,6 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
     state = json.loads(path.read_text()) if path.exists() else None
     if state is not None and state.get("key") != key:
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
+    if args.merge_from is not None:
+        if state is None:
+            raise ValueError(f"--merge-from: {path} holds no state to merge into")
+        merge_rows(state, json.loads((args.merge_from / "state.json").read_text()))
+        _save(path, state)
+        return report(state, n_patches, args.plot)
     if args.report:
         if state is None or state["done"] == 0:
             raise ValueError(f"--report: {path} holds no measured images yet")

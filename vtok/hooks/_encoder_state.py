@@ -25,7 +25,7 @@ from vtok.selection import Selection
 
 # context keys an encoder block can supply; everything else a strategy may need comes from outside the encoder
 ENCODER_CONTEXT = frozenset({"cls_attn", "mid_attn", "keys", "grid", "sizes", "attn", "prev_hidden"})
-CAPTURE_KEYS = ("cls_attn", "keys", "hidden", "attn")
+CAPTURE_KEYS = ("cls_attn", "keys", "hidden", "attn", "attn_received")
 MAX_FULL_ATTN_TOKENS = 2048  # ``attn`` (Zero-TPrune, capture) builds [B, H, N, N]: refuse beyond this
 
 
@@ -200,6 +200,8 @@ class EncoderState:
         what = self.capture[i]
         if "cls_attn" in what:
             out["cls_attn"] = self.received(q, k, scale)[:, p:]
+        if "attn_received" in what:
+            out["attn_received"] = self.received(q, k, scale, "all")[:, p:]
         if "keys" in what:
             out["keys"] = k[:, :, p:]
         if "attn" in what:

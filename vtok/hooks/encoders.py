@@ -237,7 +237,7 @@ def patch(model: torch.nn.Module, method: str, keep: int | float | Sequence[int 
             an encoder cannot supply.
     """
     if "layer" in options and layers is None and "layer" not in getattr(_method_options(method), "options", {}):
-        layers = options.pop("layer")  # DESIGN.md spells it layer=6
+        layers = options.pop("layer")  # layer=6 reads naturally for one block
     spec = _spec(model)
     _check_unpatched(model, spec)
     plan = _plan(spec, method, keep, layers, r, prop_attn, options, at, mid_layer)
@@ -264,8 +264,10 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
 class Captured(dict):
     """``{block index: {"cls_attn": [B, Np], "keys": [B, H, Np, dh], "hidden": [B, Np, D], "attn": ...}}`` of the
     last forward, patch tokens only. ``cls_attn`` / ``keys`` / ``attn`` describe the tokens entering the block (its
-    attention), ``hidden`` the block's output. ``num_prefix``: prefix tokens stripped; ``grid``: input patch grid;
-    ``selection``: which original patch tokens the encoder's output holds (identity unless patched)."""
+    attention), ``hidden`` the block's output; ``attn_received`` ``[B, Np]`` is the attention each patch token
+    receives averaged over heads and all query rows (HiPrune's score). ``num_prefix``: prefix tokens stripped;
+    ``grid``: input patch grid; ``selection``: which original patch tokens the encoder's output holds (identity
+    unless patched)."""
 
     def __init__(self, state: EncoderState):
         super().__init__()
@@ -293,9 +295,9 @@ def capture(model: torch.nn.Module, layers: int | Sequence[int] | None = None,
             vit(images)
         scores = feats[11]["cls_attn"]            # [B, Np]: CLS row of block 11's attention (fused SDPA stays on)
 
-    ``layers`` default: the last block. ``what`` ⊆ ``("cls_attn", "keys", "hidden", "attn")``. Works on a plain or
-    a ``vtok.patch``-ed model; a plain model is patched for the duration (blocks not captured run their original
-    forward) and restored on exit.
+    ``layers`` default: the last block. ``what`` ⊆ ``("cls_attn", "keys", "hidden", "attn", "attn_received")``.
+    Works on a plain or a ``vtok.patch``-ed model; a plain model is patched for the duration (blocks not captured
+    run their original forward) and restored on exit.
     """
     what = (what,) if isinstance(what, str) else tuple(what)
     unknown = sorted(set(what) - set(CAPTURE_KEYS))
