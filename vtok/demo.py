@@ -39,21 +39,15 @@ def _grid_coords(grid: tuple[int, int]) -> Tensor:
 
 
 def rebuild(out: Tensor, sel: Selection, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Per-patch tokens ``[N, D]`` rebuilt from the output, and a ``[N]`` kept/merged mask, for sample 0."""
-    if sel.assign is not None:
-        slot = sel.assign[0].clone()
-        dropped = slot < 0
-        shown = torch.ones(sel.n, dtype=torch.bool)
-    else:
-        slot = torch.full((sel.n,), -1, dtype=torch.long)
-        slot[sel.keep[0]] = torch.arange(sel.k)
-        dropped = slot < 0
-        shown = ~dropped
+    """Per-patch tokens ``[N, D]`` rebuilt from the output (in its emitted order), and a ``[N]`` kept/merged mask,
+    for sample 0."""
+    idx = sel.output_of_each_token()[0].clone()  # the output row each patch went to, -1 if dropped
+    dropped = idx < 0
+    shown = torch.ones(sel.n, dtype=torch.bool) if sel.merges else ~dropped
     if dropped.any():  # fill from the nearest kept patch on the grid
         coords = _grid_coords(grid)
-        d = torch.cdist(coords[dropped], coords[sel.keep[0]])
-        slot[dropped] = d.argmin(1)
-    return out[0, slot], shown
+        idx[dropped] = torch.cdist(coords[dropped], coords[sel.emitted_keep()[0]]).argmin(1)
+    return out[0, idx], shown
 
 
 def run_demo(out_dir: str | Path, *, photo: str = "astronaut", size: int = 224, patch: int = 16,
