@@ -53,10 +53,12 @@ def _cos(u, v):
                                                              math.sqrt(sum(b * b for b in v)))
 
 
-def _naive_tome(x, k, feats=None, sizes=None, protect=0):
-    """ToMe bipartite soft matching with plain Python loops, repeated until k tokens remain.
+def _naive_tome(x, k, feats=None, sizes=None, protect=0, order="tome"):
+    """ToMe bipartite soft matching with plain Python loops, repeated until k tokens remain. After each step the
+    sequence is ``[protected | unmerged A | B]`` (ToMe's code: unmerged A by descending score, ascending when tokens
+    are protected) for ``order="tome"``, or kept in position order for ``order="position"``.
 
-    Returns (keep, assign, out, size) for one sample ``x [N, D]``.
+    Returns (positions, output index of each token, out, size), all in emitted order, for one sample ``x [N, D]``.
     """
     n = x.shape[0]
     xs = x.double().tolist()
@@ -92,7 +94,14 @@ def _naive_tome(x, k, feats=None, sizes=None, protect=0):
             for a in srcs:
                 dst["members"] += seq[a]["members"]
         gone = {a for _, a, _ in merged}
-        seq = [t for i, t in enumerate(seq) if i not in gone]
+        if order == "position":
+            seq = [t for i, t in enumerate(seq) if i not in gone]
+        else:
+            unm = [a for _, a, _ in edges[len(merged):]]
+            if protect:
+                unm = sorted(unm)
+            seq = ([seq[i] for i in range(min(protect, m))] + [seq[a] for a in unm]
+                   + [seq[i] for i in range(1, m, 2) if i >= protect])
     keep = [t["rep"] for t in seq]
     assign = [0] * n
     out = []
@@ -182,21 +191,43 @@ def test_kmedoids_single_is_most_central():
 
 
 def test_dpc_knn_density_and_centres_hand_computed():
+    # include_self=False (the DPC-kNN paper's reading, vtok's earlier default): the mean over the knn nearest others
     # a blob of 4 around 0 and a blob of 3 around 5 (1-D): one centre per blob, the densest member of each
     x = torch.tensor([[0.0], [5.0], [0.1], [5.1], [-0.1], [4.9], [0.05]])[None]
-    out, sel = vtok.compress(x, "dpc_knn", keep=2, knn=2)
+    out, sel = vtok.compress(x, "dpc_knn", keep=2, knn=2, include_self=False)
     assert sel.keep[0].tolist() == [1, 6]  # 0.05: nearest two at 0.05; 5.0: nearest two at 0.1
     assert sel.assign[0].tolist() == [1, 0, 1, 0, 1, 0, 1]
     assert torch.allclose(out[0], torch.tensor([[5.0], [0.0125]]))
     # a dense blob of 4 at 0 and lone points at 5 and 9
     x = torch.tensor([[0.0], [0.1], [-0.1], [0.05], [5.0], [9.0]])[None]
-    rho, delta = ops.density_peaks(x, 2)
+    rho, delta = ops.density_peaks(x, 2, include_self=False)
     # the lone point at 9 has delta = distance to 5 (denser) and rho from its 2-NN (5 and 0.1)
     assert torch.isclose(delta[0, 5], torch.tensor(4.0))
     assert torch.isclose(rho[0, 5], torch.exp(torch.tensor(-(4.0 ** 2 + 8.9 ** 2) / 2)), rtol=1e-4)
     # densest token's delta is the largest distance in the sample
     densest = int(rho[0].argmax())
     assert torch.isclose(delta[0, densest], torch.tensor(9.1))
+    # include_self=True (default, the authors' code): the token itself is one of its knn, so knn=2 = self + 1 other
+    rho, delta = ops.density_peaks(x, 2)
+    assert torch.isclose(rho[0, 5], torch.exp(torch.tensor(-(4.0 ** 2 + 0.0) / 2)), rtol=1e-4)
+    assert torch.isclose(delta[0, 5], torch.tensor(4.0))
+    assert torch.isclose(delta[0, int(rho[0].argmax())], torch.tensor(9.1))
+    rho1, _ = ops.density_peaks(x, 1)  # self only: every density is exp(0) = 1
+    assert torch.equal(rho1, torch.ones(1, 6))
+
+
+def test_dpc_knn_include_self_changes_the_densest():
+    # a tight pair at 0 / 0.1 far from a triplet 1.0 / 1.15 / 1.3. knn=2 with self: only the nearest other counts,
+    # so the pair (0.1 apart) is densest; without self: the mean of the two nearest others, and the triplet's middle
+    # token (0.15 and 0.15) beats the pair (0.1 and 1.0).
+    x = torch.tensor([[0.0], [0.1], [1.0], [1.15], [1.3]], dtype=torch.float64)[None]
+    _, sel = vtok.compress(x, "dpc_knn", keep=1, knn=2)
+    assert sel.keep[0].tolist() == [0]  # 0 and 1 tie: the lower index counts as denser
+    _, sel = vtok.compress(x, "dpc_knn", keep=1, knn=2, include_self=False)
+    assert sel.keep[0].tolist() == [3]
+    out, sel = vtok.compress(x, "dpc_knn", keep=2, knn=2)
+    assert sel.keep[0].tolist() == [0, 2] and sel.assign[0].tolist() == [0, 0, 1, 1, 1]
+    assert torch.allclose(out[0], torch.tensor([[0.05], [1.15]], dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------- contract
@@ -227,7 +258,7 @@ def test_exact_budget_sorted_unique(method, keep, tokens4):
         _check_merge_selection(sel, 24)
         for b in range(4):
             for j in range(k):
-                assert torch.allclose(out[b, j], tokens4[b, sel.assign[b] == j].mean(0), atol=1e-5)
+                assert torch.allclose(out[b, j], tokens4[b, sel.output_of_each_token()[b] == j].mean(0), atol=1e-5)
     else:
         assert sel.assign is None
         for b in range(4):
@@ -248,7 +279,8 @@ def test_batch_matches_one_by_one_and_deterministic(method, tokens4):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_tome_matches_naive_loops(seed):
+@pytest.mark.parametrize("order", ["tome", "position"])
+def test_tome_matches_naive_loops(seed, order):
     g = torch.Generator().manual_seed(seed)
     b, n = 3, 21
     x = torch.randn(b, n, 6, generator=g)
@@ -257,18 +289,19 @@ def test_tome_matches_naive_loops(seed):
     cases = [(k, {}, 0) for k in (1, 5, 11, 15, 20)]  # k < ceil(N/2) needs several bipartite steps
     cases += [(9, {"keys": keys}, 0), (4, {"keys": keys[:, 0], "sizes": sizes}, 1), (12, {"sizes": sizes}, 3)]
     for k, ctx, protect in cases:
-        out, sel = vtok.compress(x, "tome", keep=k, protect_first=protect, **ctx)
+        out, sel = vtok.compress(x, "tome", keep=k, protect_first=protect, order=order, **ctx)
         for i in range(b):
             feats = None
             if "keys" in ctx:
                 kk = ctx["keys"][i]
                 feats = kk.mean(0) if kk.dim() == 3 else kk
             sz = ctx["sizes"][i] if "sizes" in ctx else None
-            keep, assign, ref, size = _naive_tome(x[i], k, feats, sz, protect)
-            assert sel.keep[i].tolist() == keep, (k, ctx.keys(), protect)
-            assert sel.assign[i].tolist() == assign
+            keep, assign, ref, size = _naive_tome(x[i], k, feats, sz, protect, order)
+            assert sel.emitted_keep()[i].tolist() == keep, (k, ctx.keys(), protect)
+            assert sel.output_of_each_token()[i].tolist() == assign
             assert torch.allclose(out[i], ref.float(), atol=1e-5)
-            assert torch.allclose(sel.size[i], torch.tensor(size, dtype=torch.float32), atol=1e-5)
+            assert torch.allclose(sel.token_sizes()[i], torch.tensor(size, dtype=torch.float32), atol=1e-5)
+            assert order == "tome" or sel.order is None
 
 
 def _separated_blobs(seed, b=3, n=60, c=4, d=5):

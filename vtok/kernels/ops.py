@@ -24,6 +24,7 @@ from vtok.kernels.reference import (  # noqa: F401  (re-exported: no fused kerne
     nearest_neighbor_distance,
     pagerank,
     pairwise_distance,
+    pairwise_distance_native,
 )
 
 FUSED_OPS = ("attention_received", "cosine_argmax", "farthest_point", "stable_topk", "topk_gather",
@@ -93,7 +94,7 @@ def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int | None = None) -> tuple[Te
 
 @torch.library.custom_op("vtok::farthest_point", mutates_args=())
 def _farthest_point(x: Tensor, k: int, start: Tensor | None, metric: str) -> Tensor:
-    if use_triton(x):
+    if use_triton(x) and x.dtype != torch.float64:  # the kernel accumulates in fp32; fp64 keeps fp64 (reference)
         return _triton("triton_select").farthest_point_triton(x, k, start, metric)
     return ref.farthest_point(x, k, start=start, metric=metric)
 
@@ -105,7 +106,7 @@ def _(x, k, start, metric):
 
 def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: str = "cosine") -> Tensor:
     """Greedy k-center in pick order ``[B, k]`` (see ``reference.farthest_point``, which with the Triton path
-    validates ``metric``); one launch on CUDA."""
+    validates ``metric``); one launch on CUDA (fp64 input runs the reference, which keeps fp64)."""
     return _farthest_point(x, int(k), start, metric)
 
 
@@ -188,5 +189,5 @@ def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int | None = None) -> 
 __all__ = [
     "FUSED_OPS", "attention_received", "attention_rows", "cluster_medoids", "cosine_argmax", "density_peaks",
     "farthest_point", "kmeans_assign", "nearest_neighbor_distance", "pagerank", "pairwise_distance",
-    "segment_stats", "stable_topk", "topk_gather", "use_triton",
+    "pairwise_distance_native", "segment_stats", "stable_topk", "topk_gather", "use_triton",
 ]

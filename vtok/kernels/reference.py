@@ -96,6 +96,23 @@ def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
     raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
 
 
+def pairwise_distance_native(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
+    """``pairwise_distance`` in the inputs' own precision: ``[B, Na, Nb]``, fp64 for fp64 input (fp32 for fp32 and,
+    upcast, for half precision), so that argmin / argmax ties are ties of the exact values (the clustering
+    strategies' "ties → lowest index" holds for fp64 input). Same formulas as ``pairwise_distance``; for fp32 and
+    half input the two agree bit for bit."""
+    a, b = upcast_half(a), upcast_half(b)
+    if metric == "cosine":
+        an = torch.nn.functional.normalize(a, dim=-1)
+        bn = torch.nn.functional.normalize(b, dim=-1)
+        return 1.0 - an @ bn.transpose(1, 2)
+    if metric in ("euclidean", "sqeuclidean"):
+        d2 = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2.0 * (a @ b.transpose(1, 2))
+        d2 = d2.clamp_min(0.0)
+        return d2.sqrt() if metric == "euclidean" else d2
+    raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+
+
 def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int = DEFAULT_CHUNK) -> Tensor:
     """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32).
 
@@ -127,6 +144,7 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
     Step 1 takes ``start [B]`` (default token 0); each next step takes the token whose distance to its nearest
     selected token is largest (ties → lowest index). Features are normalised (cosine) or their squared norms
     computed (Euclidean) once; each step is one ``[N, D] × [D]`` product. Memory ``O(B·N)``; ``k`` sequential steps.
+    Distances are computed in the input's precision (fp64 stays fp64; half precision is upcast to fp32).
     """
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
         raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
@@ -138,11 +156,11 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
     else:
         sq = (xa * xa).sum(-1)
 
-    def dist_to(c: Tensor) -> Tensor:  # c: [B] token index → [B, N] fp32 distances
+    def dist_to(c: Tensor) -> Tensor:  # c: [B] token index → [B, N] distances (fp32, or fp64 for fp64 input)
         dot = torch.bmm(xa, xa[rows, c][:, :, None])[..., 0]
         if metric == "cosine":
-            return (1.0 - dot).float()
-        d2 = (sq + sq[rows, c][:, None] - 2.0 * dot).clamp_min(0.0).float()
+            return 1.0 - dot
+        d2 = (sq + sq[rows, c][:, None] - 2.0 * dot).clamp_min(0.0)
         return d2.sqrt() if metric == "euclidean" else d2
 
     if start is None:
@@ -222,33 +240,39 @@ def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
 # --- diversity / clustering primitives ---
 
 
-def density_peaks(x: Tensor, knn: int, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+def density_peaks(x: Tensor, knn: int, *, include_self: bool = True,
+                  chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """Density-peaks scores with kNN density over ``x [B, N, D]`` (Euclidean distance): ``(rho, delta)`` ``[B, N]``.
 
-    ``rho_i = exp(−mean_{j ∈ kNN(i)} d(i, j)²)`` over the ``knn`` nearest *other* tokens (``knn`` is capped at
-    ``N − 1``; ``rho = 1`` when there are none). ``delta_i`` = distance to the nearest token that is denser, with
-    ties in ``rho`` broken by index (a lower index counts as denser), so exactly one token per row, the densest,
-    has none and gets the largest distance in its sample instead. fp32; two chunked passes, memory
-    ``O(B·chunk·N)``, never ``N × N``.
+    ``rho_i = exp(−(1/k) Σ_{j ∈ kNN(i)} d(i, j)²)``. With ``include_self=True`` (TCFormer's / Chat-UniVi's code:
+    ``torch.topk`` over the full distance row) the token itself, at distance 0, is one of its ``k = min(knn, N)``
+    nearest neighbours, so the sum runs over its ``k − 1`` nearest other tokens and is divided by ``k``. With
+    ``include_self=False`` (the DPC-kNN paper's definition) it runs over the ``k = min(knn, N − 1)`` nearest *other*
+    tokens (``rho = 1`` when there are none). ``delta_i`` = distance to the nearest token that is denser, with ties
+    in ``rho`` broken by index (a lower index counts as denser), so exactly one token per row, the densest, has none
+    and gets the largest distance in its sample instead. Computed in the input's precision (fp64 stays fp64, fp32
+    otherwise); two chunked passes, memory ``O(B·chunk·N)``, never ``N × N``.
     """
     b, n, _ = x.shape
-    kk = min(int(knn), n - 1)
+    kk = min(int(knn), n) if include_self else min(int(knn), n - 1)
+    others = kk - 1 if include_self else kk  # how many other tokens enter the sum
     rho, rowmax = [], []
     for s in range(0, n, chunk):
-        d2 = pairwise_distance(x[:, s:s + chunk], x, "sqeuclidean")
+        d2 = pairwise_distance_native(x[:, s:s + chunk], x, "sqeuclidean")
         rowmax.append(d2.max(-1).values)
-        if kk > 0:
+        if others > 0:
             rows = torch.arange(s, min(s + chunk, n), device=x.device)
             d2[:, torch.arange(rows.numel(), device=x.device), rows] = float("inf")
-            rho.append(torch.exp(-d2.topk(kk, dim=-1, largest=False).values.mean(-1)))
+            near = d2.topk(others, dim=-1, largest=False).values
+            rho.append(torch.exp(-(near.sum(-1) / kk if include_self else near.mean(-1))))
         else:
-            rho.append(torch.ones(b, d2.shape[1], device=x.device))
+            rho.append(torch.ones(b, d2.shape[1], device=x.device, dtype=d2.dtype))
     density = torch.cat(rho, 1)
     dmax = torch.cat(rowmax, 1).max(1).values.sqrt()  # [B]
     idx = torch.arange(n, device=x.device)
     deltas = []
     for s in range(0, n, chunk):
-        d = pairwise_distance(x[:, s:s + chunk], x, "euclidean")
+        d = pairwise_distance_native(x[:, s:s + chunk], x, "euclidean")
         ri, rj = density[:, s:s + chunk, None], density[:, None, :]
         ii = idx[s:s + chunk][None, :, None]
         denser = (rj > ri) | ((rj == ri) & (idx[None, None, :] < ii))
@@ -262,16 +286,22 @@ def cluster_medoids(x: Tensor, labels: Tensor, c: int, *, metric: str = "euclide
     """Medoid of each cluster: ``x [B, N, D]``, ``labels [B, N]`` in ``[0, c)`` → ``[B, c]`` token indices.
 
     The medoid is the member with the smallest sum of distances (``metric`` as in ``pairwise_distance``) to the
-    other members of its cluster; ties → lowest index; an empty cluster gets ``N``. Chunked over rows: memory
-    ``O(B·chunk·N)`` (the compute is ``O(N²·D)``, inherent to medoids).
+    other members of its cluster; ties → lowest index (e.g. both members of a pair); an empty cluster gets ``N``.
+    A token's distance to itself counts as exactly 0 (the ``‖a‖² + ‖b‖² − 2a·b`` form leaves rounding noise there,
+    which would otherwise decide pairs and, in fp32, near-ties). Sums are accumulated in the input's precision
+    (fp64 stays fp64, fp32 otherwise). Chunked over rows: memory ``O(B·chunk·N)`` (the compute is ``O(N²·D)``,
+    inherent to medoids).
     """
     b, n, _ = x.shape
-    cost = torch.empty(b, n, device=x.device, dtype=torch.float32)
+    x = upcast_half(x)
+    cost = torch.empty(b, n, device=x.device, dtype=x.dtype)
     for s in range(0, n, chunk):
-        d = pairwise_distance(x[:, s:s + chunk], x, metric)
+        d = pairwise_distance_native(x[:, s:s + chunk], x, metric)
+        rows = torch.arange(s, min(s + chunk, n), device=x.device)
+        d[:, torch.arange(rows.numel(), device=x.device), rows] = 0.0  # exactly 0: no GEMM rounding on the diagonal
         same = labels[:, s:s + chunk, None] == labels[:, None, :]
         cost[:, s:s + chunk] = (d * same).sum(-1)
-    best = torch.full((b, c), float("inf"), device=x.device).scatter_reduce(1, labels, cost, "amin")
+    best = torch.full((b, c), float("inf"), device=x.device, dtype=cost.dtype).scatter_reduce(1, labels, cost, "amin")
     is_best = cost == best.gather(1, labels)
     idx = torch.where(is_best, torch.arange(n, device=x.device).expand(b, n), torch.full_like(labels, n))
     return torch.full((b, c), n, dtype=torch.long, device=x.device).scatter_reduce(1, labels, idx, "amin")

@@ -157,52 +157,97 @@ def kmeans(tokens: Tensor, k: int, ctx: Context, *, seed: int = 0, iters: int = 
 # ------------------------------------------------------------------------------------------------ k-medoids
 
 _METRICS = ("cosine", "euclidean")
+_INITS = ("kkz", "central")
 
 
 def _nearest(x: Tensor, centers: Tensor, metric: str, chunk: int = 256) -> Tensor:
-    """``[B, N]``: index of the nearest of ``centers [B, C, D]`` for each token (ties → lowest), chunked."""
+    """``[B, N]``: index of the nearest of ``centers [B, C, D]`` for each token (ties → lowest center index, i.e.
+    the earliest in ``centers``' order), in the input's precision (fp64 stays fp64), chunked over tokens."""
     out = []
     for s in range(0, x.shape[1], chunk):
-        out.append(ops.pairwise_distance(x[:, s:s + chunk], centers, metric).argmin(-1))
+        out.append(ops.pairwise_distance_native(x[:, s:s + chunk], centers, metric).argmin(-1))
     return torch.cat(out, 1)
+
+
+def _check_tol(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0.0:
+        raise ValueError(f"tol must be a real number >= 0, got {value!r}")
+    return float(value)
 
 
 @register("kmedoids", family="clustering",
           paper="CenterCLIP: Token Clustering for Efficient Text-Video Retrieval (arXiv 2205.00823)")
-def kmedoids(tokens: Tensor, k: int, ctx: Context, *, metric: str = "euclidean", iters: int = 10) -> Selection:
+def kmedoids(tokens: Tensor, k: int, ctx: Context, *, init: str = "kkz", metric: str = "euclidean",
+             iters: int = 100, tol: float = 1e-6) -> Selection:
     """Keep ``k`` medoids of ``tokens [B, N, D]``: real tokens, one per cluster (CenterCLIP's center tokens).
 
-    CenterCLIP (Sec. 3.2) clusters the tokens of a segment with k-medoids and keeps the *medoids* (real tokens,
-    so the kept tokens stay on the data and positions stay meaningful) instead of averaged centroids, so this is a
-    plain gather ``Selection`` (no ``assign``). Alternating k-medoids (Voronoi iteration): assign every token to its
-    nearest medoid, then replace each medoid by the member with the smallest sum of distances to its cluster
-    (``ops.cluster_medoids``), until the medoids stop changing or ``iters`` is reached.
+    CenterCLIP (arXiv 2205.00823, Sec. 3.2) clusters the tokens of each temporal segment with k-medoids and keeps
+    the *medoids* (real tokens, so positions stay meaningful) instead of averaged centroids: a plain gather
+    ``Selection`` (no ``assign``). Segmenting a video into groups of frames is left to the caller (call per segment).
 
-    Deterministic init (no randomness, instead of CenterCLIP's k-medoids++ sampling): the most central token (the
-    smallest total distance to all tokens), then greedy farthest-point (``ops.farthest_point``) for the rest.
-    Segmenting a video into groups of frames is left to the caller (call per segment).
+    The default reproduces the authors' code (github.com/mzhaoshuai/CenterCLIP, ``batch_fast_kmedoids`` in
+    ``modules/cluster/fast_kmeans.py`` with the settings of their training scripts: ``cluster_distance=euclidean``,
+    ``minkowski_norm_p=2``, ``cluster_threshold=1e-6``, ``cluster_iter_limit=100``, ``pre_norm=0``, no aggregation):
 
-    Options: ``metric`` (``"euclidean"`` or ``"cosine"`` = 1 − cos), ``iters`` (int >= 1).
-    Memory ``O(B·chunk·N)``; compute ``O(N²·D)`` per iteration (medoids need all within-cluster distances).
+    1. KKZ init (Katsavounidis et al. 1994; their ``KKZ_init``): the token with the largest L2 norm, then
+       repeatedly the token with the largest distance to its nearest chosen medoid (``ops.farthest_point``; ties →
+       lowest index). Fully deterministic: their random k-medoids++ init (``kmeans_plusplus_init``) is unused.
+    2. Voronoi iteration: every token joins its nearest medoid (ties → the medoid picked earlier, as their
+       ``torch.min`` over the medoid list; a medoid always joins its own cluster, their ``self_nearest``), then each
+       cluster's medoid becomes the member with the smallest sum of distances to the cluster's members (ties →
+       lowest index; ``ops.cluster_medoids``). Cluster ``c`` keeps its slot ``c`` across iterations.
+    3. Stop after the first update whose shift ``Σ_c ‖x[new_c] − x[old_c]‖₂ < tol`` (their ``center_shift``:
+       Euclidean on the features whatever the metric), or after ``iters`` updates; the last update is kept.
+    4. The kept tokens are the medoids in ascending index order (their ``id_sort=True``).
+
+    Where vtok differs from that code: convergence is per sample (their batched code stops on the shift averaged
+    over a chunk of ``split_size`` samples, so a sample's iteration count depended on its batch mates; vtok equals
+    their code run one sample at a time); ``metric="cosine"`` is ``1 − cos`` of ``F.normalize``-d rows, theirs
+    divides by ``‖x‖ + 1e-6``; distances are computed in the input's precision (fp64 stays fp64, half precision is
+    upcast to fp32), so "ties → lowest index" holds exactly for fp64 input; their shifted, all-negative distance
+    matrix is how they restrict the medoid update to members, vtok masks directly (same result).
+
+    Options: ``init`` (``"kkz"``, default, as above | ``"central"``: vtok's earlier init, the most central token
+    (smallest total distance to all tokens) then farthest-point, with slots kept in ascending index order, so
+    assignment ties go to the lowest-index medoid), ``metric`` (``"euclidean"``, default, as CenterCLIP's scripts |
+    ``"cosine"`` = 1 − cos), ``iters`` (int >= 1, most updates; default 100 = their ``cluster_iter_limit``), ``tol``
+    (real >= 0, default 1e-6 = their ``cluster_threshold``; an update that leaves the medoids unchanged also stops).
+    ``init="central", iters=10, tol=0`` is vtok's earlier ``kmedoids`` algorithm (its results differ only where the
+    earlier code let the rounding noise of a token's fp32 distance to itself decide a medoid, and in fp64 precision).
+    Memory ``O(B·chunk·N)`` (their code builds ``[B, K, N, N]``); compute ``O(N²·D)`` per iteration.
     """
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     iters = _check_int("iters", iters, 1)
+    tol = _check_tol(tol)
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
     x = upcast_half(tokens)
     slots = torch.arange(k, device=x.device).expand(b, k)
-    central = ops.cluster_medoids(x, torch.zeros(b, n, dtype=torch.long, device=x.device), 1, metric=metric)[:, 0]
-    med = ops.farthest_point(x, k, start=central, metric=metric).sort(1).values
+    if init == "kkz":
+        start = x.norm(dim=-1).argmax(1)  # largest L2 norm, ties → lowest index
+        med = ops.farthest_point(x, k, start=start, metric=metric)  # slot c = c-th pick
+    else:
+        whole = torch.zeros(b, n, dtype=torch.long, device=x.device)
+        central = ops.cluster_medoids(x, whole, 1, metric=metric)[:, 0]
+        med = ops.farthest_point(x, k, start=central, metric=metric).sort(1).values
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
     for _ in range(iters):
         labels = _nearest(x, gather_tokens(x, med), metric)
         labels = labels.scatter(1, med, slots)  # a medoid always belongs to its own cluster (duplicates)
-        new = ops.cluster_medoids(x, labels, k, metric=metric).sort(1).values
-        if torch.equal(new, med):
+        new = ops.cluster_medoids(x, labels, k, metric=metric)
+        if init == "central":
+            new = new.sort(1).values
+        shift = (gather_tokens(x, new) - gather_tokens(x, med)).pow(2).sum(-1).sqrt().sum(1)
+        stop = (shift < tol) | (new == med).all(1)
+        med = torch.where(done[:, None], med, new)  # a converged sample keeps its medoids
+        done = done | stop
+        if bool(done.all()):
             break
-        med = new
-    return Selection(med, n)
+    return Selection(med.sort(1).values, n)
 
 
 # -------------------------------------------------------------------------------------------------- DPC-kNN
@@ -211,28 +256,50 @@ def kmedoids(tokens: Tensor, k: int, ctx: Context, *, metric: str = "euclidean",
 @register("dpc_knn", family="clustering", uses=("sizes",), merges=True,
           paper="Density peaks clustering with kNN density (DPC-kNN, Du et al. 2016) as used for token merging in "
                 "TCFormer: Not All Tokens Are Equal (arXiv 2204.08680)")
-def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5) -> Selection:
+def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self: bool = True) -> Selection:
     """Merge ``tokens [B, N, D]`` into ``k`` density-peak clusters (DPC-kNN as in TCFormer's token clustering).
 
-    With distances ``d(i, j) = ‖x_i − x_j‖ / √D`` (TCFormer's scaling): density
-    ``ρ_i = exp(−mean_{j ∈ kNN(i)} d(i, j)²)`` over the ``knn`` nearest other tokens (DPC-kNN's definition;
-    TCFormer's code counts the token itself among its ``knn``); ``δ_i`` = distance to the nearest denser token
-    (density ties broken by index), the largest distance in the sample for the densest token; score ``ρ·δ``.
-    The ``k`` top scores (ties → lowest index) are the cluster centres; every token joins its nearest centre
-    (centres their own), and ``apply`` averages each cluster (size-weighted when ``sizes`` are passed).
+    TCFormer (arXiv 2204.08680, Sec. 3.2, CTM block, token clustering: local density Eq. 1, distance indicator
+    Eq. 2) clusters tokens with a variant of DPC-kNN (Du et al. 2016) and averages each cluster. The default
+    reproduces the authors' code, ``cluster_dpc_knn`` in TCFormer's ``tcformer_module/tcformer_utils.py``, reused
+    unchanged by Chat-UniVi (``ChatUniVi/model/cluster.py``):
 
-    Options: ``knn`` (int >= 1, capped at ``N − 1``). Needs all pairwise distances: computed in two chunked
-    passes (``ops.density_peaks``), ``O(N²·D)`` time but ``O(B·chunk·N)`` memory.
+    - distances ``d(i, j) = ‖x_i − x_j‖ / √D`` (their ``cdist / C ** 0.5``);
+    - density ``ρ_i = exp(−(1/k) Σ_{j ∈ kNN(i)} d(i, j)²)`` where ``kNN(i)`` are the ``k`` nearest tokens *counting
+      i itself* (their ``torch.topk(dist, k, largest=False)`` over the whole row, whose smallest entry is the
+      self-distance 0): ``knn=5`` averages 4 other tokens and the token itself over 5;
+    - ``δ_i`` = distance to the nearest denser token; the densest token gets the largest distance in the sample
+      (their ``dist_max``; Eq. 2 uses that token's own largest distance, which ranks it first all the same);
+    - score ``ρ·δ``; the ``k`` top scores are the centres; every token joins its nearest centre, and each centre
+      is forced into its own cluster; ``apply`` averages each cluster.
+
+    vtok is deterministic where their code is not: they add ``rand·1e-6`` to ``ρ`` to break density ties; vtok
+    breaks ties by index instead (equal ``ρ``: the lower index counts as denser; equal scores: the lower index is
+    the centre; a token equidistant from two centres joins the higher-scored one, as their ``argmin`` over the
+    centres in ``torch.topk`` order). The result equals theirs unless their noise decides a comparison, i.e. away
+    from density / score ties within 1e-6. Other differences: ``keep`` is ascending (positions stay meaningful)
+    where their ``merge_tokens`` emits clusters in descending score order; the cluster mean is unweighted
+    (size-weighted when ``compress`` passes ``sizes``), as Chat-UniVi (unit weights), while TCFormer weights tokens
+    by a learned importance score; distances are computed in the input's precision (fp64 stays fp64, half
+    precision is upcast to fp32; Chat-UniVi computes in fp32).
+
+    Options: ``knn`` (int >= 1, default 5 as TCFormer and Chat-UniVi's first CTM; capped at ``N``, or ``N − 1``
+    without self), ``include_self`` (bool, default True = the authors' code; False = the DPC-kNN paper's reading
+    and vtok's earlier behaviour: the mean over the ``knn`` nearest *other* tokens). All pairwise distances are
+    needed: two chunked passes (``ops.density_peaks``), ``O(N²·D)`` time but ``O(B·chunk·N)`` memory.
 
     Returns a merging ``Selection``: ``keep`` = the centres (ascending), ``assign`` each token's centre slot.
     """
     knn = _check_int("knn", knn, 1)
+    if not isinstance(include_self, bool):
+        raise ValueError(f"include_self must be a bool, got {include_self!r}")
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
-    x = upcast_half(tokens).float() / math.sqrt(d)
-    rho, delta = ops.density_peaks(x, knn)
-    centres = ops.stable_topk(rho * delta, k)  # ascending
-    labels, _ = ops.kmeans_assign(x, gather_tokens(x, centres))
+    x = upcast_half(tokens) / math.sqrt(d)
+    rho, delta = ops.density_peaks(x, knn, include_self=include_self)
+    score = rho * delta
+    centres = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # score order, ties → lower
+    labels = _nearest(x, gather_tokens(x, centres), "sqeuclidean")  # ties → the higher-scored centre
     labels = labels.scatter(1, centres, torch.arange(k, device=x.device).expand(b, k))
-    return Selection(centres, n, labels, _slot_sizes(labels, k, ctx.get("sizes")))
+    return _merge_selection(centres, labels, n, ctx.get("sizes"))
