@@ -163,7 +163,7 @@ def test_centroid_mergers_hand_computed(method):
     out, sel = vtok.compress(x, method, keep=3)
     assert _partition(sel.assign[0].tolist()) == _partition(groups)
     for j in range(3):
-        members = [i for i in range(9) if sel.assign[0, i] == j]
+        members = [i for i in range(9) if sel.output_of_each_token()[0, i] == j]
         assert torch.allclose(out[0, j], x[0, members].mean(0), atol=1e-6)
     if method == "kmeans":
         assert sel.keep[0].tolist() == [0, 5, 8]  # the member closest to each centroid
@@ -194,10 +194,13 @@ def test_dpc_knn_density_and_centres_hand_computed():
     # include_self=False (the DPC-kNN paper's reading, vtok's earlier default): the mean over the knn nearest others
     # a blob of 4 around 0 and a blob of 3 around 5 (1-D): one centre per blob, the densest member of each
     x = torch.tensor([[0.0], [5.0], [0.1], [5.1], [-0.1], [4.9], [0.05]])[None]
-    out, sel = vtok.compress(x, "dpc_knn", keep=2, knn=2, include_self=False)
+    out, sel = vtok.compress(x, "dpc_knn", keep=2, knn=2, include_self=False, order="position")
     assert sel.keep[0].tolist() == [1, 6]  # 0.05: nearest two at 0.05; 5.0: nearest two at 0.1
     assert sel.assign[0].tolist() == [1, 0, 1, 0, 1, 0, 1]
     assert torch.allclose(out[0], torch.tensor([[5.0], [0.0125]]))
+    # the default emits clusters by descending centre score (the authors' merge_tokens): the blob of 4 first
+    out_s, sel_s = vtok.compress(x, "dpc_knn", keep=2, knn=2, include_self=False)
+    assert sel_s.emitted_keep()[0].tolist() == [6, 1] and torch.allclose(out_s[0], out[0].flip(0))
     # a dense blob of 4 at 0 and lone points at 5 and 9
     x = torch.tensor([[0.0], [0.1], [-0.1], [0.05], [5.0], [9.0]])[None]
     rho, delta = ops.density_peaks(x, 2, include_self=False)

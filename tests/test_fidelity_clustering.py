@@ -194,7 +194,8 @@ def test_kmedoids_option_errors(tokens4):
 
 
 def _ref_dpc_knn(x, k, knn=5, include_self=True):
-    """DPC-kNN of one sample ``x [N, D]`` (float64) → (sorted centres, slot of each token).
+    """DPC-kNN of one sample ``x [N, D]`` (float64) → (sorted centres, slot of each token, centres in score order,
+    cluster of each token in that order).
 
     ``d = ‖x_i − x_j‖ / √D``. ``include_self``: the k nearest entries of the full distance row (the token itself at
     0 among them), ``k = min(knn, N)``, averaged over ``k``; otherwise the ``min(knn, N − 1)`` nearest other tokens.
@@ -222,7 +223,7 @@ def _ref_dpc_knn(x, k, knn=5, include_self=True):
     centres = sorted(range(n), key=lambda i: (-score[i], i))[:k]
     cluster = [centres.index(i) if i in centres else _first_argmin([dist[i][c] for c in centres]) for i in range(n)]
     keep = sorted(centres)
-    return keep, [keep.index(centres[c]) for c in cluster]
+    return keep, [keep.index(centres[c]) for c in cluster], centres, cluster
 
 
 def _dpc(x, k, **opts):
@@ -238,11 +239,14 @@ def test_dpc_knn_default_matches_tcformer_reference(knn):
             sel = _dpc(x, k) if knn == 5 else _dpc(x, k, knn=knn)
             out = sel.apply(x)
             for b in range(B):
-                keep, assign = _ref_dpc_knn(x[b], k, knn=knn)
+                keep, assign, centres, cluster = _ref_dpc_knn(x[b], k, knn=knn)
                 assert sel.keep[b].tolist() == keep, (n, k, knn, b)
                 assert sel.assign[b].tolist() == assign, (n, k, knn, b)
+                # emitted as the authors' merge_tokens does: clusters in descending centre score
+                assert sel.emitted_keep()[b].tolist() == centres
+                assert sel.output_of_each_token()[b].tolist() == cluster
                 for j in range(k):  # each output token is the plain mean of its cluster (Chat-UniVi's unit weights)
-                    members = [i for i in range(n) if assign[i] == j]
+                    members = [i for i in range(n) if cluster[i] == j]
                     assert torch.allclose(out[b, j], x[b, members].mean(0), rtol=1e-12, atol=1e-12)
                 count += 1
     assert count >= 600
@@ -257,7 +261,7 @@ def test_dpc_knn_include_self_false_is_the_earlier_behaviour(knn):
             sel = _dpc(x, k, knn=knn, include_self=False)
             default = _dpc(x, k, knn=knn)
             for b in range(B):
-                keep, assign = _ref_dpc_knn(x[b], k, knn=knn, include_self=False)
+                keep, assign, _, _ = _ref_dpc_knn(x[b], k, knn=knn, include_self=False)
                 assert sel.keep[b].tolist() == keep and sel.assign[b].tolist() == assign, (n, k, knn, b)
             differs += not torch.equal(sel.keep, default.keep)
     assert differs > 0  # counting the token itself changes the centres on these inputs

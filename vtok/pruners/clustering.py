@@ -256,7 +256,8 @@ def kmedoids(tokens: Tensor, k: int, ctx: Context, *, init: str = "kkz", metric:
 @register("dpc_knn", family="clustering", uses=("sizes",), merges=True,
           paper="Density peaks clustering with kNN density (DPC-kNN, Du et al. 2016) as used for token merging in "
                 "TCFormer: Not All Tokens Are Equal (arXiv 2204.08680)")
-def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self: bool = True) -> Selection:
+def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self: bool = True,
+            order: str = "score") -> Selection:
     """Merge ``tokens [B, N, D]`` into ``k`` density-peak clusters (DPC-kNN as in TCFormer's token clustering).
 
     TCFormer (arXiv 2204.08680, Sec. 3.2, CTM block, token clustering: local density Eq. 1, distance indicator
@@ -285,12 +286,17 @@ def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self:
 
     Options: ``knn`` (int >= 1, default 5 as TCFormer and Chat-UniVi's first CTM; capped at ``N``, or ``N − 1``
     without self), ``include_self`` (bool, default True = the authors' code; False = the DPC-kNN paper's reading
-    and vtok's earlier behaviour: the mean over the ``knn`` nearest *other* tokens). All pairwise distances are
+    and vtok's earlier behaviour: the mean over the ``knn`` nearest *other* tokens), ``order`` (``"score"``, default:
+    clusters emitted in descending ``ρ·δ`` of their centres, as their ``merge_tokens`` emits them (``Selection.order``);
+    ``"position"``: ascending centre position, vtok's earlier order). All pairwise distances are
     needed: two chunked passes (``ops.density_peaks``), ``O(N²·D)`` time but ``O(B·chunk·N)`` memory.
 
-    Returns a merging ``Selection``: ``keep`` = the centres (ascending), ``assign`` each token's centre slot.
+    Returns a merging ``Selection``: ``keep`` = the centres (ascending), ``assign`` each token's centre slot,
+    ``order`` the emission order.
     """
     knn = _check_int("knn", knn, 1)
+    if order not in ("score", "position"):
+        raise ValueError(f"order must be 'score' or 'position', got {order!r}")
     if not isinstance(include_self, bool):
         raise ValueError(f"include_self must be a bool, got {include_self!r}")
     b, n, d = tokens.shape
@@ -302,4 +308,6 @@ def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self:
     centres = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # score order, ties → lower
     labels = _nearest(x, gather_tokens(x, centres), "sqeuclidean")  # ties → the higher-scored centre
     labels = labels.scatter(1, centres, torch.arange(k, device=x.device).expand(b, k))
-    return _merge_selection(centres, labels, n, ctx.get("sizes"))
+    if order == "position":
+        return _merge_selection(centres, labels, n, ctx.get("sizes"))
+    return Selection.from_emitted(centres, n, labels, _slot_sizes(labels, k, ctx.get("sizes")))
