@@ -80,27 +80,19 @@ def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[
 
 
 def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
-    """Distances ``[B, Na, Nb]`` between rows of ``a [B, Na, D]`` and ``b [B, Nb, D]`` (fp32).
+    """Distances ``[B, Na, Nb]`` between rows of ``a [B, Na, D]`` and ``b [B, Nb, D]`` (fp32; computed as
+    ``pairwise_distance_native``, then cast).
 
     ``metric``: ``"cosine"`` (1 − cos), ``"euclidean"`` or ``"sqeuclidean"``.
     """
-    a, b = upcast_half(a), upcast_half(b)
-    if metric == "cosine":
-        an = torch.nn.functional.normalize(a, dim=-1)
-        bn = torch.nn.functional.normalize(b, dim=-1)
-        return (1.0 - an @ bn.transpose(1, 2)).float()
-    if metric in ("euclidean", "sqeuclidean"):
-        d2 = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2.0 * (a @ b.transpose(1, 2))
-        d2 = d2.clamp_min(0.0).float()
-        return d2.sqrt() if metric == "euclidean" else d2
-    raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+    return pairwise_distance_native(a, b, metric).float()
 
 
 def pairwise_distance_native(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
     """``pairwise_distance`` in the inputs' own precision: ``[B, Na, Nb]``, fp64 for fp64 input (fp32 for fp32 and,
     upcast, for half precision), so that argmin / argmax ties are ties of the exact values (the clustering
-    strategies' "ties → lowest index" holds for fp64 input). Same formulas as ``pairwise_distance``; for fp32 and
-    half input the two agree bit for bit."""
+    strategies' "ties → lowest index" holds for fp64 input). ``metric``: ``"cosine"`` (1 − cos), ``"euclidean"`` or
+    ``"sqeuclidean"``."""
     a, b = upcast_half(a), upcast_half(b)
     if metric == "cosine":
         an = torch.nn.functional.normalize(a, dim=-1)
