@@ -3,7 +3,7 @@
     tokens_out, sel = vtok.compress(tokens, "divprune", keep=0.25)
 """
 
-from vtok.api import compress
+from vtok.api import compress, retained_count
 from vtok.budget import resolve_k
 from vtok.context import Context
 from vtok.hooks.encoders import capture, patch, unpatch
@@ -14,11 +14,19 @@ from vtok.tokenizers_img import load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["Context", "Selection", "capture", "compress", "get_method", "load_tokenizer", "methods", "patch",
-           "register", "resolve_k", "unpatch", "__version__"]
+           "register", "resolve_k", "retained_count", "stats", "unpatch", "unwrap", "wrap", "wrapped",
+           "__version__"]
+
+_HF = ("wrap", "unwrap", "wrapped", "stats")
 
 
 def __getattr__(name: str):
-    """``vtok.bench`` on first use (it imports the eval model's dependencies only when asked for)."""
+    """``vtok.wrap`` / ``unwrap`` / ``wrapped`` / ``stats`` and ``vtok.bench`` on first use (they import transformers
+    and the eval model's dependencies only when asked for)."""
+    if name in _HF:  # the VLM wrapper imports transformers only when asked for
+        import vtok.hooks.hf as hf
+
+        return getattr(hf, name)
     if name == "bench":
         import importlib
 

@@ -62,3 +62,22 @@ def compress(tokens: Tensor, method: str, keep: Keep, **kwargs: Any) -> tuple[Te
         raise RuntimeError(f"method '{method}' returned a selection of [B={sel.batch}, k={sel.k}] from N={sel.n}, "
                            f"expected [B={b}, k={k}] from N={n}")
     return sel.apply(tokens, weights=ctx.get("sizes")), sel
+
+
+def retained_count(method: str, n: int, keep: Keep, grid: tuple[int, int] | None = None, protected: int = 0) -> int:
+    """How many tokens ``method`` leaves of an image of ``n`` tokens, known before the encoder runs (serving engines
+    size their placeholders with it, e.g. vLLM's multimodal pruning interface).
+
+    Every registered strategy returns exactly ``resolve_k(keep, n - protected)`` tokens (``compress`` enforces it),
+    plus the ``protected`` tokens a wrapper never prunes (LLaVA-NeXT's image-newlines). ``grid`` is checked
+    (``h * w == n``) for methods that need it.
+    """
+    info = get(method)
+    if "grid" in info.needs:
+        if grid is None:
+            raise ValueError(f"method '{method}' needs grid=(h, w) to size its output")
+        if len(grid) != 2 or grid[0] * grid[1] != n - protected:
+            raise ValueError(f"grid must satisfy h * w == n - protected = {n - protected}, got {grid}")
+    if isinstance(protected, bool) or not isinstance(protected, int) or not 0 <= protected < n:
+        raise ValueError(f"protected must be an int in [0, n={n}), got {protected!r}")
+    return resolve_k(keep, n - protected) + protected

@@ -348,7 +348,7 @@ def zero_tprune_select(tokens: Tensor, k: int, ctx: Context, *, s_ratio: float =
 # FastV
 # ---------------------------------------------------------------------------------------------------------------
 
-@register("fastv", family="attention", needs=("text_attn",),
+@register("fastv", family="attention", needs=("text_attn",), placement=Placement(positions="original"),
           paper="FastV: An Image is Worth 1/2 Tokens After Layer 2 (arXiv 2403.06764)")
 def fastv_select(tokens: Tensor, k: int, ctx: Context, *, query_source: str = "last") -> Selection:
     """FastV (Sec. 4): after LLM layer K keep the ``k`` image tokens that receive the most attention.

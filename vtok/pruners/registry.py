@@ -33,6 +33,9 @@ class Placement:
             ``None``: the pruning block itself.
         prop_attn: whether later blocks add ``log(size)`` to their attention logits once this method merged tokens
             (ToMe's proportional attention); ``False`` where the authors' code does not (VisionZip).
+        positions: in a wrapped VLM (``vtok.wrap``), the position ids of a pre-LLM stage as the method's reference
+            code gives them: ``"reindex"`` (the image-feature sequence is simply shortened, most pre-LLM methods) or
+            ``"original"`` (kept tokens keep their unpruned position ids, FastV).
     """
 
     layer: int | None = None
@@ -40,6 +43,7 @@ class Placement:
     score_rows: str = "cls"
     mid_layer: float | None = None
     prop_attn: bool = True
+    positions: str = "reindex"
 
 
 @dataclass(frozen=True)

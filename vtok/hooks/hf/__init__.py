@@ -1,0 +1,220 @@
+"""Wrap a Hugging Face VLM so that its own ``forward`` / ``generate`` use fewer visual tokens.
+
+    model = vtok.wrap(model, "divprune", keep=0.25)                  # pre-LLM: prune the projected image features
+    model = vtok.wrap(model, "fastv", keep=0.5, layer=2)             # in-LLM: prune hidden states before layer 2
+    model = vtok.wrap(model, "random", keep=[0.5, 0.25], layer=[2, 8])  # multi-stage (PyramidDrop-style)
+    vtok.stats(model)                                                 # visual tokens before / after of the last call
+    vtok.unwrap(model)
+
+Stages: ``layer=None`` prunes before the language model; ``layer=K`` prunes the hidden states entering decoder layer
+``K`` (layers before ``K`` see every token; from ``K`` on the hidden states, RoPE cos / sin, masks and the KV cache
+hold only kept tokens). Budgets are per image (``keep`` a ratio of the image's tokens or an int count; a list with one
+value per sample for a scalar ``layer``); image-newline tokens are never pruned and not counted.
+
+Positions (pre-LLM stage): ``"original"`` keeps the unpruned prompt's position ids (Qwen: its 3-D ids) and decoding
+continues after the unpruned prompt; ``"reindex"`` numbers the pruned prompt contiguously (Qwen: as ``get_rope_index``
+would for images holding only the kept tokens). Default: the method's declaration (``vtok methods``). In-LLM stages
+keep the positions the language model was given, as FastV / PyramidDrop do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from vtok.hooks.hf._runtime import Runtime, Stage
+from vtok.hooks.hf.llava import LlavaAdapter
+from vtok.pruners import get
+
+ADAPTERS: dict[str, Any] = {}
+
+
+def register_adapter(adapter: Any) -> Any:
+    """Register an adapter instance for the model class names it lists in ``adapter.names``."""
+    for name in adapter.names:
+        ADAPTERS[name] = adapter
+    return adapter
+
+
+register_adapter(LlavaAdapter())
+
+_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid"}
+_UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
+
+
+def supported() -> list[str]:
+    """The model classes ``wrap`` accepts."""
+    _load_optional()
+    return sorted(ADAPTERS)
+
+
+def _load_optional() -> None:
+    import importlib
+
+    for mod in ("llava_next", "qwen2_vl"):
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"vtok.hooks.hf.{mod}")
+
+
+def _adapter(model: Any) -> Any:
+    _load_optional()
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__]
+    raise TypeError(f"vtok.wrap does not support {type(model).__name__}; supported: {sorted(ADAPTERS)}")
+
+
+def _check_keep(keep: Any, name: str) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"{name} must be a float ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"{name} as a count must be >= 1 (a keep that leaves zero image tokens), got {keep}")
+    elif not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"{name} as a ratio must be in (0, 1] (0 would leave zero image tokens), got {keep}")
+
+
+def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, options: dict[str, Any]) -> list[Stage]:
+    info = get(method)
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers:
+        raise ValueError("layer must be None, an int or a non-empty list")
+    if len(layers) > 1:
+        if not isinstance(keep, (list, tuple)) or len(keep) != len(layers):
+            raise ValueError(f"with {len(layers)} stages (layer={layers}) keep must be a list of {len(layers)} "
+                             f"budgets, got {keep!r}")
+        keeps = [k if isinstance(k, (list, tuple)) else [k] for k in keep]
+    else:
+        keeps = [list(keep) if isinstance(keep, (list, tuple)) else [keep]]
+    n_layers = adapter.num_layers(model)
+    prev = -1
+    for i, ly in enumerate(layers):
+        if ly is None:
+            if i != 0:
+                raise ValueError("a pre-LLM stage (layer=None) must come first in layer=[...]")
+            continue
+        if isinstance(ly, bool) or not isinstance(ly, numbers.Integral):
+            raise TypeError(f"layer must be None or an int, got {ly!r}")
+        if not 0 <= ly < n_layers:
+            raise ValueError(f"layer must be in [0, {n_layers}) for this language model ({n_layers} layers), got {ly}")
+        if ly <= prev:
+            raise ValueError(f"stage layers must be strictly increasing, got {layers}")
+        prev = ly
+    for ks in keeps:
+        for j, k in enumerate(ks):
+            _check_keep(k, "keep" if len(ks) == 1 else f"keep[{j}]")
+    ratios = [ks[0] for ks in keeps if len(ks) == 1 and isinstance(ks[0], float)]
+    if len(ratios) == len(keeps) and any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
+        raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
+    stages = []
+    for ly, ks in zip(layers, keeps, strict=True):
+        avail = adapter.provides(model) if ly is None else set(_LLM_CONTEXT)
+        if ly is not None and ly == 0:
+            avail -= {"text_attn", "prev_hidden"}
+        missing = sorted(set(info.needs) - avail)
+        if missing:
+            where = "before the language model" if ly is None else f"at language-model layer {ly}"
+            raise ValueError(f"method '{method}' needs context {missing}, which the wrapper cannot give {where} "
+                             f"for {type(model).__name__} (it gives {sorted(avail)})")
+        stages.append(Stage(ly, method, ks, dict(options), frozenset(info.needs)))
+    bad = sorted(set(options) - set(info.options))
+    if bad:
+        raise TypeError(f"method '{method}' got unknown option(s) {bad}; its options: {sorted(info.options)}")
+    return stages
+
+
+def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | Sequence[int | None] = None,
+         positions: str | None = None, **options: Any) -> torch.nn.Module:
+    """Make ``model`` (a supported Hugging Face VLM) prune visual tokens in its own ``forward`` / ``generate``.
+
+    Args:
+        model: e.g. ``LlavaForConditionalGeneration`` (``vtok.hooks.hf.supported()`` lists them), wrapped in place.
+        method: a registered strategy (``vtok.methods()``).
+        keep: per image, a ratio in ``(0, 1]`` or an int count; for one stage a list gives one per sample; for
+            several stages one per stage (each may itself be a per-sample list).
+        layer: ``None`` (pre-LLM), a decoder layer ``K``, or a list of stages (``[None, 8]``, ``[2, 8, 16]``).
+        positions: ``"original"`` or ``"reindex"`` for the pre-LLM stage; default: the method's declaration.
+        **options: the method's own options.
+
+    Returns:
+        ``model`` itself. Its ``forward`` returns logits for the *pruned* sequence (``vtok.stats(model)`` says how
+        many tokens each sample kept); the last position is the prompt's last token, as ``generate`` needs.
+
+    Raises:
+        TypeError: unsupported model class (lists the supported ones); unknown options.
+        ValueError: wrapped twice; a keep leaving zero image tokens; a layer out of range; a method needing context
+            the placement cannot give (names the key); bad ``positions``.
+        NotImplementedError: an attention implementation other than sdpa / eager for attention-scored in-LLM stages.
+    """
+    adapter = _adapter(model)
+    if getattr(model, "_vtok_runtime", None) is not None:
+        raise ValueError("model is already wrapped by vtok; call vtok.unwrap(model) first")
+    stages = _stages(adapter, model, method, keep, layer, options)
+    has_pre = any(s.layer is None for s in stages)
+    default = get(method).placement.positions if has_pre else "original"
+    positions = default if positions is None else positions
+    if positions not in ("original", "reindex"):
+        raise ValueError(f"positions must be 'original' or 'reindex', got {positions!r}")
+    if positions == "reindex" and not has_pre:
+        raise ValueError("positions='reindex' applies to the pre-LLM stage; in-LLM stages keep the positions the "
+                         "language model was given (add layer=None as a first stage, or use 'original')")
+    impl = adapter.attn_implementation(model)
+    if any("text_attn" in s.needs for s in stages) and impl not in ("sdpa", "eager"):
+        raise NotImplementedError(f"in-LLM attention scores need attn_implementation 'sdpa' or 'eager', "
+                                  f"the language model uses {impl!r}")
+    rt = Runtime(model, adapter, stages, positions, method, keep)
+    rt.install()
+    orig_generate = model.generate
+
+    def generate(*args: Any, **kwargs: Any):
+        cfg = kwargs.get("generation_config") or model.generation_config
+        beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
+        if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            raise NotImplementedError("vtok-wrapped models support greedy and sampling generate; beam search and "
+                                      "assisted decoding are not supported")
+        impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
+        if impl in _UNSUPPORTED_CACHES:
+            raise NotImplementedError(f"vtok-wrapped models need the default dynamic cache, got cache_implementation="
+                                      f"{impl!r}")
+        return orig_generate(*args, **kwargs)
+
+    model.generate = generate
+    rt._undo.append(lambda: delattr(model, "generate"))
+    model._vtok_runtime = rt
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``wrap``: the model behaves bit-exactly as before. Returns ``model``."""
+    rt = getattr(model, "_vtok_runtime", None)
+    if rt is None:
+        raise ValueError("model is not wrapped by vtok")
+    rt.remove()
+    del model._vtok_runtime
+    return model
+
+
+@contextlib.contextmanager
+def wrapped(model: torch.nn.Module, method: str, keep: Any, **kwargs: Any) -> Iterator[torch.nn.Module]:
+    """``with vtok.wrapped(model, "divprune", 0.25): model.generate(...)`` — unwrapped again on exit."""
+    wrap(model, method, keep, **kwargs)
+    try:
+        yield model
+    finally:
+        unwrap(model)
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """For the last prefill of a wrapped model: visual tokens before / after per sample and per image, the stage
+    layers, and the prefill token reduction."""
+    rt = getattr(model, "_vtok_runtime", None)
+    if rt is None:
+        raise ValueError("model is not wrapped by vtok")
+    return rt.stats.as_dict()
+
+
+__all__ = ["ADAPTERS", "register_adapter", "stats", "supported", "unwrap", "wrap", "wrapped"]

@@ -1,0 +1,73 @@
+"""Read a few attention rows from a Hugging Face attention module while it runs SDPA (or eager).
+
+transformers looks its attention function up by name in ``ALL_ATTENTION_FUNCTIONS`` on every call. vtok puts a thin
+delegate under ``"sdpa"`` and ``"eager"`` that, only for the modules a wrapped model registered, recomputes the
+softmax rows of the query positions asked for from the (RoPE-applied) ``query`` / ``key`` it is handed, then calls
+the original function unchanged. Nothing switches to eager and no full attention matrix is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Callback = Callable[[Tensor], None]
+_CALLBACKS: dict[int, tuple[Callable[[Tensor, Tensor, Tensor | None, float | None, object], None]]] = {}
+_ORIGINAL: dict[str, Callable] = {}
+
+
+def _delegate(name: str) -> Callable:
+    def fn(module, query, key, value, attention_mask, *args, **kwargs):
+        cb = _CALLBACKS.get(id(module))
+        if cb is not None:
+            cb[0](query, key, attention_mask, kwargs.get("scaling"), module)
+        original = _ORIGINAL.get(name)
+        if original is None:  # eager is the modules' own default
+            mod = __import__(type(module).__module__, fromlist=["eager_attention_forward"])
+            original = mod.eager_attention_forward
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    fn._vtok_delegate = True  # type: ignore[attr-defined]
+    return fn
+
+
+def install() -> None:
+    """Put the delegates in place (idempotent)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in ("sdpa", "eager"):
+        current = ALL_ATTENTION_FUNCTIONS.get(name)
+        if current is not None and getattr(current, "_vtok_delegate", False):
+            continue
+        if current is not None:
+            _ORIGINAL[name] = current
+        ALL_ATTENTION_FUNCTIONS[name] = _delegate(name)
+
+
+def watch(module: torch.nn.Module, callback) -> None:
+    """Call ``callback(query, key, mask, scaling, module)`` each time ``module`` runs its attention."""
+    install()
+    _CALLBACKS[id(module)] = (callback,)
+
+
+def unwatch(module: torch.nn.Module) -> None:
+    _CALLBACKS.pop(id(module), None)
+
+
+def last_row_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
+    """Softmax attention of the last query row over all keys, heads averaged: ``[B, K]`` (fp32).
+
+    ``query [B, H, Q, dh]``, ``key [B, Hk, K, dh]`` (grouped-query heads repeated), ``mask`` a 4-D boolean (True =
+    attend) or additive mask ``[B, 1|H, Q, K]``, or ``None`` (causal: the last row sees every key)."""
+    q = query[:, :, -1:].float()
+    k = key.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    logits = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, K]
+    if mask is not None and isinstance(mask, Tensor):
+        m = mask[:, :, -1:, -k.shape[2]:]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return logits.softmax(-1).mean(1)[:, 0]

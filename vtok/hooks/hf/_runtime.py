@@ -1,0 +1,468 @@
+"""The wrapper's engine: one ``Runtime`` per wrapped model.
+
+It overrides (per instance, never per class) the language model's ``forward`` and, for in-LLM stages, the decoder
+layers' ``forward``. An adapter (``vtok/hooks/hf/<family>.py``) fills ``Runtime.records`` with each image's projected
+features and vision-side context during the model's own forward; the language-model override then
+
+* **prefill** (the cache is empty and the call carries images): runs the pre-LLM stage on the image tokens, rebuilds
+  a shorter left-padded batch with its attention mask and position ids (``original`` or ``reindex``) and calls the
+  language model on it; in-LLM stages do the same to the hidden states at their layer;
+* **decode** (the cache holds a pruned prompt): maps the attention mask, position ids and cache positions that
+  ``generate`` computed for the unpruned prompt onto the pruned one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtok.budget import resolve_k
+from vtok.hooks.hf import _attention
+from vtok.hooks.hf._sequence import (
+    Slot,
+    causal_keep_mask,
+    gather_positions,
+    gather_seq,
+    rebuild,
+    reindex_1d,
+    reindex_mrope,
+    select_slots,
+)
+from vtok.hooks.hf._sequence import budgets as slot_budgets
+
+
+@dataclass
+class ImageRecord:
+    """One image (or one part of it, e.g. LLaVA-NeXT's base view) as the adapter saw it in this call.
+
+    Attributes:
+        n: its placeholder tokens in the prompt (a contiguous run, in prompt order).
+        image: index of the image in the call (several records may share one image).
+        grid: ``(h, w)`` patch grid of the record's tokens (row-major), or ``None``.
+        protected: ``BoolTensor [n]`` of tokens never pruned, or ``None``.
+        ctx: per-token context from the vision tower (``cls_attn [n]``, ``keys [H, n, dh]``, ...).
+    """
+
+    n: int
+    image: int
+    grid: tuple[int, int] | None = None
+    protected: Tensor | None = None
+    ctx: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One pruning step: ``layer`` ``None`` = before the language model, else before decoder layer ``layer``."""
+
+    layer: int | None
+    method: str
+    keep: list[Any]  # one per sample is resolved at call time; a single value is broadcast
+    options: dict[str, Any]
+    needs: frozenset[str]
+
+
+@dataclass
+class _Stats:
+    layers: list[int | None] = field(default_factory=list)
+    per_sample: list[dict[str, Any]] = field(default_factory=list)
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    prefill_tokens_before: int = 0
+    prefill_tokens_after: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        before, after = self.prefill_tokens_before, self.prefill_tokens_after
+        return {"layers": self.layers, "per_sample": self.per_sample, "per_image": self.per_image,
+                "prefill_tokens_before": before, "prefill_tokens_after": after,
+                "prefill_reduction": (1 - after / before) if before else 0.0}
+
+
+@dataclass
+class _InLLM:
+    """State of one in-LLM stage during a call."""
+
+    valid: Tensor  # [B, L_s]
+    index_lm: Tensor  # [B, L_s] position in the language model's input sequence (-1 padding)
+    mask_prefill: Any = None
+    cos_sin: Any = None
+
+
+@dataclass
+class _CallState:
+    """What a prefill leaves for the decode steps of the same generation."""
+
+    prompt_len: int  # the unpruned prompt length the caller's masks count
+    valid: Tensor  # [B, L'] the pruned prompt's validity (what the cache holds), pre-LLM
+    next_pos: Tensor  # [B] the position id of the first generated token
+    seen: int = 0  # tokens appended after the prompt so far
+    slots: list[list[Slot]] = field(default_factory=list)
+    x_len: int = 0  # the language model's input length in this prefill (after the pre-LLM stage)
+    inllm: dict[int, _InLLM] = field(default_factory=dict)
+    phase: str = "prefill"
+    pre: bool = False
+    prev_hidden: list[Tensor] = field(default_factory=list)
+    text_attn: dict[int, Tensor] = field(default_factory=dict)
+
+
+class Runtime:
+    """Holds the overrides of one wrapped model; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, adapter: Any, stages: list[Stage], positions: str,
+                 method: str, keep: Any) -> None:
+        self.model, self.adapter, self.stages, self.positions = model, adapter, stages, positions
+        self.method, self.keep = method, keep
+        self.lm = adapter.language_model(model)
+        self.inner = adapter.inner(model)
+        self.records: list[ImageRecord] = []
+        self.input_ids: Tensor | None = None
+        self.state: _CallState | None = None
+        self.stats = _Stats()
+        self._undo: list[Any] = []
+        self._orig_lm_forward = self.lm.forward
+        self.pre = next((s for s in stages if s.layer is None), None)
+        self.inllm = [s for s in stages if s.layer is not None]
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        self._undo.append(self.inner.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self.lm.forward = self._lm_forward
+        self._undo.append(lambda: delattr(self.lm, "forward"))
+        self._undo.extend(self.adapter.install(self.model, self))
+        if self.inllm:
+            layers = self.adapter.decoder_layers(self.model)
+            first = min(s.layer for s in self.inllm)
+            want_prev = any("prev_hidden" in s.needs for s in self.inllm)
+            for i, layer in enumerate(layers):
+                if i >= first or want_prev:
+                    orig = layer.forward
+                    layer.forward = self._make_layer_forward(i, orig)
+                    self._undo.append(lambda layer=layer: delattr(layer, "forward"))
+            for s in self.inllm:
+                if "text_attn" in s.needs:
+                    attn = self.adapter.self_attention(layers[s.layer - 1])
+                    _attention.watch(attn, self._make_attn_capture(s.layer))
+                    self._undo.append(lambda attn=attn: _attention.unwatch(attn))
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo.remove() if hasattr(undo, "remove") else undo()
+        self._undo.clear()
+
+    # ------------------------------------------------------------------ per call
+    def add_records(self, output: Any, records: list[ImageRecord]) -> None:
+        """Called by the adapter's feature hook: ``records`` describe ``output`` (the encoder's return value), which
+        may come back later as precomputed ``mm_encoder_outputs`` (``generate`` encodes images before prefill)."""
+        base = max((r.image for r in self.records), default=-1) + 1
+        for r in records:
+            r.image += base
+        self.records.extend(records)
+        with contextlib.suppress(Exception):
+            object.__setattr__(output, "_vtok_records", records)
+
+    def _on_call(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.input_ids = ids
+        self.records = []
+        pre = kwargs.get("mm_encoder_outputs") or {}
+        for key in ("image", "video"):
+            out = pre.get(key) if isinstance(pre, dict) else None
+            if out is not None:
+                recs = getattr(out, "_vtok_records", None)
+                if recs is None:
+                    raise ValueError("vtok: precomputed mm_encoder_outputs must come from the wrapped model's own "
+                                     "get_image_features (vtok needs its per-image records)")
+                self.records.extend(recs)
+        return None
+
+    def _cache_len(self, kw: dict[str, Any]) -> int:
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            return 0
+        return int(cache.get_seq_length())
+
+    def _lm_forward(self, *args, **kw):
+        if args:
+            names = list(inspect.signature(self._orig_lm_forward).parameters)
+            kw.update(dict(zip(names, args, strict=False)))
+        if self._cache_len(kw) == 0:
+            self.state = None
+            if not self.records:
+                return self._orig_lm_forward(**kw)
+            return self._prefill(kw)
+        if self.state is None or self.records:
+            if self.records:
+                raise NotImplementedError("vtok: images in a call that continues a cache (multi-turn with new "
+                                          "images) are not supported by the wrapper; start from an empty cache")
+            return self._orig_lm_forward(**kw)
+        return self._decode(kw)
+
+    # ------------------------------------------------------------------ prefill
+    def _slots(self, valid: Tensor) -> list[list[Slot]]:
+        ids = self.input_ids
+        if ids is None:
+            raise NotImplementedError("vtok: the wrapped model needs input_ids (with image placeholder tokens) when it "
+                                      "is given images; inputs_embeds alone are not supported")
+        image_mask = torch.isin(ids, torch.tensor(self.adapter.image_token_ids(self.model), device=ids.device))
+        image_mask &= valid
+        slots: list[list[Slot]] = []
+        r = 0
+        for b in range(ids.shape[0]):
+            pos = image_mask[b].nonzero().squeeze(1)
+            row, used = [], 0
+            while used < len(pos):
+                if r >= len(self.records):
+                    raise RuntimeError(f"vtok: sample {b} has {len(pos)} image tokens but the images' features run out")
+                rec = self.records[r]
+                p = pos[used:used + rec.n]
+                n_free = rec.n - (0 if rec.protected is None else int(rec.protected.sum()))
+                row.append(Slot(r, p, rec.protected, rec.grid, n_free))
+                used += rec.n
+                r += 1
+            if used != len(pos):
+                raise RuntimeError(f"vtok: sample {b}'s image tokens do not match its images' feature counts")
+            slots.append(row)
+        if r != len(self.records):
+            raise RuntimeError(f"vtok: {len(self.records)} image records but only {r} matched placeholder runs")
+        return slots
+
+    def _keeps(self, stage: Stage, b_sz: int) -> list[Any]:
+        if len(stage.keep) == 1:
+            return stage.keep * b_sz
+        if len(stage.keep) != b_sz:
+            raise ValueError(f"keep has {len(stage.keep)} per-sample values but the batch has {b_sz} samples")
+        return stage.keep
+
+    def _query(self, x: Tensor, valid: Tensor, slots: list[list[Slot]]) -> list[Tensor]:
+        """Per sample, the mean embedding of its text tokens ``[D]`` (the ``query`` context)."""
+        out = []
+        for b, row in enumerate(slots):
+            m = valid[b].clone()
+            for s in row:
+                m[s.positions] = False
+            out.append(x[b, m].float().mean(0).to(x.dtype) if bool(m.any()) else x[b, valid[b]].mean(0))
+        return out
+
+    def _ctx(self, stage: Stage, x: Tensor, valid: Tensor, slots: list[list[Slot]], extra: dict[int, dict]
+             ) -> dict[int, dict[str, Any]]:
+        info_keys = stage.needs | self._uses(stage)
+        ctx: dict[int, dict[str, Any]] = {}
+        query = self._query(x, valid, slots) if "query" in info_keys else None
+        for b, row in enumerate(slots):
+            for s in row:
+                c = {k: v for k, v in self.records[s.record].ctx.items() if k in info_keys} if stage.layer is None \
+                    else {}
+                c.update({k: v for k, v in extra.get(s.record, {}).items() if k in info_keys})
+                if query is not None:
+                    c["query"] = query[b]
+                ctx[s.record] = c
+        return ctx
+
+    def _uses(self, stage: Stage) -> frozenset[str]:
+        from vtok.pruners import get
+
+        return get(stage.method).uses
+
+    def _prefill(self, kw: dict[str, Any]):
+        x = kw.get("inputs_embeds")
+        if x is None:
+            ids = kw.pop("input_ids")
+            x = self.lm.get_input_embeddings()(ids)
+            kw["inputs_embeds"] = x
+        kw.pop("input_ids", None)
+        b_sz, p_len, _ = x.shape
+        am = kw.get("attention_mask")
+        if am is not None and (not isinstance(am, Tensor) or am.dim() != 2):
+            raise NotImplementedError("vtok: the wrapper needs a 2-D attention_mask [B, L] (or none)")
+        valid = am.bool() if am is not None else torch.ones(b_sz, p_len, dtype=torch.bool, device=x.device)
+        slots = self._slots(valid)
+        st = _CallState(prompt_len=p_len, valid=valid, next_pos=torch.zeros(b_sz, dtype=torch.long),
+                        slots=slots, x_len=p_len)
+        pos_in = kw.get("position_ids")
+        if self.pre is not None:
+            ks = slot_budgets(slots, self._keeps(self.pre, b_sz), resolve_k)
+            if any(k != n for row_k, row in zip(ks, slots, strict=True) for k, n in
+                   zip(row_k, [len(s.positions) - (0 if s.protected is None else int(s.protected.sum()))
+                               for s in row], strict=True)):
+                picked = select_slots(x, slots, ks, self.pre.method, self.pre.options,
+                                      self._ctx(self.pre, x, valid, slots, {}))
+                res = rebuild(x, valid, slots, picked)
+                full = pos_in if pos_in is not None else reindex_1d(valid)
+                if self.positions == "original":
+                    pos = gather_positions(full, res.index)
+                elif full.dim() == 3 and full.shape[0] in (3, 4):
+                    rope = reindex_mrope(full[-3:], res.index, res.valid, res.slots)
+                    pos = rope if full.shape[0] == 3 else torch.cat([reindex_1d(res.valid)[None], rope])
+                else:
+                    pos = reindex_1d(res.valid)
+                pos = pos * res.valid  # padding → 0 (broadcast over leading dims)
+                kw["inputs_embeds"] = res.x
+                kw["attention_mask"] = res.valid.to(am.dtype if am is not None else torch.long)
+                kw["position_ids"] = pos
+                if "cache_position" in kw:
+                    kw["cache_position"] = torch.arange(res.x.shape[1], device=x.device)
+                st.valid, st.slots, st.x_len, st.pre = res.valid, res.slots, res.x.shape[1], True
+                pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
+                st.next_pos = (pos3.masked_fill(~res.valid, -1).amax(-1) + 1)
+        self.state = st
+        out = self._orig_lm_forward(**kw)
+        self._record_stats(slots, st, valid)
+        if self.state is st:
+            st.phase = "decode"
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, kw: dict[str, Any]):
+        st = self.state
+        x = kw.get("inputs_embeds")
+        q = x.shape[1] if x is not None else kw["input_ids"].shape[1]
+        if st.pre:
+            am = kw.get("attention_mask")
+            if am is not None:
+                if not isinstance(am, Tensor) or am.dim() != 2:
+                    raise NotImplementedError("vtok: the wrapper needs a 2-D attention_mask [B, L] (or none)")
+                tail = am[:, st.prompt_len:]
+                if tail.shape[1] != st.seen + q:
+                    raise RuntimeError(f"vtok: attention_mask has {am.shape[1]} columns, expected prompt "
+                                       f"{st.prompt_len} + {st.seen + q} generated")
+                kw["attention_mask"] = torch.cat([st.valid.to(am.dtype), tail], dim=1)
+            elif not bool(st.valid.all()):
+                ones = torch.ones(st.valid.shape[0], st.seen + q, dtype=torch.long, device=st.valid.device)
+                kw["attention_mask"] = torch.cat([st.valid.long(), ones], dim=1)
+            pos = st.next_pos[:, None].to(st.valid.device) + st.seen + torch.arange(q, device=st.valid.device)
+            pos_in = kw.get("position_ids")
+            if pos_in is not None and pos_in.dim() == 3:
+                pos = pos[None].expand(pos_in.shape[0], -1, -1)
+            kw["position_ids"] = pos
+            if "cache_position" in kw:
+                kw["cache_position"] = torch.arange(st.x_len + st.seen, st.x_len + st.seen + q,
+                                                    device=st.valid.device)
+        out = self._orig_lm_forward(**kw)
+        st.seen += q
+        return out
+
+    # ------------------------------------------------------------------ in-LLM stages
+    def _make_attn_capture(self, layer: int):
+        def cb(query, key, mask, scaling, module):
+            st = self.state
+            if st is None or st.phase != "prefill" or query.shape[2] < 2:
+                return
+            st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
+
+        return cb
+
+    def _stage_at(self, i: int) -> int | None:
+        k = None
+        for j, s in enumerate(self.inllm):
+            if s.layer <= i:
+                k = j
+        return k
+
+    def _make_layer_forward(self, i: int, orig):
+        def forward(*args, **kw):
+            st = self.state
+            if st is None:
+                return orig(*args, **kw)
+            if args:
+                hidden, args = args[0], args[1:]
+            else:
+                hidden = kw.pop("hidden_states")
+            j = self._stage_at(i)
+            if st.phase == "prefill":
+                nxt = [s.layer for s in self.inllm if s.layer > i]
+                if nxt and any("prev_hidden" in s.needs for s in self.inllm if s.layer > i):
+                    st.prev_hidden.append(hidden)
+                if j is not None and self.inllm[j].layer == i:
+                    hidden = self._apply_stage(j, hidden)
+                    st.prev_hidden = []
+            if j is not None:
+                self._adjust_kwargs(j, st, kw, hidden)
+            return orig(hidden, *args, **kw)
+
+        return forward
+
+    def _apply_stage(self, j: int, hidden: Tensor) -> Tensor:
+        st = self.state
+        stage = self.inllm[j]
+        prev = st.inllm.get(j - 1)
+        valid = prev.valid if prev is not None else st.valid
+        index_lm = prev.index_lm if prev is not None else torch.arange(hidden.shape[1], device=hidden.device
+                                                                       ).expand(hidden.shape[0], -1)
+        slots = st.slots
+        b_sz = hidden.shape[0]
+        ks = slot_budgets(slots, self._keeps(stage, b_sz), resolve_k)
+        extra: dict[int, dict[str, Tensor]] = {}
+        att = st.text_attn.get(stage.layer)
+        if "text_attn" in stage.needs and att is None:
+            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
+                               f"implementation must be 'sdpa' or 'eager'")
+        for b, row in enumerate(slots):
+            for s in row:
+                e: dict[str, Tensor] = {}
+                if att is not None:
+                    e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
+                if st.prev_hidden:
+                    e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
+                extra[s.record] = e
+        picked = select_slots(hidden, slots, ks, stage.method, stage.options,
+                              self._ctx(stage, hidden, valid, slots, extra))
+        res = rebuild(hidden, valid, slots, picked)
+        new_index_lm = torch.where(res.index >= 0, index_lm.gather(1, res.index.clamp_min(0)),
+                                   torch.full_like(res.index, -1))
+        st.inllm[j] = _InLLM(res.valid, new_index_lm)
+        st.slots = res.slots
+        return res.x
+
+    def _adjust_kwargs(self, j: int, st: _CallState, kw: dict[str, Any], hidden: Tensor) -> None:
+        s = st.inllm.get(j)
+        if s is None:
+            return
+        mask_in = kw.get("attention_mask")
+        fmt = None if mask_in is None else mask_in.dtype
+        if self.adapter.attn_implementation(self.model) == "eager" and fmt is None:
+            fmt = hidden.dtype
+        if st.phase == "prefill":
+            if s.mask_prefill is None:
+                s.mask_prefill = causal_keep_mask(s.valid, s.valid.shape[1], fmt)
+                pe = kw.get("position_embeddings")
+                if pe is not None:
+                    s.cos_sin = tuple(gather_seq(t, s.index_lm) for t in pe)
+            kw["attention_mask"] = s.mask_prefill
+            if s.cos_sin is not None:
+                kw["position_embeddings"] = s.cos_sin
+            if isinstance(kw.get("position_ids"), Tensor):
+                kw["position_ids"] = gather_positions(kw["position_ids"], s.index_lm)
+            if "cache_position" in kw:
+                kw["cache_position"] = torch.arange(s.valid.shape[1], device=hidden.device)
+        else:
+            q = hidden.shape[1]
+            keys = torch.cat([s.valid, torch.ones(s.valid.shape[0], st.seen + q, dtype=torch.bool,
+                                                  device=s.valid.device)], dim=1)
+            if mask_in is not None or not bool(keys.all()):
+                kw["attention_mask"] = causal_keep_mask(keys, q, fmt)
+            if "cache_position" in kw:
+                n = s.valid.shape[1] + st.seen
+                kw["cache_position"] = torch.arange(n, n + q, device=hidden.device)
+
+    # ------------------------------------------------------------------ stats
+    def _record_stats(self, slots_before: list[list[Slot]], st: _CallState, valid: Tensor) -> None:
+        """Visual tokens before / after every stage, per sample and per image (``vtok.stats``)."""
+        after = {s.record: len(s.positions) for row in st.slots for s in row}
+        per_sample, per_image = [], {}
+        for b, row in enumerate(slots_before):
+            vb = sum(len(s.positions) for s in row)
+            va = sum(after.get(s.record, len(s.positions)) for s in row)
+            n = int(valid[b].sum())
+            per_sample.append({"visual_before": vb, "visual_after": va, "prompt_tokens_before": n,
+                               "prompt_tokens_after": n - vb + va})
+            for s in row:
+                agg = per_image.setdefault(self.records[s.record].image, {"sample": b, "before": 0, "after": 0})
+                agg["before"] += len(s.positions)
+                agg["after"] += after.get(s.record, len(s.positions))
+        self.stats = _Stats(layers=[s.layer for s in self.stages], per_sample=per_sample,
+                            per_image=[{"image": i, **v} for i, v in sorted(per_image.items())],
+                            prefill_tokens_before=sum(d["prompt_tokens_before"] for d in per_sample),
+                            prefill_tokens_after=sum(d["prompt_tokens_after"] for d in per_sample))
