@@ -101,6 +101,7 @@ class _CallState:
     seen: int = 0  # tokens appended after the prompt so far
     slots: list[list[Slot]] = field(default_factory=list)
     x_len: int = 0  # the language model's input length in this prefill (after the pre-LLM stage)
+    index_prompt: Tensor | None = None  # [B, L'] prompt position of each language-model input token (-1 padding)
     inllm: dict[int, _InLLM] = field(default_factory=dict)
     phase: str = "prefill"
     pre: bool = False
@@ -305,6 +306,7 @@ class Runtime:
                 if "cache_position" in kw:
                     kw["cache_position"] = torch.arange(res.x.shape[1], device=x.device)
                 st.valid, st.slots, st.x_len, st.pre = res.valid, res.slots, res.x.shape[1], True
+                st.index_prompt = res.index
                 pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
                 st.next_pos = (pos3.masked_fill(~res.valid, -1).amax(-1) + 1)
         self.state = st
@@ -451,13 +453,19 @@ class Runtime:
     def _record_stats(self, slots_before: list[list[Slot]], st: _CallState, valid: Tensor) -> None:
         """Visual tokens before / after every stage, per sample and per image (``vtok.stats``)."""
         after = {s.record: len(s.positions) for row in st.slots for s in row}
+        idx = st.index_prompt
+        if idx is None:
+            idx = torch.where(valid, torch.arange(valid.shape[1], device=valid.device), -1)
+        if st.inllm:
+            last = st.inllm[max(st.inllm)].index_lm
+            idx = torch.where(last >= 0, idx.gather(1, last.clamp_min(0)), -1)
         per_sample, per_image = [], {}
         for b, row in enumerate(slots_before):
             vb = sum(len(s.positions) for s in row)
             va = sum(after.get(s.record, len(s.positions)) for s in row)
             n = int(valid[b].sum())
             per_sample.append({"visual_before": vb, "visual_after": va, "prompt_tokens_before": n,
-                               "prompt_tokens_after": n - vb + va})
+                               "prompt_tokens_after": n - vb + va, "kept": idx[b][idx[b] >= 0].tolist()})
             for s in row:
                 agg = per_image.setdefault(self.records[s.record].image, {"sample": b, "before": 0, "after": 0})
                 agg["before"] += len(s.positions)
