@@ -164,8 +164,9 @@ def rebuild(x: Tensor, valid: Tensor, slots: list[list[Slot]], picked: dict[tupl
 
 
 def gather_positions(pos: Tensor, index: Tensor) -> Tensor:
-    """Position ids ``[..., B, L]`` gathered at ``index [B, L']`` (-1 → 0) along the last dim."""
+    """Position ids ``[..., B|1, L]`` gathered at ``index [B, L']`` (-1 → 0) along the last dim."""
     idx = index.clamp_min(0)
+    pos = pos.expand(pos.shape[:-2] + (idx.shape[0], pos.shape[-1]))
     return pos.gather(-1, idx.expand(pos.shape[:-2] + idx.shape))
 
 
