@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,12 +74,14 @@ class _Stats:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     prefill_tokens_before: int = 0
     prefill_tokens_after: int = 0
+    wrapper_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         before, after = self.prefill_tokens_before, self.prefill_tokens_after
         return {"layers": self.layers, "per_sample": self.per_sample, "per_image": self.per_image,
                 "prefill_tokens_before": before, "prefill_tokens_after": after,
-                "prefill_reduction": (1 - after / before) if before else 0.0}
+                "prefill_reduction": (1 - after / before) if before else 0.0,
+                "wrapper_seconds": self.wrapper_seconds}
 
 
 @dataclass
@@ -107,6 +110,8 @@ class _CallState:
     pre: bool = False
     prev_hidden: list[Tensor] = field(default_factory=list)
     text_attn: dict[int, Tensor] = field(default_factory=dict)
+    slots_in: list[list[Slot]] = field(default_factory=list)
+    valid_in: Tensor | None = None
 
 
 class Runtime:
@@ -119,6 +124,7 @@ class Runtime:
         self.lm = adapter.language_model(model)
         self.inner = adapter.inner(model)
         self.records: list[ImageRecord] = []
+        self.wrapper_s = 0.0  # the wrapper's own time (context, strategy, bookkeeping) since the last prefill's stats
         self.input_ids: Tensor | None = None
         self.state: _CallState | None = None
         self.stats = _Stats()
@@ -268,6 +274,20 @@ class Runtime:
         return get(stage.method).uses
 
     def _prefill(self, kw: dict[str, Any]):
+        t0 = time.perf_counter()
+        kw = self._prefill_inputs(kw)
+        self.wrapper_s += time.perf_counter() - t0
+        out = self._orig_lm_forward(**kw)
+        t0 = time.perf_counter()
+        st = self.state
+        self._record_stats(st.slots_in, st, st.valid_in)
+        if self.state is st:
+            st.phase = "decode"
+        self.wrapper_s = 0.0
+        self.stats.wrapper_seconds += time.perf_counter() - t0
+        return out
+
+    def _prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
         x = kw.get("inputs_embeds")
         if x is None:
             ids = kw.pop("input_ids")
@@ -309,12 +329,9 @@ class Runtime:
                 st.index_prompt = res.index
                 pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
                 st.next_pos = (pos3.masked_fill(~res.valid, -1).amax(-1) + 1)
+        st.slots_in, st.valid_in = slots, valid
         self.state = st
-        out = self._orig_lm_forward(**kw)
-        self._record_stats(slots, st, valid)
-        if self.state is st:
-            st.phase = "decode"
-        return out
+        return kw
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict[str, Any]):
@@ -378,7 +395,9 @@ class Runtime:
                 if nxt and any("prev_hidden" in s.needs for s in self.inllm if s.layer > i):
                     st.prev_hidden.append(hidden)
                 if j is not None and self.inllm[j].layer == i:
+                    t0 = time.perf_counter()
                     hidden = self._apply_stage(j, hidden)
+                    self.wrapper_s += time.perf_counter() - t0
                     st.prev_hidden = []
             if j is not None:
                 self._adjust_kwargs(j, st, kw, hidden)
@@ -471,6 +490,7 @@ class Runtime:
                 agg["before"] += len(s.positions)
                 agg["after"] += after.get(s.record, len(s.positions))
         self.stats = _Stats(layers=[s.layer for s in self.stages], per_sample=per_sample,
+                            wrapper_seconds=self.wrapper_s,
                             per_image=[{"image": i, **v} for i, v in sorted(per_image.items())],
                             prefill_tokens_before=sum(d["prompt_tokens_before"] for d in per_sample),
                             prefill_tokens_after=sum(d["prompt_tokens_after"] for d in per_sample))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any
 
 import torch
@@ -95,6 +96,7 @@ class LlavaAdapter:
             finally:
                 if handle is not None:
                     handle.remove()
+            t0 = time.perf_counter()
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
             feats = list(feats) if isinstance(feats, Tensor) else feats
             ctx = self._context(model, layers[li], captured[0], want) if want and captured else {}
@@ -105,6 +107,7 @@ class LlavaAdapter:
                 recs.append(ImageRecord(n=n, image=i, grid=(side, side) if side * side == n else None,
                                         ctx={k: v[i] for k, v in ctx.items()}))
             rt.add_records(out, recs)
+            rt.wrapper_s += time.perf_counter() - t0
             return out
 
         inner.get_image_features = get_image_features
