@@ -11,6 +11,7 @@ from sklearn.cluster import KMeans
 import vtok
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels import reference as R
 from vtok.pruners.clustering import kmeans_pp_init
 
 METHODS = ["tome", "kmeans", "kmedoids", "dpc_knn"]
@@ -397,11 +398,23 @@ def test_property_shapes_and_budget(n, b, r, method, seed):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("method", ["tome", "kmeans"])
-def test_no_nxn_allocation(method):
-    b, n = 1, 1024
+@pytest.mark.parametrize("method", ["tome", "kmeans", "kmedoids", "dpc_knn"])
+def test_no_nxn_allocation(method, monkeypatch):
+    # k-means++, k-medoids and DPC-kNN build one N × N matrix only up to reference.GRAM_MAX_ELEMENTS (lowered here
+    # below one sample's); above it they stream. ToMe never builds one.
+    b, n = 1, 1024 if method == "tome" else 2048  # the streaming passes hold one 256 × N block
+    monkeypatch.setattr(R, "GRAM_MAX_ELEMENTS", n * n - 1)
     x = torch.randn(b, n, 16, generator=torch.Generator().manual_seed(0))
-    opts = {"iters": 3} if method == "kmeans" else {"keys": torch.randn(b, 2, n, 8)}
-    keep = 32 if method == "kmeans" else 200  # tome: three bipartite steps (1024 -> 512 -> 256 -> 200)
+    opts = {"keys": torch.randn(b, 2, n, 8)} if method == "tome" else {"iters": 3}
+    opts = {} if method == "dpc_knn" else opts
+    keep = 200 if method == "tome" else 32  # tome: three bipartite steps (1024 -> 512 -> 256 -> 200)
     peak = max_alloc_bytes(lambda: vtok.compress(x, method, keep=keep, **opts))
     assert peak < nxn_bytes(b, n) / 4
+
+
+@pytest.mark.parametrize("method", ["kmeans", "kmedoids", "dpc_knn"])
+def test_at_most_one_nxn_matrix_below_the_limit(method):
+    b, n = 3, 600
+    x = torch.randn(b, n, 16, generator=torch.Generator().manual_seed(0))
+    peak = max_alloc_bytes(lambda: vtok.compress(x, method, keep=32))
+    assert peak <= nxn_bytes(b, n) and b * n * n <= R.GRAM_MAX_ELEMENTS

@@ -8,6 +8,7 @@ from memtools import max_alloc_bytes, nxn_bytes
 
 import vtok
 from vtok.context import Context
+from vtok.kernels import reference as R
 
 METHODS = ["divprune", "todre"]
 
@@ -211,10 +212,23 @@ def test_duplicates_still_give_k_unique_tokens():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_no_nxn_allocation(method):
+def test_no_nxn_allocation_above_the_matrix_limit(method, monkeypatch):
+    # above reference.GRAM_MAX_ELEMENTS (lowered here) the greedy streams: no N × N matrix
     b, n = 1, 2048
+    monkeypatch.setattr(R, "GRAM_MAX_ELEMENTS", n * n - 1)
     x = torch.randn(b, n, 16, generator=torch.Generator().manual_seed(0))
     q = torch.randn(b, 16)
     ctx = {"query": q, "candidates": 2.0} if method == "todre" else {}
     peak = max_alloc_bytes(lambda: vtok.compress(x, method, keep=32, **ctx))
     assert peak < nxn_bytes(b, n) / 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_nxn_matrix_below_the_limit(method):
+    # below it: one N × N matrix per group of samples (the cosine Gram / distance matrix), never more
+    b, n = 3, 1024
+    x = torch.randn(b, n, 16, generator=torch.Generator().manual_seed(0))
+    ctx = {"query": torch.randn(b, 16), "candidates": 2.0} if method == "todre" else {}
+    peak = max_alloc_bytes(lambda: vtok.compress(x, method, keep=32, **ctx))
+    assert nxn_bytes(b, n) <= peak <= nxn_bytes(b, n)
+    assert b * n * n <= R.GRAM_MAX_ELEMENTS

@@ -1,20 +1,31 @@
 """Pure-PyTorch reference reductions: the CPU path and the oracle for the fused kernels.
 
-All are chunked so that no ``N × N`` matrix is materialised where the method does not need one:
-peak extra memory is ``O(chunk · N)`` per batch-head. Shapes: ``B`` batch, ``H`` heads, ``N`` keys/tokens,
-``M`` query rows, ``D`` features.
+All are chunked so that no ``N × N`` matrix is materialised where the method does not need one: peak extra memory
+is ``O(chunk · N)`` per batch-head. The exception is the greedy / iterative diversity and clustering reductions
+(``farthest_point``, ``max_min_diverse``, ``density_peaks``, and the strategies built on ``pairwise_matrix``): they
+read the same pairwise distances many times, so below :data:`GRAM_MAX_ELEMENTS` they compute all of them once (one
+GEMM, chunked over rows) and look rows up; above it they stream exactly as before, with the same picks. Shapes:
+``B`` batch, ``H`` heads, ``N`` keys/tokens, ``M`` query rows, ``D`` features.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from vtok.selection import gather_tokens
 
 DEFAULT_CHUNK = 256
+
+GRAM_MAX_ELEMENTS = 1 << 24
+"""Most entries ``g · N · N`` of the pairwise matrix built at once for ``g`` samples of a batch: 2**24 (64 MiB in fp32,
+128 MiB in fp64), i.e. one sample up to ``N = 4096`` tokens (LLaVA-NeXT's 2880 in groups of 2). Samples are processed
+in groups that fit; when a single sample does not (video, e.g. 64 frames × 196 = 12.5k tokens: 600 MiB) the
+streaming / chunked path runs instead: ``O(B·chunk·N)`` memory, the same picks, several times slower. Read at call
+time, so it can be changed (tests lower it to exercise the streaming path)."""
 
 
 def upcast_half(x: Tensor) -> Tensor:
@@ -105,6 +116,124 @@ def pairwise_distance_native(a: Tensor, b: Tensor, metric: str = "cosine") -> Te
     raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
 
 
+def gram_groups(b: int, n: int) -> list[slice] | None:
+    """Batch slices whose ``N × N`` pairwise matrices fit :data:`GRAM_MAX_ELEMENTS` together, or ``None`` when a
+    single sample's does not (then the streaming path runs)."""
+    per = GRAM_MAX_ELEMENTS // max(n * n, 1)
+    if per < 1:
+        return None
+    return [slice(s, min(s + per, b)) for s in range(0, b, per)]
+
+
+def pairwise_matrix(x: Tensor, metric: str = "cosine", *, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """All pairwise distances ``[B, N, N]`` of ``x [B, N, D]`` in the input's own precision (fp64 stays fp64, half
+    precision is upcast to fp32): row block ``[s, s + chunk)`` holds exactly the values of
+    ``pairwise_distance_native(x[:, s:s + chunk], x, metric)`` (the chunked passes of ``density_peaks`` /
+    ``cluster_medoids`` compute the same numbers), with features normalised / squared norms taken once. One GEMM in
+    row blocks; memory ``B·N²`` plus one ``chunk × N`` block (callers check :func:`gram_groups` first)."""
+    if metric not in ("cosine", "euclidean", "sqeuclidean"):
+        raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+    xa = upcast_half(x)
+    b, n, _ = xa.shape
+    if metric == "cosine":
+        xa = torch.nn.functional.normalize(xa, dim=-1)
+    else:
+        sq = (xa * xa).sum(-1)
+    xt = xa.transpose(1, 2)
+    out = torch.empty(b, n, n, dtype=xa.dtype, device=xa.device)
+    for s in range(0, n, chunk):
+        dot = xa[:, s:s + chunk] @ xt
+        if metric == "cosine":
+            out[:, s:s + chunk] = dot.neg_().add_(1.0)  # 1 − dot, the same rounding
+        else:
+            # (‖a‖² + ‖b‖²) − 2·a·b: 2·dot is exact, so the fused subtraction rounds as the two-step one
+            d2 = (sq[:, s:s + chunk, None] + sq[:, None, :]).sub_(dot, alpha=2.0).clamp_min_(0.0)
+            out[:, s:s + chunk] = d2.sqrt_() if metric == "euclidean" else d2
+    return out
+
+
+def _row_lookup(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """``mat [B, N, N]`` viewed as ``[B·N, N]`` and the offset ``b·N`` of each sample's first row."""
+    b, n, _ = mat.shape
+    return mat.reshape(b * n, n), torch.arange(b, device=mat.device) * n
+
+
+# The greedy loops below run ``k`` dependent steps of a few ``O(N)`` operations. On the CPU they run in NumPy on a
+# zero-copy view of the matrix: the same IEEE operations (``minimum``, ``+``, first-index ``argmax`` / ``argmin``, NaN
+# propagated and counted as the largest value as torch does), at ~1 µs per call instead of ~5–10 µs of torch dispatch.
+
+
+def greedy_max_min(dist: Tensor, k: int, start: Tensor) -> Tensor:
+    """Greedy k-center over a precomputed distance matrix ``dist [B, N, N]`` (row ``c`` = distances from token
+    ``c``): ``start [B]`` first, then repeatedly the token farthest from its nearest pick (ties → lowest index).
+    ``[B, k]`` in pick order. The diagonal is never read for a decision (a pick's own entry lands on a picked,
+    masked token). Each step is a row lookup, ``O(B·N)``."""
+    b, n, _ = dist.shape
+    if dist.device.type == "cpu":
+        flat, base = dist.detach().reshape(b * n, n).numpy(), np.arange(b) * n
+        picks = np.empty((k, b), dtype=np.int64)
+        picks[0] = start.cpu().numpy()
+        idx = base + picks[0]
+        mind = flat[idx]
+        chosen = np.zeros(b * n, dtype=bool)
+        chosen[idx] = True
+        chosen = chosen.reshape(b, n)
+        for t in range(1, k):
+            nxt = np.where(chosen, -np.inf, mind).argmax(1)
+            picks[t] = nxt
+            idx = base + nxt
+            chosen.reshape(-1)[idx] = True
+            np.minimum(mind, flat[idx], out=mind)
+        return torch.from_numpy(picks.T.copy())
+    flat, tbase = _row_lookup(dist)
+    picks = [start]
+    idx = tbase + start
+    mind = flat.index_select(0, idx)
+    chosen = torch.zeros(b * n, dtype=torch.bool, device=dist.device)
+    chosen[idx] = True
+    chosen = chosen.view(b, n)
+    for _ in range(1, k):
+        nxt = mind.masked_fill(chosen, float("-inf")).argmax(1)
+        picks.append(nxt)
+        idx = tbase + nxt
+        chosen.view(-1)[idx] = True
+        torch.minimum(mind, flat.index_select(0, idx), out=mind)
+    return torch.stack(picks, 1)
+
+
+def greedy_max_sum(sim: Tensor, k: int, start: Tensor) -> Tensor:
+    """Greedy max-sum (ToDRE v2) over a precomputed similarity matrix ``sim [B, N, N]``: ``start [B]`` first, then
+    repeatedly the unpicked token with the smallest cumulative similarity to the picks (ties → lowest index).
+    ``[B, k]`` in pick order; each step is a row lookup."""
+    b, n, _ = sim.shape
+    if sim.device.type == "cpu":
+        flat, base = sim.detach().reshape(b * n, n).numpy(), np.arange(b) * n
+        picks = np.empty((k, b), dtype=np.int64)
+        picks[0] = start.cpu().numpy()
+        idx = base + picks[0]
+        cum = flat[idx]
+        cum.reshape(-1)[idx] = np.inf  # picked tokens stay masked: inf + finite = inf
+        for t in range(1, k):
+            c = cum.argmin(1)  # first index, NaN counted as the smallest: as torch.argmin
+            picks[t] = c
+            idx = base + c
+            cum += flat[idx]
+            cum.reshape(-1)[idx] = np.inf
+        return torch.from_numpy(picks.T.copy())
+    flat, tbase = _row_lookup(sim)
+    picks = [start]
+    idx = tbase + start
+    cum = flat.index_select(0, idx)
+    cum.view(-1)[idx] = float("inf")
+    for _ in range(1, k):
+        c = cum.argmin(1)
+        picks.append(c)
+        idx = tbase + c
+        cum += flat.index_select(0, idx)
+        cum.view(-1)[idx] = float("inf")
+    return torch.stack(picks, 1)
+
+
 def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int = DEFAULT_CHUNK) -> Tensor:
     """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32).
 
@@ -134,12 +263,26 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
     """Greedy k-center / max-min selection over ``x [B, N, D]``: ``k`` indices ``[B, k]`` in selection order.
 
     Step 1 takes ``start [B]`` (default token 0); each next step takes the token whose distance to its nearest
-    selected token is largest (ties → lowest index). Features are normalised (cosine) or their squared norms
-    computed (Euclidean) once; each step is one ``[N, D] × [D]`` product. Memory ``O(B·N)``; ``k`` sequential steps.
-    Distances are computed in the input's precision (fp64 stays fp64; half precision is upcast to fp32).
+    selected token is largest (ties → lowest index). Distances are computed in the input's precision (fp64 stays
+    fp64; half precision is upcast to fp32). Where the samples' ``N × N`` matrices fit :data:`GRAM_MAX_ELEMENTS`,
+    all distances come from one GEMM (``pairwise_matrix``) and each of the ``k`` steps is a row lookup
+    (:func:`greedy_max_min`); otherwise (streaming) features are normalised / squared norms taken once and each step
+    is one ``[N, D] × [D]`` product, memory ``O(B·N)``. Both compute the same distances up to the last-bit rounding
+    of a GEMM against a matrix-vector product, which decides a pick only on a near-tie at that level.
     """
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
         raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+    b, n, _ = x.shape
+    if start is None:
+        start = torch.zeros(b, dtype=torch.long, device=x.device)
+    groups = gram_groups(b, n)
+    if groups is not None:
+        return torch.cat([greedy_max_min(pairwise_matrix(x[g], metric), k, start[g]) for g in groups])
+    return _farthest_point_streaming(x, k, start, metric)
+
+
+def _farthest_point_streaming(x: Tensor, k: int, start: Tensor, metric: str) -> Tensor:
+    """``farthest_point`` without an ``N × N`` matrix: one ``[N, D] × [D]`` product per step, memory ``O(B·N)``."""
     b, n, _ = x.shape
     rows = torch.arange(b, device=x.device)
     xa = upcast_half(x)
@@ -155,8 +298,6 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
         d2 = (sq + sq[rows, c][:, None] - 2.0 * dot).clamp_min(0.0)
         return d2.sqrt() if metric == "euclidean" else d2
 
-    if start is None:
-        start = torch.zeros(b, dtype=torch.long, device=x.device)
     sel = torch.empty(b, k, dtype=torch.long, device=x.device)
     sel[:, 0] = start
     mind = dist_to(start)
@@ -168,6 +309,29 @@ def farthest_point(x: Tensor, k: int, *, start: Tensor | None = None, metric: st
         chosen[rows, nxt] = True
         mind = torch.minimum(mind, dist_to(nxt))
     return sel
+
+
+def max_min_diverse(x: Tensor, k: int) -> Tensor:
+    """DivPrune's greedy max–min on cosine distance over ``x [B, N, D]``: ``[B, k]`` in pick order.
+
+    The first pick is the most isolated token, ``argmax_i min_{j≠i} d(i, j)`` (compared in fp32, as
+    ``nearest_neighbor_distance`` returns it), then ``farthest_point`` from it. Where the ``N × N`` matrices fit
+    :data:`GRAM_MAX_ELEMENTS` both steps read one cosine-distance matrix (one GEMM: the nearest-neighbour distances are
+    exactly ``nearest_neighbor_distance``'s, the greedy steps are row lookups); otherwise the streaming
+    ``nearest_neighbor_distance`` + ``farthest_point``.
+    """
+    b, n, _ = x.shape
+    groups = gram_groups(b, n)
+    if groups is None:
+        start = nearest_neighbor_distance(x, metric="cosine").argmax(1)
+        return _farthest_point_streaming(x, k, start, "cosine")
+    out = []
+    for g in groups:
+        dist = pairwise_matrix(x[g], "cosine")
+        dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # nearest *other* token; never read by the greedy steps
+        start = dist.min(-1).values.float().argmax(1)  # the fp32 cast is monotone: min then cast = cast then min
+        out.append(greedy_max_min(dist, k, start))
+    return torch.cat(out)
 
 
 def topk_gather(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -243,9 +407,15 @@ def density_peaks(x: Tensor, knn: int, *, include_self: bool = True,
     tokens (``rho = 1`` when there are none). ``delta_i`` = distance to the nearest token that is denser, with ties
     in ``rho`` broken by index (a lower index counts as denser), so exactly one token per row, the densest, has none
     and gets the largest distance in its sample instead. Computed in the input's precision (fp64 stays fp64, fp32
-    otherwise); two chunked passes, memory ``O(B·chunk·N)``, never ``N × N``.
+    otherwise). Where the ``N × N`` matrices fit :data:`GRAM_MAX_ELEMENTS` the squared distances are computed once
+    (``pairwise_matrix``) and both passes read them (``δ`` as the square root of the smallest squared distance to a
+    denser token, the same number); otherwise two chunked passes recompute them, memory ``O(B·chunk·N)``.
     """
     b, n, _ = x.shape
+    groups = gram_groups(b, n)
+    if groups is not None:
+        parts = [_density_peaks_matrix(x[g], knn, include_self, chunk) for g in groups]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     kk = min(int(knn), n) if include_self else min(int(knn), n - 1)
     others = kk - 1 if include_self else kk  # how many other tokens enter the sum
     rho, rowmax = [], []
@@ -273,8 +443,32 @@ def density_peaks(x: Tensor, knn: int, *, include_self: bool = True,
     return density, torch.cat(deltas, 1)
 
 
+def _density_peaks_matrix(x: Tensor, knn: int, include_self: bool, chunk: int) -> tuple[Tensor, Tensor]:
+    """``density_peaks`` from one ``N × N`` squared-distance matrix (same values as its streaming passes)."""
+    b, n, _ = x.shape
+    kk = min(int(knn), n) if include_self else min(int(knn), n - 1)
+    others = kk - 1 if include_self else kk
+    d2 = pairwise_matrix(x, "sqeuclidean", chunk=chunk)
+    dmax = d2.amax(-1).amax(1).sqrt()  # [B]
+    if others > 0:
+        d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # the token itself (never denser than itself either)
+        near = d2.topk(others, dim=-1, largest=False).values
+        density = torch.exp(-(near.sum(-1) / kk if include_self else near.mean(-1)))
+    else:
+        density = torch.ones(b, n, device=x.device, dtype=d2.dtype)
+    # rank in (descending density, ascending index) order: j is denser than i  <=>  rank_j < rank_i
+    order = torch.sort(density, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n).contiguous())
+    deltas = []
+    for s in range(0, n, chunk):
+        not_denser = rank[:, None, :] >= rank[:, s:s + chunk, None]
+        dl = d2[:, s:s + chunk].masked_fill(not_denser, float("inf")).amin(-1).sqrt_()  # sqrt is monotone
+        deltas.append(torch.where(torch.isinf(dl), dmax[:, None].expand_as(dl), dl))
+    return density, torch.cat(deltas, 1)
+
+
 def cluster_medoids(x: Tensor, labels: Tensor, c: int, *, metric: str = "euclidean",
-                    chunk: int = DEFAULT_CHUNK) -> Tensor:
+                    chunk: int = DEFAULT_CHUNK, dist: Tensor | None = None) -> Tensor:
     """Medoid of each cluster: ``x [B, N, D]``, ``labels [B, N]`` in ``[0, c)`` → ``[B, c]`` token indices.
 
     The medoid is the member with the smallest sum of distances (``metric`` as in ``pairwise_distance``) to the
@@ -282,15 +476,19 @@ def cluster_medoids(x: Tensor, labels: Tensor, c: int, *, metric: str = "euclide
     A token's distance to itself counts as exactly 0 (the ``‖a‖² + ‖b‖² − 2a·b`` form leaves rounding noise there,
     which would otherwise decide pairs and, in fp32, near-ties). Sums are accumulated in the input's precision
     (fp64 stays fp64, fp32 otherwise). Chunked over rows: memory ``O(B·chunk·N)`` (the compute is ``O(N²·D)``,
-    inherent to medoids).
+    inherent to medoids). ``dist``: the ``pairwise_matrix(x, metric)`` of ``x`` with its diagonal already set to 0,
+    when the caller holds it (an iterative caller computes it once); the result is the same.
     """
     b, n, _ = x.shape
     x = upcast_half(x)
     cost = torch.empty(b, n, device=x.device, dtype=x.dtype)
     for s in range(0, n, chunk):
-        d = pairwise_distance_native(x[:, s:s + chunk], x, metric)
-        rows = torch.arange(s, min(s + chunk, n), device=x.device)
-        d[:, torch.arange(rows.numel(), device=x.device), rows] = 0.0  # exactly 0: no GEMM rounding on the diagonal
+        if dist is None:
+            d = pairwise_distance_native(x[:, s:s + chunk], x, metric)
+            rows = torch.arange(s, min(s + chunk, n), device=x.device)
+            d[:, torch.arange(rows.numel(), device=x.device), rows] = 0.0  # exactly 0: no GEMM rounding there
+        else:
+            d = dist[:, s:s + chunk]
         same = labels[:, s:s + chunk, None] == labels[:, None, :]
         cost[:, s:s + chunk] = (d * same).sum(-1)
     best = torch.full((b, c), float("inf"), device=x.device, dtype=cost.dtype).scatter_reduce(1, labels, cost, "amin")

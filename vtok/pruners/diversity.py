@@ -1,8 +1,11 @@
 """Diversity strategies: keep a subset of tokens that covers the feature space (max–min / k-center, max-sum).
 
 Both methods here are *pruners* (plain gathers, no merge map): the kept tokens are real tokens in original
-order. The greedy loops (max–min in ``ops.farthest_point``, max-sum in :func:`max_sum_greedy`) are ``k``
-sequential steps of ``O(B·N·D)`` each; no ``N × N`` distance matrix is built (the DivPrune code builds one).
+order. The greedy loops (max–min in ``ops.farthest_point`` / ``reference.max_min_diverse``, max-sum in
+:func:`max_sum_greedy`) are ``k`` sequential steps. On the CPU path, where a sample's ``N × N`` matrix fits
+``reference.GRAM_MAX_ELEMENTS`` (N ≤ 4096), the cosine Gram matrix is computed once (one GEMM, as the DivPrune code
+does) and each step is a row lookup, ``O(B·N)``; above it (and on CUDA, where the fused kernel runs) each step is
+one ``[N, D] × [D]`` product, ``O(B·N·D)``, and no ``N × N`` matrix is built. Same picks either way.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels import reference as ref
 from vtok.pruners.registry import register
 from vtok.selection import Selection
 
@@ -32,11 +36,15 @@ def divprune(tokens: Tensor, k: int, ctx: Context) -> Selection:
     2. then repeatedly add ``argmax_{i ∉ S} min_{j ∈ S} d(i, j)`` (``ops.farthest_point`` from that start).
 
     Ties go to the lowest index. Returns a plain-gather ``Selection`` with ``keep [B, k]`` sorted ascending
-    (original token order). Memory is ``O(B·N)`` plus one ``chunk × N`` block for step 1.
+    (original token order). On the CPU both steps read one cosine-distance matrix (``reference.max_min_diverse``:
+    one GEMM, then ``k`` row lookups) up to ``reference.GRAM_MAX_ELEMENTS`` entries per group of samples; above it,
+    and on CUDA (fused ``farthest_point``), memory is ``O(B·N)`` plus one ``chunk × N`` block for step 1.
     """
     b, n, _ = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
+    if not ops.use_triton(tokens):
+        return Selection.from_indices(ref.max_min_diverse(tokens, k), n)
     start = ops.nearest_neighbor_distance(tokens, metric="cosine").argmax(1)
     picks = ops.farthest_point(tokens, k, start=start, metric="cosine")
     return Selection.from_indices(picks, n)
@@ -92,12 +100,17 @@ def max_sum_greedy(tokens: Tensor, k: int, start: Tensor) -> Tensor:
     ``C = {start}``; ``S_v = cos(x_v, x_start)``; then ``k − 1`` times: take ``c = argmin_{v ∉ C} S_v`` (the token
     with the smallest *cumulative* cosine similarity to the chosen set, i.e. the largest sum of cosine distances),
     add it and update ``S_v += cos(x_v, x_c)`` (Eqs. 4–6). Ties → lowest index (``argmin`` returns the first).
-    Features are normalised once; fp16 / bf16 accumulate in fp32, fp32 / fp64 in their own dtype. Each step is one
-    ``[N, D] × [D]`` product per sample: ``O(k·B·N·D)`` time, ``O(B·N)`` memory beyond the normalised copy.
+    Features are normalised once; fp16 / bf16 accumulate in fp32, fp32 / fp64 in their own dtype. Where the samples'
+    ``N × N`` matrices fit ``reference.GRAM_MAX_ELEMENTS``, the cosine similarities come from one GEMM per group of
+    samples and each step adds a row (``reference.greedy_max_sum``); otherwise each step is one ``[N, D] × [D]``
+    product per sample: ``O(k·B·N·D)`` time, ``O(B·N)`` memory beyond the normalised copy. Same picks either way.
     """
     b, n, _ = tokens.shape
     rows = torch.arange(b, device=tokens.device)
     xn = F.normalize(tokens.to(_acc_dtype(tokens)), dim=-1)
+    groups = ref.gram_groups(b, n)
+    if groups is not None:
+        return torch.cat([ref.greedy_max_sum(xn[g] @ xn[g].transpose(1, 2), k, start[g]) for g in groups])
 
     def sim_to(c: Tensor) -> Tensor:  # [B] token index → [B, N] cosine similarities
         return torch.bmm(xn, xn[rows, c][:, :, None])[..., 0]
