@@ -38,3 +38,14 @@ def test_patch_vit_demo_runs():
                           "--img", "64", "--batch", "2", "--method", "cls_attn", "--keep", "0.5"],
                          capture_output=True, text=True, check=True)
     assert "16 patch tokens -> 8" in out.stdout
+
+
+def test_wrap_vlm_demo_runs(tmp_path):
+    """The VLM demo at tiny settings: a random LLaVA folder built, reloaded with from_pretrained, wrapped."""
+    out = subprocess.run([sys.executable, str(ROOT / "demos" / "wrap_vlm.py"), "--out", str(tmp_path / "tiny"),
+                          "--image-size", "56", "--methods", "divprune,visionzip", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "divprune" in out.stdout and "fastv" in out.stdout
+    assert "32→8" in out.stdout  # 2 images × 16 tokens at 56 px / patch 14, keep 0.25
+    assert (tmp_path / "tiny" / "config.json").exists()
