@@ -14,15 +14,15 @@ console = Console()
 
 @app.command("methods")
 def methods_cmd(family: str = typer.Option(None, help="Only this family.")) -> None:
-    """List every registered strategy: family, context it needs, paper."""
+    """List every registered strategy: family, context it needs, its position ids in a wrapped VLM, paper."""
     import vtok
 
     table = Table(title="vtok strategies")
-    for col in ("method", "family", "needs", "uses", "merges", "paper"):
+    for col in ("method", "family", "needs", "uses", "merges", "vlm positions", "paper"):
         table.add_column(col, overflow="fold")
     for m in vtok.methods(family):
         table.add_row(m.name, m.family, ", ".join(sorted(m.needs)) or "-", ", ".join(sorted(m.uses)) or "-",
-                      "yes" if m.merges else "", m.paper)
+                      "yes" if m.merges else "", m.placement.positions, m.paper)
     console.print(table)
 
 
