@@ -10,6 +10,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="vtok: visual token compression toolkit.")
 console = Console()
+if not console.is_terminal:  # piped / CI logs: rich would assume 80 columns and fold every cell
+    console = Console(width=180)
 
 
 @app.command("methods")
@@ -18,7 +20,7 @@ def methods_cmd(family: str = typer.Option(None, help="Only this family.")) -> N
     import vtok
 
     table = Table(title="vtok strategies")
-    for col in ("method", "family", "needs", "uses", "merges", "vlm positions", "paper"):
+    for col in ("method", "family", "needs", "uses", "merges", "vlm pos", "paper"):
         table.add_column(col, overflow="fold")
     for m in vtok.methods(family):
         table.add_row(m.name, m.family, ", ".join(sorted(m.needs)) or "-", ", ".join(sorted(m.uses)) or "-",
