@@ -1,0 +1,217 @@
+"""Wrapped-VLM prefill and decode cost on CPU, as ratios to the unpruned model measured in one run.
+
+Random-weight models built from configs (no downloads), eval, ``torch.no_grad``, fp32, batch 1:
+
+* ``llava``: LLaVA-1.5-shaped prompt (576 image tokens from a 336 px / patch-14 CLIP tower + 64 text tokens); the
+  language model is Llama-shaped, 8 layers × hidden 1024 (16 heads, 4 KV heads); the CLIP tower is kept small
+  (3 layers × 128) so the language model dominates as in the real 7B model;
+* ``qwen2_vl``: Qwen2-VL-shaped (a 672 × 672 image → 48 × 48 patches → 576 tokens after the 2 × 2 merge, 3-D M-RoPE
+  positions), the same language-model size.
+
+Variants: pre-LLM ``random``, ``divprune``, ``visionzip`` (LLaVA only: it needs a CLS tower) and in-LLM ``fastv`` at
+``K=2``, each at keep ∈ {1.0, 0.5, 0.25, 0.11}. All variants are timed interleaved (one call of each per round,
+after a warm-up round); reported: the median over rounds of the paired ratio ``t_variant / t_unpruned`` for
+
+* ``prefill``: the whole forward on the prompt (vision tower + projector + language model), the unpruned model's
+  time in seconds beside it;
+* ``decode``: per-token time of 16 greedy cached steps after the prefill (``generate``);
+* ``peak``: peak resident memory added during the prefill (``/proc/self/statm`` sampled every 0.5 ms), as a ratio;
+* ``wrapper``: the wrapper's own work in the prefill (context, strategy, bookkeeping: ``vtok.stats``'s
+  ``wrapper_seconds``) as a share of the pruned prefill.
+
+    python benchmarks/vlm_prefill.py                    # both families, 5 rounds
+    python benchmarks/vlm_prefill.py --quick            # tiny shapes, smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import vtok  # noqa: E402
+
+KEEPS = (1.0, 0.5, 0.25, 0.11)
+
+
+class PeakRSS:
+    """Peak resident memory above the start, sampled from ``/proc/self/statm`` in a thread (bytes)."""
+
+    def __init__(self, interval: float = 5e-4) -> None:
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self._rss()
+        self.peak = self.start
+        self._stop = False
+
+        def loop() -> None:
+            while not self._stop:
+                self.peak = max(self.peak, self._rss())
+                time.sleep(self.interval)
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def llava(quick: bool):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    img, patch, hidden, layers, text = (56, 14, 64, 3, 8) if quick else (336, 14, 1024, 8, 64)
+    vision = CLIPVisionConfig(hidden_size=32 if quick else 128, intermediate_size=64 if quick else 512,
+                              num_hidden_layers=3, num_attention_heads=4, image_size=img, patch_size=patch)
+    lm = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                     num_attention_heads=16 if not quick else 4, num_key_value_heads=4 if not quick else 2,
+                     vocab_size=32000 if not quick else 512, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vision, text_config=lm, image_token_id=lm.vocab_size - 1,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    n_img = (img // patch) ** 2
+    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.full((1, n_img), cfg.image_token_id),
+                     torch.randint(1, 400, (1, text - 5))], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, img, img)}
+    return model, inputs, n_img
+
+
+def qwen2_vl(quick: bool):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    side, hidden, layers, text = (8, 64, 3, 8) if quick else (48, 1024, 8, 64)
+    vocab = 512 if quick else 32000
+    cfg = Qwen2VLConfig(
+        vision_config={"depth": 2, "embed_dim": 64, "hidden_size": hidden, "num_heads": 4, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        text_config={"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
+                     "num_attention_heads": 16 if not quick else 4, "num_key_value_heads": 4 if not quick else 2,
+                     "vocab_size": vocab, "max_position_embeddings": 4096,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3] if quick else [16, 24, 24]}},
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    n_img = (side // 2) ** 2
+    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.tensor([[vocab - 3]]),
+                     torch.full((1, n_img), vocab - 1), torch.tensor([[vocab - 4]]),
+                     torch.randint(1, 400, (1, text - 7))], 1)
+    types = (ids == vocab - 1).int()
+    pix = torch.randn(side * side, 3 * 2 * 14 * 14)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix,
+              "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": types}
+    return model, inputs, n_img
+
+
+FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl}
+
+
+def variants(family: str) -> list[tuple[str, int | None, float]]:
+    methods = ["random", "divprune"] + (["visionzip"] if family == "llava" else [])
+    out = [(m, None, k) for m in methods for k in KEEPS[1:]]
+    return out + [("fastv", 2, k) for k in KEEPS[1:]]
+
+
+def measure(model, inputs, variant, new_tokens: int) -> dict[str, float]:
+    method, layer, keep = variant
+    ctx = vtok.wrapped(model, method, keep, layer=layer) if method else _null(model)
+    with ctx, torch.no_grad():
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            model(**inputs)
+            prefill = time.perf_counter() - t
+        wrapper = vtok.stats(model)["wrapper_seconds"] if method else 0.0
+        after = sum(d["visual_after"] for d in vtok.stats(model)["per_sample"]) if method else None
+        t = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens + 1, do_sample=False, min_new_tokens=new_tokens + 1)
+        tn = time.perf_counter() - t
+    return {"prefill": prefill, "decode": max(tn - t1, 1e-9) / new_tokens, "peak": mem.extra, "wrapper": wrapper,
+            "after": after}
+
+
+class _null:
+    def __init__(self, model) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def run_family(family: str, quick: bool, rounds: int, new_tokens: int) -> list[str]:
+    model, inputs, n_img = FAMILIES[family](quick)
+    model.generation_config.pad_token_id = 0
+    base = (None, None, 1.0)
+    vs = [base] + variants(family)
+    for v in vs:  # warm-up
+        measure(model, inputs, v, new_tokens)
+    res: dict[tuple, list[dict]] = {v: [] for v in vs}
+    for _ in range(rounds):
+        for v in vs:
+            res[v].append(measure(model, inputs, v, new_tokens))
+    lines = [f"| {family} | method | layer | keep | image tokens | prefill | decode / token | peak extra memory "
+             f"| wrapper share |", "|---|---|---|---|---|---|---|---|---|"]
+    b = res[base]
+    pb = statistics.median(r["prefill"] for r in b)
+    db = statistics.median(r["decode"] for r in b)
+    mb = statistics.median(r["peak"] for r in b)
+    lines.append(f"| {family} | (unpruned) | - | 1.0 | {n_img} | 1.00 ({pb:.3f} s) | 1.00 ({db * 1e3:.1f} ms) | "
+                 f"1.00 ({mb / 2**20:.0f} MiB) | - |")
+    for v in vs[1:]:
+        rs = res[v]
+        pr = statistics.median(r["prefill"] / x["prefill"] for r, x in zip(rs, b, strict=True))
+        dr = statistics.median(r["decode"] / x["decode"] for r, x in zip(rs, b, strict=True))
+        mr = statistics.median(r["peak"] for r in rs) / max(mb, 1)
+        share = statistics.median(r["wrapper"] / r["prefill"] for r in rs)
+        lines.append(f"| {family} | {v[0]} | {v[1] if v[1] is not None else 'pre'} | {v[2]} | "
+                     f"{n_img} → {rs[0]['after']} | {pr:.2f} ({1 / pr:.2f}× faster) | {dr:.2f} | {mr:.2f} | "
+                     f"{share:.1%} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--families", default="llava,qwen2_vl")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    load = os.getloadavg()[0]
+    print(f"command: python {shlex.join(['benchmarks/vlm_prefill.py'] + (argv or sys.argv[1:]))}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at start")
+    for fam in args.families.split(","):
+        for line in run_family(fam, args.quick, args.rounds, args.new_tokens):
+            print(line)
+        print()
+
+
+if __name__ == "__main__":
+    main()
