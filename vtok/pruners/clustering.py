@@ -19,7 +19,7 @@ from vtok.kernels import ops
 from vtok.kernels import reference as ref
 from vtok.kernels.reference import upcast_half
 from vtok.pruners.registry import register
-from vtok.selection import Selection, gather_tokens
+from vtok.selection import Selection, gather_tokens, sum_rows_into
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -131,7 +131,7 @@ def _kmeans_pp_draws(x: Tensor, k: int, u: Tensor, first: int, d2_all: Tensor | 
 
 def _cluster_means(x: Tensor, labels: Tensor, c: int) -> Tensor:
     b, n, d = x.shape
-    num = torch.zeros(b, c, d, device=x.device, dtype=x.dtype).scatter_add_(1, labels[..., None].expand(b, n, d), x)
+    num = sum_rows_into(labels, x, c)  # = scatter_add_ over [B, N, D], same sums
     cnt = torch.zeros(b, c, device=x.device, dtype=x.dtype).scatter_add_(1, labels, torch.ones_like(x[..., 0]))
     return num / cnt.clamp_min(1)[..., None]
 
@@ -191,7 +191,8 @@ def kmeans(tokens: Tensor, k: int, ctx: Context, *, seed: int = 0, iters: int = 
             break
         labels = new
         centers = _cluster_means(x, labels, k)
-    own = ((x - gather_tokens(centers, labels)) ** 2).sum(-1)
+    diff = gather_tokens(centers, labels).sub_(x)  # (c − x)² = (x − c)² exactly
+    own = diff.mul_(diff).sum(-1)
     rep = _lowest_argmin_per_cluster(own, labels, k)
     return _merge_selection(rep, labels, n, ctx.get("sizes"))
 
