@@ -79,6 +79,12 @@ def test_unwrap_is_bit_exact_and_double_wrap_refused(model):
 
 
 # ---------------------------------------------------------------------------------------------------- pre-LLM
+def _image_features(model, pix) -> list[torch.Tensor]:
+    """Projected features per image (transformers 5 returns an output with ``pooler_output``, 4.x a list)."""
+    out = model.model.get_image_features(pixel_values=pix)
+    return list(getattr(out, "pooler_output", out))
+
+
 def _vision_context(model, pix):
     """CLS row (heads averaged) and per-head keys of the layer producing hidden_states[-2], by eager attention."""
     tower = model.model.vision_tower
@@ -87,10 +93,11 @@ def _vision_context(model, pix):
         out = tower(pix, output_hidden_states=True, output_attentions=True)
     finally:
         tower.config._attn_implementation = "sdpa"
-    depth = len(tower.encoder.layers)
+    encoder = getattr(tower, "vision_model", tower).encoder  # transformers 4.x nests the body in .vision_model
+    depth = len(encoder.layers)
     li = (-2 % (depth + 1)) - 1
     cls_attn = out.attentions[li][:, :, 0, 1:].mean(1)
-    layer = tower.encoder.layers[li]
+    layer = encoder.layers[li]
     k = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[li]))
     keys = k.view(k.shape[0], k.shape[1], layer.self_attn.num_heads, -1).transpose(1, 2)[:, :, 1:]
     return cls_attn, keys
@@ -99,7 +106,7 @@ def _vision_context(model, pix):
 def _reference_sequence(model, ids, pix, method, keep, positions, options):
     """Batch-1 explicit reference: (inputs_embeds [1, L', D], position_ids [1, L'])."""
     lm = model.model.language_model
-    feats = model.model.get_image_features(pixel_values=pix).pooler_output
+    feats = _image_features(model, pix)
     ctx = {}
     if method in ("visionzip", "tome"):  # they use the vision tower's attention / keys
         cls_attn, keys = _vision_context(model, pix)
@@ -175,7 +182,7 @@ def _layerwise_logits(model, ids, pix, layer, kept_prompt, n_prompt):
     lm = model.model.language_model
     with torch.no_grad():
         emb = lm.get_input_embeddings()(ids)
-        feats = torch.cat(list(model.model.get_image_features(pixel_values=pix).pooler_output))
+        feats = torch.cat(_image_features(model, pix))
         emb[ids == IMAGE_TOKEN] = feats
         length = ids.shape[1]
         pos = torch.arange(length)[None]
@@ -272,8 +279,8 @@ def test_bad_input_errors(model):
                                                num_attention_heads=2, vocab_size=32)), "random", 0.5)
     with pytest.raises(ValueError, match="text_attn"):
         vtok.wrap(model, "fastv", 0.5)  # pre-LLM: no LLM attention yet
-    with pytest.raises(ValueError, match="mid_attn"):
-        vtok.wrap(model, "hiprune", 0.5)
+    with pytest.raises(ValueError, match="'attn'"):
+        vtok.wrap(model, "zero_tprune", 0.5)  # needs the full attention graph, which the wrapper never builds
     with pytest.raises(ValueError, match="text_attn"):
         vtok.wrap(model, "fastv", 0.5, layer=0)
     with pytest.raises(ValueError, match="zero image tokens"):
@@ -303,3 +310,35 @@ def test_retained_count_errors():
         vtok.retained_count("pool2d", 576, 0.25)
     with pytest.raises(ValueError, match="unknown method"):
         vtok.retained_count("nope", 576, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------------- every method
+def _placement(model, m):
+    from vtok.hooks.hf import _LLM_CONTEXT, _adapter
+
+    if m.needs <= _adapter(model).provides(model):
+        return None
+    if m.needs <= _LLM_CONTEXT:
+        return 2
+    return "unsupported"
+
+
+@pytest.mark.parametrize("name", [m.name for m in vtok.methods()])
+def test_every_method_through_the_wrapper(model, name):
+    """Each registered method where the wrapper can place it: exact budgets, cached == no-cache generation, batch ==
+    one by one; methods needing context no placement gives (Zero-TPrune's full attention graph) are refused."""
+    m = vtok.get_method(name)
+    layer = _placement(model, m)
+    if layer == "unsupported":
+        with pytest.raises(ValueError, match="needs context"):
+            vtok.wrap(model, name, 0.5)
+        return
+    ids, am, pix = _batch()
+    with torch.no_grad(), vtok.wrapped(model, name, 0.5, layer=layer):
+        a = _gen(model, ids, am, n=6, pixel_values=pix)
+        assert [d["after"] for d in vtok.stats(model)["per_image"]] == [8, 8, 8]
+        b = _gen(model, ids, am, n=6, pixel_values=pix, use_cache=False)
+        ids1, am1, extra = _one(1)
+        one = _gen(model, ids1, am1, n=6, **extra)
+    assert torch.equal(a, b)
+    assert one[0].tolist() == a[1].tolist()
