@@ -1,0 +1,203 @@
+"""Adapters for ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6, "anyres" tiles) and
+``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision images).
+
+What the language model sees of one image (``pack_image_features``, transformers 5.x): the base view (crop 0, the
+image resized to one crop: ``side x side`` tokens, ``side = image_size // patch_size``) followed by the high-res
+part: crops ``1..`` tiled into one ``(rows_t * side) x (cols_t * side)`` grid, unpadded to the image's aspect ratio
+(OneVision: then bilinearly shrunk when larger than ``anyres_max_M`` crops), with one learned ``image_newline`` token
+after every row. An image given a single crop (OneVision multi-image samples, ``batch_num_images > 1``) is its base
+view followed by one ``image_newline``.
+
+Records, in prompt order (each a contiguous run of the image's placeholder tokens):
+
+* base view: ``n = side²``, ``grid (side, side)``, nothing protected;
+* high-res part: ``n = h * (w + 1)``, the ``h`` newline tokens ``protected`` (never pruned, never counted in a
+  budget); ``grid = (h, w)``: the grid of its *prunable* tokens (dropping the newline column of a row-major
+  ``h x (w + 1)`` layout leaves the row-major ``h x w`` grid), the convention of ``vtok.retained_count(...,
+  grid=, protected=)``. The current engine ignores the grid of a record with protected tokens (``select_slots``),
+  so methods that need ``grid`` get it for base views only;
+* single-crop image: ``n = side² + 1``, the last token protected, ``grid (side, side)`` likewise.
+
+Budgets apply per record to its prunable tokens: an image keeps ``resolve_k(keep, side²) + resolve_k(keep, h * w)``
+tokens plus its ``h`` newlines (``vtok.stats`` counts the newlines in ``before`` / ``after``).
+
+``cls_attn`` / ``keys`` come from the encoder layer producing ``vision_feature_layer``, per crop (every crop is an
+independent CLIP / SigLIP pass: the CLS row — or, without a CLS token, the attention received — is normalised within
+its crop), and are laid out like the features by running the model's own ``pack_image_features`` on the per-crop
+``[crops, N, 1 + 1 + H * dh]`` tensor (an indicator channel, ``cls_attn``, the flattened keys): the base view gets crop
+0's values, the high-res tokens the unpadded (OneVision: bilinearly interpolated) values of crops ``1..``.
+
+Videos (OneVision ``pixel_values_videos``) are not pruned: their placeholder tokens are left as text (the video
+encoder's output is marked as carrying no records, so ``generate`` may pre-encode it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtok.hooks.hf import register_adapter
+from vtok.hooks.hf._runtime import ImageRecord
+from vtok.hooks.hf.llava import LlavaAdapter
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: base view + unpadded high-res grid with image-newline tokens (see the module docstring)."""
+
+    names = ("LlavaNextForConditionalGeneration",)
+
+    # --- family specifics: crops per image and the packing
+    def _num_patches(self):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches
+
+    def _crops(self, model, image_sizes: Tensor, call: dict[str, Any]) -> list[int]:
+        fn = self._num_patches()
+        return [fn(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
+                   patch_size=model.config.vision_config.image_size) for s in image_sizes]
+
+    def _pack(self, model, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor, call: dict[str, Any]
+              ) -> list[Tensor]:
+        strategy = call.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
+        packed, _ = model.model.pack_image_features(per_image, image_sizes, vision_feature_select_strategy=strategy,
+                                                    image_newline=newline)
+        return packed
+
+    # --- hook
+    def install(self, model, rt) -> list[Any]:
+        inner = model.model
+        orig = inner.get_image_features
+        sig = inspect.signature(orig)
+        needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
+        want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
+        layers = self._tower_layers(model)
+        captured: list[Tensor] = []
+
+        def pre_hook(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+
+        @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
+        def get_image_features(*args, **kwargs):
+            call = sig.bind_partial(*args, **kwargs).arguments
+            fl = call.get("vision_feature_layer")
+            fl = model.config.vision_feature_layer if fl is None else fl
+            fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
+            li = fl % (len(layers) + 1) - 1
+            use = want if li >= 0 else set()
+            captured.clear()
+            handle = layers[li].register_forward_pre_hook(pre_hook, with_kwargs=True) if use else None
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            ctx = self._context(model, layers[li], captured[0], use) if use and captured else {}
+            rt.add_records(out, self._records(model, list(feats), call, ctx))
+            return out
+
+        inner.get_image_features = get_image_features
+        undo = [lambda: delattr(inner, "get_image_features")]
+        orig_video = getattr(inner, "get_video_features", None)
+        if orig_video is not None:  # videos are not pruned; their pre-encoded outputs just carry no records
+
+            @functools.wraps(orig_video)
+            def get_video_features(*args, **kwargs):
+                out = orig_video(*args, **kwargs)
+                rt.add_records(out, [])
+                return out
+
+            inner.get_video_features = get_video_features
+            undo.append(lambda: delattr(inner, "get_video_features"))
+        return undo
+
+    @torch.no_grad()
+    def _records(self, model, feats: list[Tensor], call: dict[str, Any], ctx: dict[str, Tensor]
+                 ) -> list[ImageRecord]:
+        """The records of every image, from the model's own packing applied to per-crop indicator / context."""
+        image_sizes = call["image_sizes"]
+        crops = self._crops(model, image_sizes, call)
+        total = sum(crops)
+        if len(crops) != len(feats):
+            raise RuntimeError(f"vtok: {len(feats)} packed images but {len(crops)} image sizes")
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        n_crop = self._tokens_per_crop(model, side)
+        dev = feats[0].device
+        chans = [torch.ones(total, n_crop, 1, device=dev)]
+        heads = dh = 0
+        if "cls_attn" in ctx:
+            chans.append(ctx["cls_attn"].float().to(dev)[..., None])
+        if "keys" in ctx:
+            k = ctx["keys"]  # [crops, H, N, dh]
+            _, heads, _, dh = k.shape
+            chans.append(k.float().to(dev).permute(0, 2, 1, 3).reshape(total, n_crop, heads * dh))
+        per_crop = torch.cat(chans, -1)  # [crops, N, C]
+        if per_crop.shape[0] != total:
+            raise RuntimeError(f"vtok: the vision tower saw {per_crop.shape[0]} crops, expected {total}")
+        newline = per_crop.new_zeros(per_crop.shape[-1])
+        newline[0] = -1.0
+        packed = self._pack(model, list(per_crop.split(crops)), image_sizes, newline, call)
+        recs: list[ImageRecord] = []
+        for i, (f, p) in enumerate(zip(feats, packed, strict=True)):
+            if p.shape[0] != f.shape[0]:
+                raise RuntimeError(f"vtok: image {i} has {f.shape[0]} features but its layout {p.shape[0]} tokens")
+            prot = p[:, 0] < 0
+            parts = [(0, n_crop), (n_crop, p.shape[0])] if crops[i] > 1 else [(0, p.shape[0])]
+            for a, b in parts:
+                pr = prot[a:b]
+                rows = int(pr.sum())
+                n_free = (b - a) - rows
+                if rows == 0:
+                    grid, pr = (side, side) if n_free == side * side else None, None
+                elif crops[i] == 1:
+                    grid = (side, side) if n_free == side * side else None
+                else:
+                    grid = (rows, n_free // rows) if n_free % rows == 0 else None
+                c: dict[str, Tensor] = {}
+                col = 1
+                if "cls_attn" in ctx:
+                    c["cls_attn"] = p[a:b, col].to(ctx["cls_attn"].dtype)
+                    col += 1
+                if "keys" in ctx:
+                    c["keys"] = p[a:b, col:].reshape(b - a, heads, dh).permute(1, 0, 2).to(ctx["keys"].dtype)
+                recs.append(ImageRecord(n=b - a, image=i, grid=grid, protected=pr, ctx=c))
+        return recs
+
+    def _tokens_per_crop(self, model, side: int) -> int:
+        return side * side + (1 if self._has_cls(model) and not self._drops_cls(model) else 0)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision images: LLaVA-NeXT's layout, the high-res grid bilinearly shrunk to ``anyres_max_M`` crops,
+    and a single crop (base view + one newline) per image in multi-image samples."""
+
+    names = ("LlavaOnevisionForConditionalGeneration",)
+
+    def _num_patches(self):
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        return image_size_to_num_patches
+
+    def _crops(self, model, image_sizes: Tensor, call: dict[str, Any]) -> list[int]:
+        many = call.get("batch_num_images")
+        patch = [True] * len(image_sizes) if many is None else [int(n) == 1 for n in many for _ in range(int(n))]
+        fn = self._num_patches()
+        return [fn(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
+                   patch_size=model.config.vision_config.image_size) if p else 1
+                for s, p in zip(image_sizes, patch, strict=True)]
+
+    def _pack(self, model, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor, call: dict[str, Any]
+              ) -> list[Tensor]:
+        aspect = call.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
+        packed, _ = model.model.pack_image_features(per_image, image_sizes, image_newline=newline,
+                                                    vision_aspect_ratio=aspect)
+        return packed
+
+
+register_adapter(LlavaNextAdapter())
+register_adapter(LlavaOnevisionAdapter())
