@@ -88,7 +88,7 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
             for b, j, free in members:
                 v = ctx[slots[b][j].record][key]
                 vals.append(_slice_ctx(v, key, free) if key in TOKEN_DIM else v)
-            kwargs[key] = torch.stack(vals)
+            kwargs[key] = torch.stack(vals, dim=1 if key == "prev_hidden" else 0)  # prev_hidden: [L, B, N, D]
         if grid is not None:
             kwargs["grid"] = grid
         values, sel = compress(tokens, method, k, **kwargs, **options)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vtok.hooks.hf import _vision
 from vtok.hooks.hf._runtime import ImageRecord
+from vtok.pruners import get as get_method
 
 
 class LlavaAdapter:
@@ -72,34 +73,44 @@ class LlavaAdapter:
         layers = self._tower_layers(model)
         h = self._feature_layer(model) % (len(layers) + 1)
         if h >= 1:
-            out |= {"cls_attn", "keys"}
+            out |= {"cls_attn", "keys", "mid_attn"}
         return out
 
     def install(self, model, rt) -> list[Any]:
         inner = model.model
         orig = inner.get_image_features
         needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
-        want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
+        want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
         layers = self._tower_layers(model)
         li = self._feature_layer(model) % (len(layers) + 1) - 1
-        captured: list[Tensor] = []
+        placement = get_method(rt.pre.method).placement if rt.pre is not None else None
+        # HiPrune-style anchors: the layer floor(mid_layer · depth) of the tower, at or before the feature layer
+        mi = li if placement is None or placement.mid_layer is None else min(
+            int(placement.mid_layer * len(layers)), li)
+        rows = placement.score_rows if placement is not None else "cls"
+        watch = sorted({li} | ({mi} if "mid_attn" in want else set())) if want else []
+        captured: dict[int, Tensor] = {}
 
-        def pre_hook(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
+        def hook_for(i):
+            def pre_hook(module, args, kwargs):
+                captured[i] = args[0] if args else kwargs["hidden_states"]
+            return pre_hook
 
         @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
         def get_image_features(*args, **kwargs):
             captured.clear()
-            handle = layers[li].register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
+            handles = [layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in watch]
             try:
                 out = orig(*args, **kwargs)
             finally:
-                if handle is not None:
+                for handle in handles:
                     handle.remove()
             t0 = time.perf_counter()
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
             feats = list(feats) if isinstance(feats, Tensor) else feats
-            ctx = self._context(model, layers[li], captured[0], want) if want and captured else {}
+            ctx = self._context(model, layers[li], captured[li], want, rows=rows) if li in captured else {}
+            if "mid_attn" in want and mi in captured:
+                ctx["mid_attn"] = self._context(model, layers[mi], captured[mi], {"cls_attn"}, rows=rows)["cls_attn"]
             recs = []
             for i, f in enumerate(feats):
                 n = f.shape[0]
@@ -114,12 +125,16 @@ class LlavaAdapter:
         return [lambda: delattr(inner, "get_image_features")]
 
     @torch.no_grad()
-    def _context(self, model, layer, hidden: Tensor, want: set[str]) -> dict[str, Tensor]:
+    def _context(self, model, layer, hidden: Tensor, want: set[str], rows: str = "cls") -> dict[str, Tensor]:
+        """``cls_attn`` (``rows="cls"``: the CLS row, or mean received attention without CLS; ``"all"``: attention
+        received, averaged over heads and all query rows) and ``keys`` of one tower layer, CLS column dropped when
+        the features drop it."""
         q, k, scale = _vision.qk(layer, hidden)
         drop = 1 if self._drops_cls(model) else 0
         out: dict[str, Tensor] = {}
         if "cls_attn" in want:
-            row = _vision.cls_row(q, k, scale) if self._has_cls(model) else _vision.received(q, k, scale)
+            use_cls = self._has_cls(model) and rows == "cls"
+            row = _vision.cls_row(q, k, scale) if use_cls else _vision.received(q, k, scale)
             out["cls_attn"] = row[:, drop:]
         if "keys" in want:
             out["keys"] = k[:, :, drop:]
