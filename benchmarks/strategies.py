@@ -11,6 +11,12 @@ both measured in the same run. Samples of all entries are taken round-robin and 
 :class:`Timer`), so that load from elsewhere on the machine shifts all entries alike. Absolute times on a shared,
 noisy CPU mean little; the ratios are the numbers to compare.
 
+Peak extra memory (``--no-memory`` skips it) is measured in a child process (:func:`peak_extra_memory`): the growth
+of its resident set during one call (after a warm-up call), read from the kernel's high-water mark ``VmHWM`` reset
+right before the call (``/proc/self/clear_refs``), with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that every
+allocation of 64 KiB or more is its own mapping, returned to the system when freed: the number is the most memory
+the call's tensors (inputs and context excluded, its output included) held at once, to the page. Linux only.
+
     python benchmarks/strategies.py                 # N in {576, 2880}, D = 1024, keep = 0.25
     python benchmarks/strategies.py --quick         # tiny smoke run (N = 64)
 """
@@ -18,10 +24,12 @@ noisy CPU mean little; the ratios are the numbers to compare.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -118,6 +126,50 @@ def method_call(name: str, tokens: torch.Tensor, k: int) -> Callable[[], object]
     return run
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_memory_child(spec: dict) -> dict[str, float]:
+    """In the child process: peak resident-set growth (MiB) of one call per (N, method), after a warm-up call."""
+    torch.set_num_threads(spec["threads"])
+    out: dict[str, float] = {}
+    for n in spec["n"]:
+        tokens = torch.randn(1, n, spec["dim"], generator=torch.Generator().manual_seed(0))
+        k = vtok.resolve_k(spec["keep"], n)
+        for name in spec["methods"]:
+            try:
+                call = method_call(name, tokens, k)
+                call()
+            except Exception:  # reported as an error in the timing table
+                continue
+            before = _proc_status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            call()
+            out[f"{n}:{name}"] = max(0, _proc_status_kib("VmHWM") - before) / 1024
+    return out
+
+
+def peak_extra_memory(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
+    """``{"N:method": MiB}`` from a child process (see the module docstring); empty where it cannot be measured."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {}
+    spec = {"n": args.n, "dim": args.dim, "keep": args.keep, "threads": args.threads, "methods": names}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    try:
+        res = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)], env=env,
+                             capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"peak memory not measured: {e}", file=sys.stderr)
+        return {}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=None, help="token counts N (default 576 2880)")
@@ -132,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all registered)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores)")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests: N = 64, D = 64, 2 repeats")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-extra-memory column")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.n = args.n or ([64] if args.quick else [576, 2880])
     args.dim = args.dim or (64 if args.quick else 1024)
@@ -144,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(_measure_memory_child(json.loads(args.memory_child))))
+        return 0
     torch.set_num_threads(args.threads)
     names = args.methods or [m.name for m in vtok.methods()]
     if "random" not in names:
@@ -154,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, D = {args.dim}, keep = {args.keep}, batch 1, "
           f"median of up to {args.repeats} samples (each >= {args.min_sample} s of back-to-back calls) after "
           f"{args.warmup} warm-up calls, sampled round-robin\n")
+    memory = {} if args.no_memory else peak_extra_memory(args, names)
+
+    def mib(n: int, name: str) -> str:
+        v = memory.get(f"{n}:{name}")
+        return "" if v is None else f"{v:.1f}"
+
     rows = []
     for n in args.n:
         tokens = torch.randn(1, n, args.dim, generator=torch.Generator().manual_seed(0))
@@ -173,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             t = times[name]
             m = vtok.get_method(name)
             if isinstance(t, str):
-                rows.append((name, m.family, n, t, "", ""))
+                rows.append((name, m.family, n, t, "", "", ""))
             else:
                 vs_random = fmt(t / base) if isinstance(base, float) else "n/a"
-                rows.append((name, m.family, n, vs_random, fmt(t / vit), fmt(t * 1e3)))
-        rows.append((VIT, "", n, fmt(vit / base) if isinstance(base, float) else "n/a", "1", fmt(vit * 1e3)))
-    print("| method | family | N | time / random | time / ViT-B block | ms (this run) |")
-    print("|---|---|---:|---:|---:|---:|")
+                rows.append((name, m.family, n, vs_random, fmt(t / vit), fmt(t * 1e3), mib(n, name)))
+        rows.append((VIT, "", n, fmt(vit / base) if isinstance(base, float) else "n/a", "1", fmt(vit * 1e3), ""))
+    print("| method | family | N | time / random | time / ViT-B block | ms (this run) | peak extra MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     return 0
