@@ -342,3 +342,16 @@ def test_every_method_through_the_wrapper(model, name):
         one = _gen(model, ids1, am1, n=6, **extra)
     assert torch.equal(a, b)
     assert one[0].tolist() == a[1].tolist()
+
+
+def test_eager_attention_language_model():
+    """With attn_implementation='eager' the in-LLM stages build additive masks themselves: same guarantees."""
+    model = tiny_llava(attn="eager")
+    ids, am, pix = _batch()
+    with torch.no_grad(), vtok.wrapped(model, "fastv", 0.5, layer=2):
+        a = _gen(model, ids, am, n=8, pixel_values=pix)
+        b = _gen(model, ids, am, n=8, pixel_values=pix, use_cache=False)
+        for i in range(3):
+            ids1, am1, extra = _one(i)
+            assert _gen(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
+    assert torch.equal(a, b)

@@ -443,11 +443,14 @@ class Runtime:
             return
         mask_in = kw.get("attention_mask")
         fmt = None if mask_in is None else mask_in.dtype
-        if self.adapter.attn_implementation(self.model) == "eager" and fmt is None:
+        eager = self.adapter.attn_implementation(self.model) == "eager"
+        if eager and fmt is None:
             fmt = hidden.dtype
         if st.phase == "prefill":
             if s.mask_prefill is None:
-                s.mask_prefill = causal_keep_mask(s.valid, s.valid.shape[1], fmt)
+                # SDPA without padding: no mask, so it runs its is_causal path; eager always needs the causal mask
+                full = not eager and bool(s.valid.all())
+                s.mask_prefill = None if full else causal_keep_mask(s.valid, s.valid.shape[1], fmt)
                 pe = kw.get("position_embeddings")
                 if pe is not None:
                     s.cos_sin = tuple(gather_seq(t, s.index_lm) for t in pe)
@@ -462,8 +465,10 @@ class Runtime:
             q = hidden.shape[1]
             keys = torch.cat([s.valid, torch.ones(s.valid.shape[0], st.seen + q, dtype=torch.bool,
                                                   device=s.valid.device)], dim=1)
-            if mask_in is not None or not bool(keys.all()):
+            if not bool(keys.all()) or (eager and q > 1):
                 kw["attention_mask"] = causal_keep_mask(keys, q, fmt)
+            elif mask_in is not None:
+                kw["attention_mask"] = None  # the caller's mask counts the unpruned keys; nothing is masked here
             if "cache_position" in kw:
                 n = s.valid.shape[1] + st.seen
                 kw["cache_position"] = torch.arange(n, n + q, device=hidden.device)
