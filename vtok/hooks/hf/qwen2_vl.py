@@ -1,0 +1,209 @@
+"""Adapter for ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration`` (M-RoPE).
+
+Each image is one record of ``t * h * w / merge²`` tokens (``image_grid_thw`` counts 14 px patches; the merger joins
+``merge x merge`` patches into one token), with grid ``(h / merge, w / merge)`` when ``t == 1``.
+
+Vision-side context (the towers have no CLS token), recomputed from one vision block's input (captured by a forward
+pre-hook, the tower itself runs unchanged):
+
+* ``cls_attn [n]``: the attention each patch receives, averaged over heads and all query rows of its own image
+  (the block's ``cu_seqlens`` segments: the images of a call are packed into one sequence and attend only within
+  themselves), from the block's fused ``qkv`` with the vision 2-D RoPE applied as the block applies it, then averaged
+  over the ``merge²`` patches of each merger group;
+* ``keys [H, n, dh]``: the block's per-head keys before the vision RoPE (content matching features for ToMe /
+  VisionZip), averaged over each merger group.
+
+The block: ``cls_block`` if set on the adapter, else the last vision block for Qwen2-VL and, for Qwen2.5-VL, whose
+blocks mostly attend within windows, the last full-attention block (``vision_config.fullatt_block_indexes``; the
+last block in the released checkpoints, e.g. 31 of 32). Qwen2.5-VL reorders patches window by window inside the
+tower; the context is mapped back to the prompt's token order (the order of ``pooler_output``).
+
+Videos (``video_token_id``) are not pruned: their tokens stay in the prompt untouched (with ``positions="original"``
+and in-LLM stages they keep their 3-D position ids; ``positions="reindex"`` with a video raises).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtok.hooks.hf import _vision, register_adapter
+from vtok.hooks.hf._runtime import ImageRecord
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The vision RoPE as ``apply_rotary_pos_emb_vision``: ``x [S, H, dh]``, ``cos / sin [S, dh]``, in fp32."""
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    xf = x.float()
+    return ((xf * cos) + (_rotate_half(xf) * sin)).to(x.dtype)
+
+
+class QwenVLAdapter:
+    """Model-specific glue for Qwen2-VL / Qwen2.5-VL; the ``Runtime`` does the rest."""
+
+    names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    rope = "mrope"
+    cls_block: int | None = None  # vision block of cls_attn / keys; None: see the module docstring
+
+    # --- structure
+    def inner(self, model):
+        return model.model
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def decoder_layers(self, model):
+        return self.language_model(model).layers
+
+    def self_attention(self, layer):
+        return layer.self_attn
+
+    def image_token_ids(self, model) -> list[int]:
+        return [model.config.image_token_id]
+
+    def attn_implementation(self, model) -> str:
+        return model.config.text_config._attn_implementation or "sdpa"
+
+    def num_layers(self, model) -> int:
+        return len(self.decoder_layers(model))
+
+    # --- vision side
+    def _tower(self, model):
+        return model.model.visual
+
+    def _merge(self, model) -> int:
+        return int(self._tower(model).spatial_merge_size)
+
+    def _windowed(self, model) -> bool:
+        return hasattr(self._tower(model), "fullatt_block_indexes")
+
+    def block_index(self, model) -> int:
+        """The vision block whose attention gives ``cls_attn`` / ``keys``."""
+        blocks = self._tower(model).blocks
+        depth = len(blocks)
+        if self.cls_block is not None:
+            return self.cls_block % depth
+        if self._windowed(model):
+            full = [i % depth for i in self._tower(model).fullatt_block_indexes if -depth <= i < depth]
+            if full:
+                return max(full)
+        return depth - 1
+
+    def provides(self, model) -> set[str]:
+        """Context keys the pre-LLM stage can give."""
+        return {"grid", "query", "cls_attn", "keys"}
+
+    def install(self, model, rt) -> list[Any]:
+        inner = model.model
+        orig = inner.get_image_features
+        orig_video = inner.get_video_features
+        needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
+        want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
+        tower = self._tower(model)
+        bi = self.block_index(model)
+        block = tower.blocks[bi]
+        merge = self._merge(model)
+        sig = inspect.signature(orig)
+        captured: list[dict[str, Any]] = []
+
+        def pre_hook(module, args, kwargs):
+            names = ("hidden_states", "cu_seqlens", "position_embeddings")
+            got = dict(zip(names, args, strict=False))
+            got.update({k: kwargs[k] for k in names if k in kwargs})
+            captured.append(got)
+
+        @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
+        def get_image_features(*args, **kwargs):
+            captured.clear()
+            handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            feats = list(feats) if not isinstance(feats, Tensor) else [feats]
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            thw = bound.get("image_grid_thw", kwargs.get("image_grid_thw"))
+            sizes = [int(f.shape[0]) for f in feats]
+            ctx = (self._context(model, block, captured[0], thw, sizes, want, kwargs)
+                   if want and captured and thw is not None else {})
+            recs = []
+            for i, n in enumerate(sizes):
+                grid = None
+                if thw is not None:
+                    t, h, w = (int(v) for v in thw[i])
+                    if t == 1 and (h // merge) * (w // merge) == n:
+                        grid = (h // merge, w // merge)
+                recs.append(ImageRecord(n=n, image=i, grid=grid, ctx={k: v[i] for k, v in ctx.items()}))
+            rt.add_records(out, recs)
+            return out
+
+        @functools.wraps(orig_video)
+        def get_video_features(*args, **kwargs):
+            if rt.pre is not None and rt.positions == "reindex":
+                raise NotImplementedError("vtok: videos are not pruned by the Qwen-VL wrapper and positions='reindex' "
+                                          "cannot number their tokens; use positions='original' or in-LLM stages")
+            out = orig_video(*args, **kwargs)
+            rt.add_records(out, [])  # video tokens stay as they are (no records), also when pre-encoded
+            return out
+
+        inner.get_image_features = get_image_features
+        inner.get_video_features = get_video_features
+        return [lambda: delattr(inner, "get_image_features"), lambda: delattr(inner, "get_video_features")]
+
+    @torch.no_grad()
+    def _context(self, model, block, got: dict[str, Any], thw: Tensor, sizes: list[int], want: set[str],
+                 kwargs: dict[str, Any]) -> dict[str, list[Tensor]]:
+        """Per image ``cls_attn [n]`` / ``keys [H, n, dh]`` (see the module docstring)."""
+        attn = block.attn
+        hidden = got["hidden_states"]
+        s_len = hidden.shape[0]
+        y = block.norm1(hidden)
+        q, k, _ = attn.qkv(y).reshape(s_len, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, dh]
+        unit = self._merge(model) ** 2
+        out: dict[str, Tensor] = {}
+        if "keys" in want:
+            kk = k.float().reshape(s_len // unit, unit, attn.num_heads, -1).mean(1)  # [S/unit, H, dh]
+            out["keys"] = kk.transpose(0, 1).to(k.dtype)  # [H, S/unit, dh]
+        if "cls_attn" in want:
+            cos, sin = got["position_embeddings"]
+            qr, kr = _rope(q, cos, sin).transpose(0, 1), _rope(k, cos, sin).transpose(0, 1)  # [H, S, dh]
+            cu = got.get("cu_seqlens")
+            bounds = [0, s_len] if cu is None else [int(v) for v in cu]
+            scale = float(getattr(attn, "scaling", qr.shape[-1] ** -0.5))
+            rec = torch.cat([_vision.received(qr[None, :, a:b], kr[None, :, a:b], scale)[0]
+                             for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a])  # [S]
+            out["cls_attn"] = rec.reshape(-1, unit).mean(1)  # [S/unit], merger groups are consecutive
+        if self._windowed(model):
+            order = self._window_index(model, thw, kwargs)
+            if order is not None:
+                back = torch.argsort(order.to(hidden.device))
+                out = {key: v.index_select(-1 if key == "cls_attn" else -2, back) for key, v in out.items()}
+        return {key: list(v.split(sizes, dim=-1 if key == "cls_attn" else -2)) for key, v in out.items()}
+
+    def _window_index(self, model, thw: Tensor, kwargs: dict[str, Any]) -> Tensor | None:
+        """Qwen2.5-VL's window order of the merged tokens (the tower's ``window_index``)."""
+        for name in ("image_window_index", "window_index"):
+            if kwargs.get(name) is not None:
+                return kwargs[name]
+        tower = self._tower(model)
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:  # transformers 4.x: a method of the tower
+            return tower.get_window_index(thw)[0] if hasattr(tower, "get_window_index") else None
+        index, _ = get_vision_window_index(thw, spatial_merge_size=tower.spatial_merge_size,
+                                           window_size=tower.window_size, patch_size=tower.patch_size)
+        return index
+
+
+register_adapter(QwenVLAdapter())
