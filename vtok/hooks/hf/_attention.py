@@ -4,10 +4,16 @@ transformers looks its attention function up by name in ``ALL_ATTENTION_FUNCTION
 delegate under ``"sdpa"`` and ``"eager"`` that, only for the modules a wrapped model registered, recomputes the
 softmax rows of the query positions asked for from the (RoPE-applied) ``query`` / ``key`` it is handed, then calls
 the original function unchanged. Nothing switches to eager and no full attention matrix is built.
+
+Some transformers versions (4.x) call their module's own ``eager_attention_forward`` directly for ``"eager"``,
+bypassing ``ALL_ATTENTION_FUNCTIONS``; for those, ``watch`` also puts a delegate in place of that module-level function
+(the one from the watched module's Python module), and the ``"eager"`` entry then calls the saved original, so a
+callback runs once per call either way.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -16,6 +22,14 @@ from torch import Tensor
 Callback = Callable[[Tensor], None]
 _CALLBACKS: dict[int, tuple[Callable[[Tensor, Tensor, Tensor | None, float | None, object], None]]] = {}
 _ORIGINAL: dict[str, Callable] = {}
+_MODULE_EAGER: dict[str, Callable] = {}  # Python module name -> its original eager_attention_forward
+
+
+def _eager_of(module: torch.nn.Module) -> Callable:
+    """The module's own eager function (eager is the modules' default), never vtok's delegate of it."""
+    name = type(module).__module__
+    current = __import__(name, fromlist=["eager_attention_forward"]).eager_attention_forward
+    return _MODULE_EAGER[name] if getattr(current, "_vtok_delegate", False) else current
 
 
 def _delegate(name: str) -> Callable:
@@ -23,14 +37,30 @@ def _delegate(name: str) -> Callable:
         cb = _CALLBACKS.get(id(module))
         if cb is not None:
             cb[0](query, key, attention_mask, kwargs.get("scaling"), module)
-        original = _ORIGINAL.get(name)
-        if original is None:  # eager is the modules' own default
-            mod = __import__(type(module).__module__, fromlist=["eager_attention_forward"])
-            original = mod.eager_attention_forward
+        original = _ORIGINAL.get(name) or _eager_of(module)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     fn._vtok_delegate = True  # type: ignore[attr-defined]
     return fn
+
+
+def _install_module_eager(module: torch.nn.Module) -> None:
+    """Delegate the module-level ``eager_attention_forward`` of ``module``'s Python module (idempotent)."""
+    name = type(module).__module__
+    mod = sys.modules.get(name)
+    current = getattr(mod, "eager_attention_forward", None)
+    if current is None or getattr(current, "_vtok_delegate", False):
+        return
+    _MODULE_EAGER[name] = current
+
+    def fn(module, query, key, value, attention_mask, *args, **kwargs):
+        cb = _CALLBACKS.get(id(module))
+        if cb is not None:
+            cb[0](query, key, attention_mask, kwargs.get("scaling"), module)
+        return current(module, query, key, value, attention_mask, *args, **kwargs)
+
+    fn._vtok_delegate = True  # type: ignore[attr-defined]
+    mod.eager_attention_forward = fn
 
 
 def install() -> None:
@@ -49,6 +79,7 @@ def install() -> None:
 def watch(module: torch.nn.Module, callback) -> None:
     """Call ``callback(query, key, mask, scaling, module)`` each time ``module`` runs its attention."""
     install()
+    _install_module_eager(module)
     _CALLBACKS[id(module)] = (callback,)
 
 
