@@ -130,24 +130,26 @@ def test_records_follow_the_packed_layout(models, family):
 
 
 @torch.no_grad()
-def _crop_scores(model, extra):
-    """Per crop: projected features ``[crops, N, D]`` and the vision-side score ``[crops, N]`` of the layer that
-    produces ``vision_feature_layer`` (CLS softmax row without CLS for CLIP, attention received for SigLIP)."""
+def _crop_scores(model, extra, layer_idx=None, rows="cls"):
+    """Per crop: projected features ``[crops, N, D]`` and the vision-side score ``[crops, N]`` of tower layer
+    ``layer_idx`` (default: the one producing ``vision_feature_layer``): its CLS softmax row (CLIP, ``rows="cls"``)
+    or the attention each token receives (SigLIP, or ``rows="all"``)."""
     m = model.model
     pv = torch.cat([p[:c] for p, c in zip(extra["pixel_values"], _crop_counts(model, extra), strict=True)])
     tower = m.vision_tower.vision_model if hasattr(m.vision_tower, "vision_model") else m.vision_tower
     hs = m.vision_tower(pv, output_hidden_states=True).hidden_states
     fl = model.config.vision_feature_layer
-    layer = tower.encoder.layers[fl % len(hs) - 1]
+    li = fl % len(hs) - 1 if layer_idx is None else layer_idx
+    layer = tower.encoder.layers[li]
     has_cls = hasattr(tower.embeddings, "class_embedding")
     drop = 1 if has_cls and model.config.vision_feature_select_strategy == "default" else 0
     feats = m.multi_modal_projector(hs[fl][:, drop:])
-    y = layer.layer_norm1(hs[fl - 1])
+    y = layer.layer_norm1(hs[li])  # hidden_states[i] is layer i's input
     a = layer.self_attn
     q = a.q_proj(y).unflatten(-1, (a.num_heads, -1)).transpose(1, 2)
     k = a.k_proj(y).unflatten(-1, (a.num_heads, -1)).transpose(1, 2)
     p = ((q @ k.transpose(-1, -2)) * a.scale).softmax(-1)  # [crops, H, T, T]
-    score = p[:, :, 0].mean(1) if has_cls else p.mean((1, 2))
+    score = p[:, :, 0].mean(1) if has_cls and rows == "cls" else p.mean((1, 2))
     return feats, score[:, drop:]
 
 
@@ -175,6 +177,15 @@ def test_cls_attn_follows_each_token_to_its_crop(models, family):
     assert torch.cdist(packed[free], flat).min(1).values.max() < 1e-3  # nearest others are ~0.05 away
     torch.testing.assert_close(hi.ctx["cls_attn"][free], score[1:].flatten()[src].float())
     assert len(set(src.tolist())) == int(free.sum())
+    # HiPrune's context: mid_attn from layer floor(9/24 * 3) = 1, both scores from all query rows
+    _, mid = _crop_scores(model, extra, layer_idx=1, rows="all")
+    _, last = _crop_scores(model, extra, rows="all")
+    with torch.no_grad(), vtok.wrapped(model, "hiprune", 0.5):
+        model.model.get_image_features(**extra)  # the records alone (the high-res record has no grid yet)
+        base, hi = model._vtok_runtime.records
+    for key, want in (("mid_attn", mid), ("cls_attn", last)):
+        torch.testing.assert_close(base.ctx[key], want[0].float())
+        torch.testing.assert_close(hi.ctx[key][free], want[1:].flatten()[src].float())
 
 
 # ---------------------------------------------------------------------------------------------------- budgets

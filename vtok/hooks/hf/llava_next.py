@@ -21,11 +21,13 @@ Records, in prompt order (each a contiguous run of the image's placeholder token
 Budgets apply per record to its prunable tokens: an image keeps ``resolve_k(keep, side²) + resolve_k(keep, h * w)``
 tokens plus its ``h`` newlines (``vtok.stats`` counts the newlines in ``before`` / ``after``).
 
-``cls_attn`` / ``keys`` come from the encoder layer producing ``vision_feature_layer``, per crop (every crop is an
-independent CLIP / SigLIP pass: the CLS row — or, without a CLS token, the attention received — is normalised within
-its crop), and are laid out like the features by running the model's own ``pack_image_features`` on the per-crop
-``[crops, N, 1 + 1 + H * dh]`` tensor (an indicator channel, ``cls_attn``, the flattened keys): the base view gets crop
-0's values, the high-res tokens the unpadded (OneVision: bilinearly interpolated) values of crops ``1..``.
+``cls_attn`` / ``keys`` come from the encoder layer producing ``vision_feature_layer`` (``mid_attn``: from layer
+``floor(mid_layer · depth)`` of the method's placement, HiPrune), per crop: every crop is an independent CLIP / SigLIP
+pass, so the CLS row (placement ``score_rows="cls"``; without a CLS token or with ``"all"``: the attention received,
+averaged over heads and query rows) is normalised within its crop. They are laid out like the features by running the
+model's own ``pack_image_features`` on a per-crop ``[crops, N, C]`` tensor (an indicator channel, one channel per
+score, the flattened keys): the base view gets crop 0's values, the high-res tokens the unpadded (OneVision:
+bilinearly interpolated, an approximation for scores and keys) values of crops ``1..``.
 
 Videos (OneVision ``pixel_values_videos``) are not pruned: their placeholder tokens are left as text (the video
 encoder's output is marked as carrying no records, so ``generate`` may pre-encode it).
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtok.hooks.hf import register_adapter
+from vtok.hooks.hf import _vision, register_adapter
 from vtok.hooks.hf._runtime import ImageRecord
 from vtok.hooks.hf.llava import LlavaAdapter
 
@@ -69,17 +71,33 @@ class LlavaNextAdapter(LlavaAdapter):
         return packed
 
     # --- hook
+    def provides(self, model) -> set[str]:
+        """Context keys the pre-LLM stage can give (``grid`` of base views only until the engine keeps the grid of
+        records with protected tokens; see the module docstring)."""
+        out = {"grid", "query"}
+        if self._feature_layer(model) % (len(self._tower_layers(model)) + 1) >= 1:
+            out |= {"cls_attn", "keys", "mid_attn"}
+        return out
+
     def install(self, model, rt) -> list[Any]:
+        from vtok.pruners import get as get_method
+
         inner = model.model
         orig = inner.get_image_features
         sig = inspect.signature(orig)
         needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
-        want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
+        want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
+        placement = get_method(rt.pre.method).placement if rt.pre is not None else None
+        rows = getattr(placement, "score_rows", "cls")
+        mid = getattr(placement, "mid_layer", None)
         layers = self._tower_layers(model)
-        captured: list[Tensor] = []
+        captured: dict[int, Tensor] = {}
 
-        def pre_hook(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
+        def hook_for(i: int):
+            def pre_hook(module, args, kwargs):
+                captured[i] = args[0] if args else kwargs["hidden_states"]
+
+            return pre_hook
 
         @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
         def get_image_features(*args, **kwargs):
@@ -87,17 +105,23 @@ class LlavaNextAdapter(LlavaAdapter):
             fl = call.get("vision_feature_layer")
             fl = model.config.vision_feature_layer if fl is None else fl
             fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
-            li = fl % (len(layers) + 1) - 1
+            li = fl % (len(layers) + 1) - 1  # the tower layer producing the features (its input is captured)
+            mi = li if mid is None else min(int(mid * len(layers)), li)  # HiPrune's middle layer
             use = want if li >= 0 else set()
+            watch = sorted(({li} if use - {"mid_attn"} else set()) | ({mi} if "mid_attn" in use else set()))
             captured.clear()
-            handle = layers[li].register_forward_pre_hook(pre_hook, with_kwargs=True) if use else None
+            handles = [layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in watch]
             try:
                 out = orig(*args, **kwargs)
             finally:
-                if handle is not None:
+                for handle in handles:
                     handle.remove()
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
-            ctx = self._context(model, layers[li], captured[0], use) if use and captured else {}
+            ctx: dict[str, Tensor] = {}
+            if li in captured and use - {"mid_attn"}:
+                ctx.update(self._crop_context(model, layers[li], captured[li], use - {"mid_attn"}, rows))
+            if "mid_attn" in use and mi in captured:
+                ctx["mid_attn"] = self._crop_context(model, layers[mi], captured[mi], {"cls_attn"}, rows)["cls_attn"]
             rt.add_records(out, self._records(model, list(feats), call, ctx))
             return out
 
@@ -130,8 +154,9 @@ class LlavaNextAdapter(LlavaAdapter):
         dev = feats[0].device
         chans = [torch.ones(total, n_crop, 1, device=dev)]
         heads = dh = 0
-        if "cls_attn" in ctx:
-            chans.append(ctx["cls_attn"].float().to(dev)[..., None])
+        scores = sorted(key for key in ctx if key != "keys")  # [crops, N] each: one channel
+        for key in scores:
+            chans.append(ctx[key].float().to(dev)[..., None])
         if "keys" in ctx:
             k = ctx["keys"]  # [crops, H, N, dh]
             _, heads, _, dh = k.shape
@@ -160,13 +185,28 @@ class LlavaNextAdapter(LlavaAdapter):
                     grid = (rows, n_free // rows) if n_free % rows == 0 else None
                 c: dict[str, Tensor] = {}
                 col = 1
-                if "cls_attn" in ctx:
-                    c["cls_attn"] = p[a:b, col].to(ctx["cls_attn"].dtype)
+                for key in scores:
+                    c[key] = p[a:b, col].to(ctx[key].dtype)
                     col += 1
                 if "keys" in ctx:
                     c["keys"] = p[a:b, col:].reshape(b - a, heads, dh).permute(1, 0, 2).to(ctx["keys"].dtype)
                 recs.append(ImageRecord(n=b - a, image=i, grid=grid, protected=pr, ctx=c))
         return recs
+
+    @torch.no_grad()
+    def _crop_context(self, model, layer, hidden: Tensor, want: set[str], rows: str) -> dict[str, Tensor]:
+        """Per crop, from one tower layer's input: ``cls_attn [crops, N]`` (the CLS row when the tower has a CLS
+        token and ``rows == "cls"``, else the attention received, averaged over heads and query rows) and ``keys
+        [crops, H, N, dh]``; the CLS column dropped when the features drop it."""
+        q, k, scale = _vision.qk(layer, hidden)
+        drop = 1 if self._drops_cls(model) else 0
+        out: dict[str, Tensor] = {}
+        if "cls_attn" in want:
+            use_cls = self._has_cls(model) and rows == "cls"
+            out["cls_attn"] = (_vision.cls_row(q, k, scale) if use_cls else _vision.received(q, k, scale))[:, drop:]
+        if "keys" in want:
+            out["keys"] = k[:, :, drop:]
+        return out
 
     def _tokens_per_crop(self, model, side: int) -> int:
         return side * side + (1 if self._has_cls(model) and not self._drops_cls(model) else 0)
