@@ -340,7 +340,10 @@ def test_every_method_through_the_wrapper(model, name):
         b = _gen(model, ids, am, n=6, pixel_values=pix, use_cache=False)
         ids1, am1, extra = _one(1)
         one = _gen(model, ids1, am1, n=6, **extra)
-    assert torch.equal(a, b)
+    # methods scoring by the text (last-row attention, mean text embedding) re-score every no-cache step on a
+    # sequence that ends in the generated tokens: only the first token is the same computation
+    n_same = 1 if (m.needs | m.uses) & {"text_attn", "query"} else a.shape[1]
+    assert torch.equal(a[:, :n_same], b[:, :n_same])
     assert one[0].tolist() == a[1].tolist()
 
 
@@ -354,4 +357,4 @@ def test_eager_attention_language_model():
         for i in range(3):
             ids1, am1, extra = _one(i)
             assert _gen(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
-    assert torch.equal(a, b)
+    assert torch.equal(a[:, :1], b[:, :1])  # FastV re-scores every no-cache step from the last generated token
