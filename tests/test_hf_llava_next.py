@@ -231,14 +231,19 @@ def test_newlines_kept_and_budgets_exact(models, family, method, keep, layer):
             assert x.shape[0] == ids.shape[1] - sum(n for n, _ in layout) + after
 
 
-@pytest.mark.xfail(reason="engine: select_slots drops the grid of a record with protected tokens; the high-res "
-                          "record's grid (of its prunable tokens) would serve grid methods", strict=False)
 def test_grid_methods_on_high_res(models):
+    """pool2d on the high-res record pools its newline-free grid: counts equal retained_count with the grid."""
     model = models["next"]
     ids, am, extra, _ = _single(model)
+    layout = _layout(model, extra)
+    want = 0
+    for n, prot in layout:
+        rows = int(prot.sum())
+        grid = (rows, (n - rows) // rows) if rows else (4, 4)
+        want += vtok.retained_count("pool2d", n, 0.25, grid=grid, protected=rows)
     with torch.no_grad(), vtok.wrapped(model, "pool2d", 0.25):
         model(input_ids=ids, attention_mask=am, **extra)
-        assert vtok.stats(model)["per_sample"][0]["visual_after"] > 0
+        assert vtok.stats(model)["per_sample"][0]["visual_after"] == want
 
 
 # ---------------------------------------------------------------------------------------------------- reference

@@ -176,6 +176,9 @@ def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | 
         if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
             raise NotImplementedError("vtok-wrapped models support greedy and sampling generate; beam search and "
                                       "assisted decoding are not supported")
+        if (kwargs.get("num_return_sequences") or getattr(cfg, "num_return_sequences", 1) or 1) > 1:
+            raise NotImplementedError("vtok-wrapped models generate one sequence per prompt; num_return_sequences > 1 "
+                                      "is not supported")
         impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
         if impl in _UNSUPPORTED_CACHES:
             raise NotImplementedError(f"vtok-wrapped models need the default dynamic cache, got cache_implementation="

@@ -44,7 +44,8 @@ class ImageRecord:
     Attributes:
         n: its placeholder tokens in the prompt (a contiguous run, in prompt order).
         image: index of the image in the call (several records may share one image).
-        grid: ``(h, w)`` patch grid of the record's tokens (row-major), or ``None``.
+        grid: ``(h, w)`` patch grid of the record's tokens (row-major), of its prunable tokens when ``protected`` is
+            set (LLaVA-NeXT: the rows without their newline), or ``None``.
         protected: ``BoolTensor [n]`` of tokens never pruned, or ``None``.
         ctx: per-token context from the vision tower (``cls_attn [n]``, ``keys [H, n, dh]``, ...).
     """
@@ -327,8 +328,13 @@ class Runtime:
                     kw["cache_position"] = torch.arange(res.x.shape[1], device=x.device)
                 st.valid, st.slots, st.x_len, st.pre = res.valid, res.slots, res.x.shape[1], True
                 st.index_prompt = res.index
-                pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
-                st.next_pos = (pos3.masked_fill(~res.valid, -1).amax(-1) + 1)
+                if self.positions == "original":  # decoding continues after the unpruned prompt
+                    src = full.expand(full.shape[:-2] + valid.shape)
+                    src = src if src.dim() == 2 else src[-3:].amax(0)
+                    st.next_pos = src.masked_fill(~valid, -1).amax(-1) + 1
+                else:
+                    pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
+                    st.next_pos = pos3.masked_fill(~res.valid, -1).amax(-1) + 1
         st.slots_in, st.valid_in = slots, valid
         self.state = st
         return kw

@@ -76,7 +76,7 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
                     else (~s.protected).nonzero().squeeze(1))
             c = ctx.get(s.record, {})
             shape_key = tuple(sorted((key, tuple(v.shape) if isinstance(v, Tensor) else None) for key, v in c.items()))
-            grid = s.grid if s.protected is None else None
+            grid = s.grid  # with protected tokens: the grid of the prunable ones (as retained_count counts it)
             groups.setdefault((len(free), ks[b][j], grid, shape_key), []).append((b, j, free))
     out: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
     for (_, k, grid, _), members in groups.items():
