@@ -108,7 +108,7 @@ def qwen2_vl(quick: bool):
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
         text_config={"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
                      "num_attention_heads": 16 if not quick else 4, "num_key_value_heads": 4 if not quick else 2,
-                     "vocab_size": vocab, "max_position_embeddings": 4096,
+                     "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
                      "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3] if quick else [16, 24, 24]}},
         image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
         vision_end_token_id=vocab - 4)
@@ -188,10 +188,10 @@ def run_family(family: str, quick: bool, rounds: int, new_tokens: int) -> list[s
         rs = res[v]
         pr = statistics.median(r["prefill"] / x["prefill"] for r, x in zip(rs, b, strict=True))
         dr = statistics.median(r["decode"] / x["decode"] for r, x in zip(rs, b, strict=True))
-        mr = statistics.median(r["peak"] for r in rs) / max(mb, 1)
+        mr = f"{statistics.median(r['peak'] for r in rs) / mb:.2f}" if mb > 2**20 else "n/a"
         share = statistics.median(r["wrapper"] / r["prefill"] for r in rs)
         lines.append(f"| {family} | {v[0]} | {v[1] if v[1] is not None else 'pre'} | {v[2]} | "
-                     f"{n_img} → {rs[0]['after']} | {pr:.2f} ({1 / pr:.2f}× faster) | {dr:.2f} | {mr:.2f} | "
+                     f"{n_img} → {rs[0]['after']} | {pr:.2f} ({1 / pr:.2f}× faster) | {dr:.2f} | {mr} | "
                      f"{share:.1%} |")
     return lines
 

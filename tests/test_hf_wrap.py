@@ -301,6 +301,12 @@ def test_bad_input_errors(model):
     ids, am = left_pad([PROMPTS[0]])
     with vtok.wrapped(model, "random", 0.5), pytest.raises(NotImplementedError, match="beam"):
         model.generate(input_ids=ids, attention_mask=am, pixel_values=_pix(1), num_beams=2, max_new_tokens=2)
+    with vtok.wrapped(model, "random", 0.5), pytest.raises(NotImplementedError, match="num_return_sequences"):
+        model.generate(input_ids=ids, attention_mask=am, pixel_values=_pix(1), do_sample=True,
+                       num_return_sequences=2, max_new_tokens=2)
+    with vtok.wrapped(model, "random", 0.5), pytest.raises(NotImplementedError, match="cache"):
+        model.generate(input_ids=ids, attention_mask=am, pixel_values=_pix(1), cache_implementation="static",
+                       max_new_tokens=2)
 
 
 def test_retained_count_errors():
