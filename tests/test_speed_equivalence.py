@@ -139,3 +139,22 @@ def test_density_peaks_and_medoids_unchanged():
             want = old.cluster_medoids(x, labels, 9, metric=metric)
             assert torch.equal(R.cluster_medoids(x, labels, 9, metric=metric, dist=dist), want)
             assert torch.equal(R.cluster_medoids(x, labels, 9, metric=metric), want)
+
+
+def test_incremental_medoid_costs_are_the_full_sums():
+    from vtok.pruners.clustering import _member_costs
+
+    for dtype in (torch.float32, torch.float64):
+        x = _inputs(700, dtype, seed=9, b=2, d=40)
+        dist = R.pairwise_matrix(x, "euclidean")
+        dist.diagonal(dim1=1, dim2=2).fill_(0.0)
+        g = torch.Generator().manual_seed(1)
+        prev = torch.randint(0, 30, (2, 700), generator=g)
+        labels = prev.clone()
+        labels[:, :40] = torch.randint(0, 30, (2, 40), generator=g)  # a few tokens move
+        full = torch.empty(2, 700, dtype=dtype)
+        for s in range(0, 700, 256):  # cluster_medoids' sums
+            same = labels[:, s:s + 256, None] == labels[:, None, :]
+            full[:, s:s + 256] = (dist[:, s:s + 256] * same).sum(-1)
+        cost = _member_costs(dist, prev, None, None, 30)
+        assert torch.equal(_member_costs(dist, labels, prev, cost, 30), full)

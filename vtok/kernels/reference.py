@@ -142,13 +142,30 @@ def pairwise_matrix(x: Tensor, metric: str = "cosine", *, chunk: int = DEFAULT_C
     xt = xa.transpose(1, 2)
     out = torch.empty(b, n, n, dtype=xa.dtype, device=xa.device)
     for s in range(0, n, chunk):
-        dot = xa[:, s:s + chunk] @ xt
+        o = out[:, s:s + chunk]
+        torch.matmul(xa[:, s:s + chunk], xt, out=o)  # the dot products, in place
         if metric == "cosine":
-            out[:, s:s + chunk] = dot.neg_().add_(1.0)  # 1 − dot, the same rounding
+            o.sub_(1.0).neg_()  # −(dot − 1) = 1 − dot exactly (rounding is sign-symmetric)
         else:
             # (‖a‖² + ‖b‖²) − 2·a·b: 2·dot is exact, so the fused subtraction rounds as the two-step one
-            d2 = (sq[:, s:s + chunk, None] + sq[:, None, :]).sub_(dot, alpha=2.0).clamp_min_(0.0)
-            out[:, s:s + chunk] = d2.sqrt_() if metric == "euclidean" else d2
+            torch.sub(sq[:, s:s + chunk, None] + sq[:, None, :], o, alpha=2.0, out=o).clamp_min_(0.0)
+            if metric == "euclidean":
+                o.sqrt_()
+    return out
+
+
+def gram_matrix(x: Tensor, *, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """``[B, N, N]`` dot products ``x_i · x_j`` of ``x [B, N, D]`` (fp32 / fp64 as the input; callers upcast half
+    precision), exactly symmetric off the diagonal blocks: row block ``[s, s + chunk)`` is computed against the
+    tokens from ``s`` on and mirrored below, half the GEMM work of the full product (whose values it matches up to
+    the last-bit rounding of a differently shaped GEMM). For callers that read rows only."""
+    b, n, _ = x.shape
+    out = torch.empty(b, n, n, dtype=x.dtype, device=x.device)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        blk = x[:, s:e] @ x[:, s:].transpose(1, 2)  # [B, e − s, N − s]
+        out[:, s:e, s:] = blk
+        out[:, e:, s:e] = blk[:, :, e - s:].transpose(1, 2)
     return out
 
 

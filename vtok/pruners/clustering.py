@@ -75,37 +75,55 @@ def kmeans_pp_init(x: Tensor, k: int, seed: int) -> Tensor:
     groups = ref.gram_groups(b, n)
     if groups is None:
         return _kmeans_pp_draws(x, k, u, first, None)
+    if x.device.type == "cpu":
+        return torch.cat([_kmeans_pp_draws_gram(x[g], k, u, first) for g in groups])
     return torch.cat([_kmeans_pp_draws(x[g], k, u, first, ref.pairwise_matrix(x[g], "sqeuclidean").float())
                       for g in groups])
 
 
+def _kmeans_pp_draws_gram(x: Tensor, k: int, u: Tensor, first: int) -> Tensor:
+    """``kmeans_pp_init``'s draws on the CPU from the symmetric Gram matrix (``reference.gram_matrix``, half a GEMM):
+    the ``k`` dependent draws run in NumPy on views, each forming its centre's squared distances from a Gram row as
+    ``ops.pairwise_distance`` does (``(‖x‖² + ‖c‖²) − 2·x·c``, clamped at 0, cast to fp32), then the same float64
+    steps as :func:`_kmeans_pp_draws` (exact cast, ``minimum``, sequential ``cumsum``, right-side binary search),
+    ~1 µs per call instead of torch's ~5–10 µs dispatch."""
+    x = upcast_half(x).detach()
+    b, n, _ = x.shape
+    gram = ref.gram_matrix(x).reshape(b * n, n).numpy()
+    sq = (x * x).sum(-1).numpy()  # [B, N]
+    sq_flat = sq.reshape(-1)
+    base, uu = np.arange(b) * n, u.cpu().numpy()
+
+    def d2_to(c: np.ndarray) -> np.ndarray:  # [B] centres → [B, N] float64 of the fp32 squared distances
+        idx = base + c
+        d2 = np.maximum((sq_flat[idx][:, None] + sq) - 2 * gram[idx], 0)
+        return d2.astype(np.float32).astype(np.float64)
+
+    picks = np.empty((k, b), dtype=np.int64)
+    picks[0] = first
+    chosen = np.zeros((b, n), dtype=bool)
+    chosen[:, first] = True
+    flat_chosen = chosen.reshape(-1)
+    d2 = d2_to(picks[0])
+    for t in range(1, k):
+        if t > 1:
+            np.minimum(d2, d2_to(picks[t - 1]), out=d2)
+        cum = np.where(chosen, 0.0, d2).cumsum(1)
+        total = cum[:, -1]
+        target = uu[t] * total
+        pick = np.array([np.searchsorted(cum[i], target[i], side="right") for i in range(b)]).clip(max=n - 1)
+        if not (total > 0).all():
+            pick = np.where(total > 0, pick, (~chosen).argmax(1))
+        picks[t] = pick
+        flat_chosen[base + pick] = True
+    return torch.from_numpy(picks.T.copy())
+
+
 def _kmeans_pp_draws(x: Tensor, k: int, u: Tensor, first: int, d2_all: Tensor | None) -> Tensor:
     """The k-means++ draws of ``kmeans_pp_init``; ``d2_all [B, N, N]``: all squared distances (fp32), or ``None`` to
-    compute each centre's with a matrix-vector product. With ``d2_all`` on the CPU the ``k`` dependent draws run in
-    NumPy on a view of it: the same float64 operations (exact cast, ``minimum``, sequential ``cumsum``, right-side
-    binary search), ~1 µs per call instead of torch's ~5–10 µs dispatch."""
+    compute each centre's with a matrix-vector product (the streaming path)."""
     b, n, _ = x.shape
     dev = x.device
-    if d2_all is not None and d2_all.device.type == "cpu":
-        flat, base, uu = d2_all.detach().reshape(b * n, n).numpy(), np.arange(b) * n, u.cpu().numpy()
-        picks = np.empty((k, b), dtype=np.int64)
-        picks[0] = first
-        chosen = np.zeros((b, n), dtype=bool)
-        chosen[:, first] = True
-        flat_chosen = chosen.reshape(-1)
-        d2 = flat[base + first].astype(np.float64)
-        for t in range(1, k):
-            if t > 1:
-                np.minimum(d2, flat[base + picks[t - 1]], out=d2)  # fp32 row cast exactly to float64
-            cum = np.where(chosen, 0.0, d2).cumsum(1)
-            total = cum[:, -1]
-            target = uu[t] * total
-            pick = np.array([np.searchsorted(cum[i], target[i], side="right") for i in range(b)]).clip(max=n - 1)
-            if not (total > 0).all():
-                pick = np.where(total > 0, pick, (~chosen).argmax(1))
-            picks[t] = pick
-            flat_chosen[base + pick] = True
-        return torch.from_numpy(picks.T.copy()).to(dev)
     rows = torch.arange(b, device=dev)
     if d2_all is not None:
         flat, base = d2_all.reshape(b * n, n), rows * n
@@ -313,13 +331,17 @@ def _kmedoids_matrix(x: Tensor, k: int, init: str, metric: str, iters: int, tol:
         central = ref.cluster_medoids(x, whole, 1, metric=metric, dist=dist)[:, 0]
         med = ref.greedy_max_min(dist, k, central).sort(1).values
     done = torch.zeros(b, dtype=torch.bool, device=dev)
+    prev = cost = None
     for _ in range(iters):
         # nearest medoid of every token: argmin over the medoids' rows, ties → the earliest slot
         labels = flat.index_select(0, (base + med).view(-1)).view(b, k, n).argmin(1)
         labels = labels.scatter(1, med, slots)  # a medoid always belongs to its own cluster (duplicates)
-        new = ref.cluster_medoids(x, labels, k, metric=metric, dist=dist)
-        if init == "central":
-            new = new.sort(1).values
+        if init == "central":  # slots are renumbered every update: recompute every cost
+            new = ref.cluster_medoids(x, labels, k, metric=metric, dist=dist).sort(1).values
+        else:
+            cost = _member_costs(dist, labels, prev, cost, k)
+            new = _cluster_argmin(cost, labels, k)
+            prev = labels
         shift = (gather_tokens(x, new) - gather_tokens(x, med)).pow(2).sum(-1).sqrt().sum(1)
         stop = (shift < tol) | (new == med).all(1)
         med = torch.where(done[:, None], med, new)  # a converged sample keeps its medoids
@@ -327,6 +349,43 @@ def _kmedoids_matrix(x: Tensor, k: int, init: str, metric: str, iters: int, tol:
         if bool(done.all()):
             break
     return med.sort(1).values
+
+
+def _member_costs(dist: Tensor, labels: Tensor, prev: Tensor | None, cost: Tensor | None, k: int,
+                  chunk: int = ref.DEFAULT_CHUNK) -> Tensor:
+    """``[B, N]``: each token's summed distance to the members of its cluster, ``Σ_j dist[i, j]·[l_j = l_i]``, as
+    ``reference.cluster_medoids`` sums it (row by row over the full row, in the matrix's precision). Given the
+    previous ``labels`` and costs, only tokens whose cluster gained or lost a member are recomputed: the others have
+    the same members, hence the same sums (the same per-row reduction, so the same bits)."""
+    b, n, _ = dist.shape
+    if prev is None:
+        rows = [torch.arange(n, device=dist.device)] * b
+        cost = torch.empty(b, n, device=dist.device, dtype=dist.dtype)
+    else:
+        moved = labels != prev
+        changed = torch.zeros(b, k, dtype=torch.bool, device=dist.device)
+        changed[moved.nonzero()[:, 0], labels[moved]] = True
+        changed[moved.nonzero()[:, 0], prev[moved]] = True
+        stale = changed.gather(1, labels)
+        rows = [stale[i].nonzero()[:, 0] for i in range(b)]
+        cost = cost.clone()
+    for i in range(b):
+        for s in range(0, rows[i].numel(), chunk):
+            r = rows[i][s:s + chunk]
+            same = labels[i, r, None] == labels[i, None, :]
+            cost[i, r] = (dist[i].index_select(0, r) * same).sum(-1)
+    return cost
+
+
+def _cluster_argmin(cost: Tensor, labels: Tensor, c: int) -> Tensor:
+    """``[B, c]``: per cluster the member with the smallest ``cost`` (ties → lowest index), as
+    ``reference.cluster_medoids`` picks it."""
+    b, n = cost.shape
+    best = torch.full((b, c), float("inf"), device=cost.device, dtype=cost.dtype).scatter_reduce(1, labels, cost,
+                                                                                                  "amin")
+    is_best = cost == best.gather(1, labels)
+    idx = torch.where(is_best, torch.arange(n, device=cost.device).expand(b, n), torch.full_like(labels, n))
+    return torch.full((b, c), n, dtype=torch.long, device=cost.device).scatter_reduce(1, labels, idx, "amin")
 
 
 # -------------------------------------------------------------------------------------------------- DPC-kNN
