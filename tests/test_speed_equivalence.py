@@ -158,3 +158,12 @@ def test_incremental_medoid_costs_are_the_full_sums():
             full[:, s:s + 256] = (dist[:, s:s + 256] * same).sum(-1)
         cost = _member_costs(dist, prev, None, None, 30)
         assert torch.equal(_member_costs(dist, labels, prev, cost, 30), full)
+
+
+def test_kmeans_assign_unchanged():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = _inputs(600, dtype, seed=4, b=2, d=40)
+        c = _inputs(70, dtype, seed=5, b=2, d=40)
+        i, d = R.kmeans_assign(x, c)
+        i0, d0 = old.kmeans_assign(x, c)
+        assert torch.equal(i, i0) and torch.equal(d, d0)

@@ -383,10 +383,15 @@ def pagerank(attn: Tensor, *, iters: int = 30, damping: float | None = None, ini
 
 def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """Nearest centroid (squared Euclidean) for each token: ``x [B, N, D]``, ``centroids [B, C, D]`` →
-    ``(assign [B, N] long, dist [B, N] fp32)``; ties → lowest centroid index. Chunked over ``N``."""
+    ``(assign [B, N] long, dist [B, N] fp32)``; ties → lowest centroid index. Chunked over ``N``; each chunk's
+    distances are ``pairwise_distance(x[:, s:s + chunk], centroids, "sqeuclidean")``, with the squared norms taken
+    once for all chunks (the same per-row sums)."""
+    xa, ca = upcast_half(x), upcast_half(centroids)
+    sq_x, sq_c = (xa * xa).sum(-1), (ca * ca).sum(-1)[:, None, :]
+    ct = ca.transpose(1, 2)
     idxs, ds = [], []
     for s in range(0, x.shape[1], chunk):
-        d = pairwise_distance(x[:, s:s + chunk], centroids, "sqeuclidean")
+        d = torch.sub(sq_x[:, s:s + chunk, None] + sq_c, xa[:, s:s + chunk] @ ct, alpha=2.0).clamp_min_(0.0).float()
         v, i = d.min(-1)
         idxs.append(i)
         ds.append(v)
