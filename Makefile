@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.vtok-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy
+.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,31 @@ lint: $(STAMP)
 
 test: lint $(FMNIST)
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-hf4
+
+# The Hugging Face wrapper's tests (tests/test_hf_*.py) again under transformers 4.57, the last 4.x. $(VENV_TF4) is an
+# overlay on $(VENV): its own site-packages holds only transformers 4.57 and the tokenizers / huggingface_hub (+
+# requests) it requires, and a .pth adds $(VENV)'s site-packages after it (torch, vtok, ... are not installed twice).
+# The .pth names $(VENV)'s site-packages relative to the overlay's prefix, so both move together with the repository.
+VENV_TF4  ?= .venv-tf4
+TF4_STAMP := $(VENV_TF4)/.vtok-tf4-installed
+TF4_PKGS  := "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" "huggingface_hub>=0.34,<1.0" \
+             requests charset-normalizer urllib3 certifi
+
+$(TF4_STAMP): $(STAMP)
+	@test -x $(VENV_TF4)/bin/python || $(PYTHON) -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/python -m pip install -q --no-deps $(TF4_PKGS)
+	@base=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	$(VENV_TF4)/bin/python -c "import os, sys, sysconfig; rel = os.path.relpath(sys.argv[1], sys.prefix); \
+	open(os.path.join(sysconfig.get_paths()['purelib'], '_vtok_base.pth'), 'w').write( \
+	f'import os, site, sys; site.addsitedir(os.path.join(sys.prefix, {rel!r}))\\n')" "$$base"
+	cd / && $(abspath $(VENV_TF4))/bin/python -c "import torch, transformers, vtok; \
+	assert transformers.__version__.startswith('4.57.'), transformers.__version__; print('transformers', \
+	transformers.__version__, 'torch', torch.__version__)"
+	@touch $(TF4_STAMP)
+
+test-hf4: $(TF4_STAMP)
+	$(VENV_TF4)/bin/python -m pytest tests/test_hf_*.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/strategies.py
