@@ -19,7 +19,7 @@ from vtok.kernels import ops
 from vtok.kernels import reference as ref
 from vtok.kernels.reference import upcast_half
 from vtok.pruners.registry import register
-from vtok.selection import Selection, gather_tokens, sum_rows_into
+from vtok.selection import Selection, gather_tokens
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -149,7 +149,7 @@ def _kmeans_pp_draws(x: Tensor, k: int, u: Tensor, first: int, d2_all: Tensor | 
 
 def _cluster_means(x: Tensor, labels: Tensor, c: int) -> Tensor:
     b, n, d = x.shape
-    num = sum_rows_into(labels, x, c)  # = scatter_add_ over [B, N, D], same sums
+    num = torch.zeros(b, c, d, device=x.device, dtype=x.dtype).scatter_add_(1, labels[..., None].expand(b, n, d), x)
     cnt = torch.zeros(b, c, device=x.device, dtype=x.dtype).scatter_add_(1, labels, torch.ones_like(x[..., 0]))
     return num / cnt.clamp_min(1)[..., None]
 
