@@ -22,6 +22,7 @@ def tiny_llava(seed: int = 0, *, select: str = "default", layers: int = 4, attn:
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None  # random weights: never stop early (batch vs single stay aligned)
     return model
 
 
@@ -41,3 +42,9 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, n - len(r):] = torch.tensor(r)
         mask[i, n - len(r):] = 1
     return ids, mask
+
+
+def image_features(out):
+    """The per-image features of ``get_image_features``: transformers 5 returns an output with ``pooler_output``,
+    4.x the list itself."""
+    return getattr(out, "pooler_output", out)

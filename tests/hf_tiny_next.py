@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tests.hf_tiny import image_features
+
 IMAGE_TOKEN = 250
 VIDEO_TOKEN = 251
 PAD = 0
@@ -76,7 +78,7 @@ def pixels(image_sizes: list[tuple[int, int]], model, seed: int = 0) -> tuple[to
 def image_tokens(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs) -> list[int]:
     """Placeholder tokens per image: the lengths of the model's own packed features."""
     out = model.model.get_image_features(pixel_values, image_sizes, **kwargs)
-    return [int(f.shape[0]) for f in out.pooler_output]
+    return [int(f.shape[0]) for f in image_features(out)]
 
 
 def prompt(text_before: list[int], counts: list[int], text_after: list[int]) -> list[int]:

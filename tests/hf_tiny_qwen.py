@@ -25,7 +25,8 @@ def _text_config(layers: int) -> dict:
     return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
                 bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                 "mrope_section": [2, 3, 3]})
+                                                                 "mrope_section": [2, 3, 3]},
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})  # transformers 4.x reads this one
 
 
 def _finish(model):
@@ -101,4 +102,8 @@ def left_pad(rows: list[list[int]]) -> dict[str, torch.Tensor]:
         ids[i, n - len(r):] = torch.tensor(r)
         mask[i, n - len(r):] = 1
     types = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+    import transformers
+
+    if transformers.__version__.startswith("4."):  # 4.x has no mm_token_type_ids (get_rope_index reads the ids)
+        return {"input_ids": ids, "attention_mask": mask}
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vtok
+from tests.hf_tiny import image_features
 from tests.hf_tiny_next import image_tokens, left_pad, pixels, prompt, tiny_llava_next, tiny_llava_onevision
 from vtok.budget import resolve_k
 
@@ -45,7 +46,7 @@ def _single(model, sizes=SIZES, seed=0, text=([1, 5, 9], [11, 12, 13]), **kw):
 def _layout(model, extra) -> list[tuple[int, torch.Tensor]]:
     """Expected records ``(n, protected)`` in prompt order, from the unwrapped model's packed features."""
     kw = {k: v for k, v in extra.items() if k not in ("pixel_values", "image_sizes")}
-    feats = model.model.get_image_features(extra["pixel_values"], extra["image_sizes"], **kw).pooler_output
+    feats = image_features(model.model.get_image_features(extra["pixel_values"], extra["image_sizes"], **kw))
     nl = model.model.image_newline
     out = []
     for f in feats:
@@ -166,7 +167,7 @@ def test_cls_attn_follows_each_token_to_its_crop(models, family):
     ids, am, extra, _ = _single(model, sizes=[(10, 56)])
     feats, score = _crop_scores(model, extra)
     with torch.no_grad():
-        packed = model.model.get_image_features(**extra).pooler_output[0][N_BASE:]
+        packed = image_features(model.model.get_image_features(**extra))[0][N_BASE:]
     with torch.no_grad(), vtok.wrapped(model, "visionzip", 0.5):
         model(input_ids=ids, attention_mask=am, **extra)
         base, hi = model._vtok_runtime.records
@@ -251,7 +252,7 @@ def test_grid_methods_on_high_res(models):
 def _manual(model, ids, extra, layout, keep, positions, steps=16):
     """Uniform pruning by hand: embed, scatter the features, drop the unkept image tokens, run the language model."""
     m = model.model
-    feats = torch.cat(list(m.get_image_features(extra["pixel_values"], extra["image_sizes"]).pooler_output))
+    feats = torch.cat(list(image_features(m.get_image_features(extra["pixel_values"], extra["image_sizes"]))))
     x = m.get_input_embeddings()(ids)
     x = x.masked_scatter((ids == 250)[..., None], feats)
     keep_mask = ids[0] != 250
