@@ -93,4 +93,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/strategies.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TF4) outputs .pytest_cache .ruff_cache .hypothesis
