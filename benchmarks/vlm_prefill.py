@@ -15,7 +15,8 @@ after a warm-up round); reported: the median over rounds of the paired ratio ``t
 * ``prefill``: the whole forward on the prompt (vision tower + projector + language model), the unpruned model's
   time in seconds beside it;
 * ``decode``: per-token time of 16 greedy cached steps after the prefill (``generate``);
-* ``peak``: peak resident memory added during the prefill (``/proc/self/statm`` sampled every 0.5 ms), as a ratio;
+* ``peak``: peak resident memory added during the prefill (the kernel's high-water mark, reset before it; glibc
+  returns freed tensors at once), as a ratio;
 * ``wrapper``: the wrapper's own work in the prefill (context, strategy, bookkeeping: ``vtok.stats``'s
   ``wrapper_seconds``) as a share of the pruned prefill.
 
@@ -30,7 +31,6 @@ import os
 import shlex
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,38 +44,31 @@ KEEPS = (1.0, 0.5, 0.25, 0.11)
 
 
 class PeakRSS:
-    """Peak resident memory above the start, sampled from ``/proc/self/statm`` in a thread (bytes)."""
+    """Peak resident memory added inside the block (bytes): the kernel's high-water mark ``VmHWM`` reset on entry
+    (``/proc/self/clear_refs``) minus the resident size then. Run with ``MALLOC_MMAP_THRESHOLD_=65536`` (``main``
+    re-executes itself so) so that freed tensors go back to the system and one block's peak does not hide in memory
+    an earlier block left in glibc's pool."""
 
-    def __init__(self, interval: float = 5e-4) -> None:
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in /proc/self/status")
 
     def __enter__(self) -> PeakRSS:
-        self.start = self._rss()
-        self.peak = self.start
-        self._stop = False
-
-        def loop() -> None:
-            while not self._stop:
-                self.peak = max(self.peak, self._rss())
-                time.sleep(self.interval)
-
-        self._t = threading.Thread(target=loop, daemon=True)
-        self._t.start()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.start = self._status("VmRSS:")
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = self._status("VmHWM:")
 
     @property
     def extra(self) -> int:
-        return self.peak - self.start
+        return max(self.peak - self.start, 0)
 
 
 def llava(quick: bool):
@@ -109,7 +102,7 @@ def qwen2_vl(quick: bool):
         text_config={"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
                      "num_attention_heads": 16 if not quick else 4, "num_key_value_heads": 4 if not quick else 2,
                      "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3] if quick else [16, 24, 24]}},
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3] if quick else [8, 12, 12]}},
         image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
         vision_end_token_id=vocab - 4)
     torch.manual_seed(0)
@@ -214,4 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # see PeakRSS
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     main()

@@ -148,3 +148,18 @@ def test_example_context_reports_missing_generator(tokens):
             example_context(m, tokens)
     finally:
         GENERATORS["cls_attn"] = saved
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_inputs_that_require_grad(name, tokens):
+    """Features straight out of a model outside ``torch.no_grad()`` (the README's encoder example) require grad:
+    every method runs on them, picks what it picks on detached features, and keeps the graph of the kept tokens."""
+    x = tokens.clone().requires_grad_()
+    m, ctx = _setup(name, tokens)
+    k = 5
+    with torch.no_grad():
+        ref_sel, ref_out = _run(name, tokens, k, ctx)
+    sel, out = _run(name, x, k, ctx)
+    assert torch.equal(sel.keep, ref_sel.keep)
+    torch.testing.assert_close(out.detach(), ref_out)
+    assert out.requires_grad

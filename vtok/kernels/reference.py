@@ -125,12 +125,14 @@ def gram_groups(b: int, n: int) -> list[slice] | None:
     return [slice(s, min(s + per, b)) for s in range(0, b, per)]
 
 
+@torch.no_grad()
 def pairwise_matrix(x: Tensor, metric: str = "cosine", *, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """All pairwise distances ``[B, N, N]`` of ``x [B, N, D]`` in the input's own precision (fp64 stays fp64, half
     precision is upcast to fp32): row block ``[s, s + chunk)`` holds exactly the values of
     ``pairwise_distance_native(x[:, s:s + chunk], x, metric)`` (the chunked passes of ``density_peaks`` /
     ``cluster_medoids`` compute the same numbers), with features normalised / squared norms taken once. One GEMM in
-    row blocks; memory ``B·N²`` plus one ``chunk × N`` block (callers check :func:`gram_groups` first)."""
+    row blocks; memory ``B·N²`` plus one ``chunk × N`` block (callers check :func:`gram_groups` first). Carries no
+    gradient (the distances only rank tokens), so inputs that require grad are fine."""
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
         raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
     xa = upcast_half(x)
