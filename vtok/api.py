@@ -55,6 +55,10 @@ def compress(tokens: Tensor, method: str, keep: Keep, **kwargs: Any) -> tuple[Te
                         f"context keys: {sorted(CONTEXT_KEYS)}")
     ctx = Context.build(tokens, ctx_values)
     ctx.require(method, info.needs)
+    if "grid" in ctx and ctx["grid"][0] * ctx["grid"][1] != n and info.family != "temporal":
+        raise ValueError(f"method '{method}' is an image strategy: its grid must cover all N={n} tokens, got the "
+                         f"per-frame grid {ctx['grid']}; run it frame by frame with vtok.compress(tokens, 'per_frame', "
+                         f"keep, method='{method}', frames=T, grid=(h, w))")
     if k == n:
         return tokens, Selection.identity(b, n, tokens.device)
     sel = info.fn(tokens, k, ctx, **options).validate()

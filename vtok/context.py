@@ -81,14 +81,15 @@ def _prev_hidden(value: Any, tokens: Tensor) -> Tensor:
     return value
 
 
-@register_context("grid", "patch grid (h, w) of the tokens in row-major order, h * w == N")
+@register_context("grid", "patch grid (h, w) of the tokens in row-major order, h * w == N; for video tokens "
+                  "(with frames=T) the grid of one frame, h * w * T == N")
 def _grid(value: Any, tokens: Tensor) -> tuple[int, int]:
     n = tokens.shape[1]
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
         raise ValueError(f"context 'grid' must be a pair of ints (h, w), got {value!r}")
     h, w = int(value[0]), int(value[1])
-    if h < 1 or w < 1 or h * w != n:
+    if h < 1 or w < 1 or n % (h * w):  # h * w < N is a per-frame grid: Context.build checks it against frames
         raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n} with h, w >= 1, got ({h}, {w})")
     return h, w
 
@@ -123,7 +124,29 @@ class Context(dict):
             if name not in CONTEXT_KEYS:
                 raise ValueError(f"unknown context '{name}'; known: {sorted(CONTEXT_KEYS)}")
             ctx[name] = CONTEXT_KEYS[name].validate(value, tokens)
+        ctx._check_frames(tokens.shape[1])
         return ctx
+
+    def _check_frames(self, n: int) -> None:
+        """Keys that describe frames must agree with ``frames``: a per-frame ``grid`` (``h * w * T == N``) and
+        ``frame_scores`` ``[B, T]``."""
+        t = self.get("frames")
+        if "grid" in self and self["grid"][0] * self["grid"][1] != n:
+            h, w = self["grid"]
+            if t is None or h * w * t != n:
+                raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n}, or h * w * frames == N for "
+                                 f"video tokens with frames=T; got ({h}, {w}) with frames={t}")
+        if "frame_scores" in self and (t is None or self["frame_scores"].shape[1] != t):
+            raise ValueError(f"context 'frame_scores' [B, T] needs frames=T with the same T; got "
+                             f"{list(self['frame_scores'].shape)} with frames={t}")
+
+    def frame_grid(self, n: int) -> tuple[int, int] | None:
+        """The grid of one frame: ``grid`` when it is per-frame (or ``frames`` is 1), else ``None``."""
+        t = self.get("frames", 1)
+        if "grid" not in self:
+            return None
+        h, w = self["grid"]
+        return (h, w) if h * w * t == n else None
 
     def require(self, method: str, needs: frozenset[str] | set[str]) -> None:
         missing = sorted(set(needs) - set(self))
@@ -170,4 +193,15 @@ def _sizes(value: Any, tokens: Tensor) -> Tensor:
     _check_shape("sizes", value, tokens, {2: "[B, N]"})
     if bool((value <= 0).any()):
         raise ValueError("context 'sizes' must be > 0 everywhere")
+    return value
+
+
+@register_context("frame_scores", "relevance of each frame (e.g. text-frame similarity) for query-driven frame "
+                  "budgets, [B, T] with T = frames")
+def _frame_scores(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("frame_scores", value)
+    b, n = tokens.shape[:2]
+    if value.dim() != 2 or value.shape[0] != b or value.shape[1] < 1 or n % value.shape[1]:
+        raise ValueError(f"context 'frame_scores' must have shape [B, T] with B={b} and T dividing N={n}; "
+                         f"got {list(value.shape)}")
     return value

@@ -121,6 +121,15 @@ def _frames(s: _Gen) -> int:
     return frame_count(s.tokens.shape[1])
 
 
+def _frame_scores(s: _Gen) -> Tensor:
+    """``[B, T]`` for ``T = frame_count(N)`` (the ``frames`` generator's T): cosine of a random query with each frame's
+    mean token, so relevance follows content."""
+    b, n, d = s.tokens.shape
+    t = frame_count(n)
+    means = s.tokens.float().reshape(b, t, n // t, d).mean(2)
+    return s.out(torch.nn.functional.cosine_similarity(means, s.randn(b, 1, d), dim=-1))
+
+
 def _sizes(s: _Gen) -> Tensor:
     return torch.ones(s.tokens.shape[:2], device=s.tokens.device, dtype=s.tokens.dtype)
 
@@ -136,10 +145,12 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "keys": _keys,
     "attn": _attn,
     "sizes": _sizes,
+    "frame_scores": _frame_scores,
 }
 """Context key → generator. Shapes: ``cls_attn`` / ``mid_attn`` ``[B, N]``; ``text_attn`` ``[B, 8, N]``;
 ``prev_hidden`` ``[B, N, D]`` (tokens + 10 % noise); ``keys`` ``[B, N, D]``; ``attn`` ``[B, N, N]``; ``query``
-``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``. Attention rows sum to 1."""
+``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``. Attention
+rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
 
 
 def example_context(method: str | Method, tokens: Tensor, *, seed: int = 0, heads: int = 4) -> dict[str, Any]:
@@ -172,4 +183,6 @@ def example_context(method: str | Method, tokens: Tensor, *, seed: int = 0, head
         for key in wanted:
             g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
             out[key] = GENERATORS[key](_Gen(tokens.detach(), g, int(heads)))
+    if info.family == "temporal" and "grid" in out:  # video tokens: the grid of one frame
+        out["grid"] = most_square_grid(tokens.shape[1] // frame_count(tokens.shape[1]))
     return out
