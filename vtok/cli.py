@@ -1,4 +1,4 @@
-"""The ``vtok`` command: ``vtok methods``, ``vtok demo``, ``vtok train-tokenizer``."""
+"""The ``vtok`` command: ``vtok methods``, ``vtok demo``, ``vtok train-tokenizer``, ``vtok sweep``, ``vtok report``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,88 @@ def train_tokenizer_cmd(config: Path = typer.Option(..., exists=True, dir_okay=F
     out = out or Path("outputs/tokenizers") / run.name
     res = train_tokenizer(run, out, steps=steps, stop_at=stop_at, device=device, log=console.print)
     console.print(f"done: step {res.step}; load with vtok.load_tokenizer({str(out)!r})")
+
+
+def _sweep_table(rows: list[dict], title: str) -> Table:
+    """A rich table of sweep rows: the cell, then its metrics and timing values (``n/a`` and why for failed cells)."""
+    from vtok.sweep.report import markdown
+
+    lines = [ln.strip("|").split(" | ") for ln in markdown(rows).splitlines()]
+    table = Table(title=title)
+    for col in lines[0]:
+        table.add_column(col.strip(), overflow="fold")
+    for cells in lines[2:]:
+        table.add_row(*[c.strip() for c in cells])
+    return table
+
+
+def _parse_task_options(items: list[str] | None) -> dict[str, dict] | None:
+    """``["eval_vit.limit=200", ...]`` -> ``{"eval_vit": {"limit": 200}}`` (values read as YAML scalars)."""
+    if not items:
+        return None
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        task, dot, opt = key.partition(".")
+        if not (sep and dot and task and opt):
+            raise ValueError(f"--task-option: expected TASK.OPTION=VALUE, got {item!r}")
+        out.setdefault(task, {})[opt] = yaml.safe_load(value)
+    return out
+
+
+@app.command("sweep")
+def sweep_cmd(config: Path = typer.Argument(None, dir_okay=False, help="A sweep YAML (configs/sweeps/*.yaml)."),
+              methods: str = typer.Option(None, help="Comma-separated methods (overrides the config)."),
+              keep: str = typer.Option(None, help="Comma-separated budgets: ratios in (0, 1] or int counts."),
+              task: str = typer.Option(None, help="Comma-separated tasks: eval_vit, timing, hf_vlm, hf_vlm_timing."),
+              model: str = typer.Option(None, help="Comma-separated models (eval_vit, a checkpoint, an HF folder)."),
+              placement: str = typer.Option(None, help="Comma-separated placements (inside, after, pre_llm, llm:K)."),
+              seed: str = typer.Option(None, help="Comma-separated seeds."),
+              task_option: list[str] = typer.Option(None, help="TASK.OPTION=VALUE, e.g. eval_vit.limit=500 "
+                                                    "(repeatable)."),
+              shard_size: int = typer.Option(None, help="Cells per shard (they share one model load)."),
+              results: Path = typer.Option(None, help="Results JSONL (default outputs/sweeps/<name>.jsonl)."),
+              backend: str = typer.Option("local", help="local, or ray (pip install 'vtok[ray]')."),
+              address: str = typer.Option(None, help="Ray cluster address (--backend ray); default a local one."),
+              report: bool = typer.Option(True, help="Write the CSV / markdown / PNG report at the end."),
+              progress: bool = typer.Option(True, help="Show the progress bars.")) -> None:
+    """Run a method x keep x placement x model x task grid; re-running the same command resumes it."""
+    from vtok.sweep import load_config, run_sweep, write_report
+
+    try:
+        cfg = load_config(config, methods=methods, keeps=keep, tasks=task, models=model, placements=placement,
+                          seeds=seed, task_options=_parse_task_options(task_option), shard_size=shard_size)
+        path = results or Path("outputs/sweeps") / f"{cfg.name}.jsonl"
+        summary = run_sweep(cfg, str(path), backend=backend, address=address, show_progress=progress,
+                            console=console)
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(_sweep_table(summary.rows, f"sweep {cfg.name}: {path}"))
+    console.print(f"{summary.total} cells: {summary.skipped} already in {path}, {summary.ran} run now "
+                  f"({summary.seconds:.1f} s), {len(summary.errors)} n/a")
+    for err in summary.errors:
+        console.print(f"  n/a: {err}")
+    if report and summary.rows:
+        res = write_report(path)
+        console.print("wrote " + ", ".join(str(f) for f in res["files"]))
+
+
+@app.command("report")
+def report_cmd(results: Path = typer.Argument(..., exists=True, dir_okay=False, help="A sweep's results JSONL."),
+               out: Path = typer.Option(None, help="Output folder (default: results path minus .jsonl).")) -> None:
+    """Write a CSV, a markdown table and PNG plots (metric / speed vs kept tokens, accuracy-speed frontier)."""
+    from vtok.sweep import write_report
+
+    try:
+        res = write_report(results, out)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(res["markdown"], markup=False, highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(f) for f in res["files"]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,229 @@
+"""Sweep tasks on a Hugging Face VLM folder: ``hf_vlm`` (generated-token agreement and logit KL against keep=1.0)
+and ``hf_vlm_timing`` (prefill time and FLOPs as ratios to keep=1.0).
+
+Models: a local folder ``from_pretrained`` can load (a supported family: ``vtok.hooks.hf.supported()``). Placements:
+``pre_llm`` (``vtok.wrap(..., layer=None)``) or ``llm:K`` (in-LLM pruning entering decoder layer ``K``). The prompts
+file (``task_options.<task>.prompts``) is JSON lines, one sample each::
+
+    {"prompt": "USER: <image> describe the image ASSISTANT:", "image": "photo.png"}
+    {"prompt": "USER: <image> what is it ? ASSISTANT:", "image": "skimage:astronaut"}
+
+``image`` is a path (relative to the prompts file) or ``skimage:NAME``, a photo shipped with scikit-image.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import vtok
+from vtok.hooks._encoder_state import ENCODER_CONTEXT
+from vtok.sweep.tasks import Task, file_digest, register_task
+
+LLM_CONTEXT = frozenset({"text_attn", "prev_hidden", "query", "grid"})  # what an in-LLM stage can give
+
+
+def parse_placement(placement: str) -> int | None:
+    """``"pre_llm"`` -> ``None``; ``"llm:K"`` -> ``K``; anything else raises ``ValueError``."""
+    if placement == "pre_llm":
+        return None
+    head, _, tail = placement.partition(":")
+    if head == "llm" and tail.isdigit():
+        return int(tail)
+    raise ValueError(f"placements: {placement!r} is not a VLM placement (expected 'pre_llm' or 'llm:K', K a layer)")
+
+
+def read_prompts(path: str | Path) -> list[dict[str, str]]:
+    """The samples of a prompts file; a missing file or a bad line raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts: {path} is not a file")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompts: {path} line {i} is not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("image"), str):
+            raise ValueError(f"prompts: {path} line {i}: expected {{\"prompt\": str, \"image\": str}}, got {line!r}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"prompts: {path} holds no samples")
+    return rows
+
+
+def load_image(spec: str, base: Path):
+    """An RGB ``uint8`` array from ``skimage:NAME`` or an image path (relative to ``base``)."""
+    import numpy as np
+
+    if spec.startswith("skimage:"):
+        from skimage import data
+
+        im = getattr(data, spec.split(":", 1)[1])()
+    else:
+        from PIL import Image
+
+        im = np.asarray(Image.open(base / spec).convert("RGB"))
+    if im.ndim == 2:
+        im = np.stack([im] * 3, -1)
+    return im[..., :3]
+
+
+class _VlmTask(Task):
+    placements = ("pre_llm",)
+    required = ("prompts",)
+
+    def check_placement(self, placement: str) -> None:
+        parse_placement(placement)
+
+    def check_method(self, method: str, placement: str) -> None:
+        layer = parse_placement(placement)
+        avail = ENCODER_CONTEXT if layer is None else LLM_CONTEXT - ({"text_attn", "prev_hidden"} if layer == 0
+                                                                    else set())
+        missing = sorted(vtok.get_method(method).needs - avail)
+        if missing:
+            raise ValueError(f"methods: {method!r} needs context {missing}, which placement {placement!r} cannot give "
+                             f"(it gives {sorted(avail)})")
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        opts = super().resolve_options(given)
+        opts["prompts"] = str(Path(opts["prompts"]).resolve())
+        read_prompts(opts["prompts"])
+        return opts
+
+    def check_model(self, model: str, options: dict[str, Any]) -> None:
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"models: {model!r} is not a model of task {self.name!r} (expected a Hugging Face "
+                             f"model folder holding config.json)")
+
+    def fingerprint(self, model: str) -> str:
+        files = sorted(p for p in Path(model).iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+        return file_digest(Path(model) / "config.json") + "".join(
+            file_digest(p, limit=1 << 20)[:4] for p in files)
+
+    def _load(self, cells):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        opts = cells[0].task_options
+        processor = AutoProcessor.from_pretrained(cells[0].model)
+        model = AutoModelForImageTextToText.from_pretrained(cells[0].model).eval()
+        base = Path(opts["prompts"]).parent
+        samples = []
+        for row in read_prompts(opts["prompts"]):
+            samples.append(processor(images=[load_image(row["image"], base)], text=[row["prompt"]],
+                                     return_tensors="pt"))
+        torch.manual_seed(0)
+        return model, processor, samples
+
+
+def _wrap_kwargs(cell) -> dict[str, Any]:
+    return {"layer": parse_placement(cell.placement), **cell.options}
+
+
+class HfVlm(_VlmTask):
+    """Greedy generation with the VLM wrapped vs unwrapped: token agreement, exact match, first-token logit KL."""
+
+    name = "hf_vlm"
+    description = "HF VLM folder + prompts file: generated-token agreement and logit KL vs keep=1.0"
+    defaults = {"prompts": None, "max_new_tokens": 8}
+
+    def run(self, cells, progress):
+        import torch
+
+        model, _, samples = self._load(cells)
+        new = cells[0].task_options["max_new_tokens"]
+
+        def once(inputs):
+            n = inputs["input_ids"].shape[1]
+            logits = model(**inputs).logits[:, -1].float()
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False)[:, n:]
+            return logits, out
+
+        with torch.no_grad():
+            refs = [once(s) for s in samples]
+            for i, c in enumerate(cells):
+                agree, exact, kl, before, after = [], [], [], 0, 0
+                try:
+                    with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
+                        for s, (ref_logits, ref_out) in zip(samples, refs, strict=True):
+                            logits, out = once(s)
+                            st = vtok.stats(model)
+                            before += sum(d["visual_before"] for d in st["per_sample"])
+                            after += sum(d["visual_after"] for d in st["per_sample"])
+                            m = min(out.shape[1], ref_out.shape[1])
+                            same = (out[:, :m] == ref_out[:, :m]).sum().item()
+                            agree.append(same / max(out.shape[1], ref_out.shape[1], 1))
+                            exact.append(float(out.shape == ref_out.shape and bool((out == ref_out).all())))
+                            lp, lq = ref_logits.log_softmax(-1), logits.log_softmax(-1)
+                            kl.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+                except ValueError as e:
+                    yield c, {"error": str(e)}
+                    progress(i + 1, len(cells))
+                    continue
+                yield c, {"metrics": {"token_agreement": statistics.fmean(agree),
+                                      "exact_match": statistics.fmean(exact), "logit_kl": statistics.fmean(kl),
+                                      "kept_tokens": after / len(samples),
+                                      "tokens": before / len(samples), "n": len(samples)}}
+                progress(i + 1, len(cells))
+
+
+class HfVlmTiming(_VlmTask):
+    """Prefill (``model(**inputs)``) time and FLOPs wrapped vs unwrapped, ratios to keep = 1.0."""
+
+    name = "hf_vlm_timing"
+    description = "HF VLM folder + prompts file: prefill time and FLOPs, ratios to keep=1.0"
+    defaults = {"prompts": None, "rounds": 3}
+
+    def run(self, cells, progress):
+        import torch
+
+        from vtok.sweep.vit_task import flops
+
+        model, _, samples = self._load(cells)
+        rounds = cells[0].task_options["rounds"]
+
+        def prefill():
+            for s in samples:
+                model(**s)
+
+        with torch.no_grad():
+            prefill()  # warm-up
+            f_ref = flops(prefill)
+            for i, c in enumerate(cells):
+                try:
+                    vtok.wrap(model, c.method, c.keep, **_wrap_kwargs(c))
+                    vtok.unwrap(model)
+                except ValueError as e:
+                    yield c, {"error": str(e)}
+                    progress(i + 1, len(cells))
+                    continue
+                ratios = []
+                for rnd in range(rounds + 1):  # round 0 warms up and is discarded
+                    t = time.perf_counter()
+                    prefill()
+                    t_ref = time.perf_counter() - t
+                    with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
+                        t = time.perf_counter()
+                        prefill()
+                        t_cell = time.perf_counter() - t
+                        if rnd == 0:
+                            f_cell = flops(prefill)
+                            st = vtok.stats(model)
+                    if rnd:
+                        ratios.append(t_cell / t_ref)
+                ratio = statistics.median(ratios)
+                yield c, {"metrics": {"flops_ratio": f_cell / f_ref,
+                                      "kept_tokens": sum(d["visual_after"] for d in st["per_sample"]),
+                                      "tokens": sum(d["visual_before"] for d in st["per_sample"])},
+                          "timing": {"time_ratio": ratio, "speedup": 1.0 / ratio, "rounds": rounds}}
+                progress(i + 1, len(cells))
+
+
+register_task(HfVlm())
+register_task(HfVlmTiming())
