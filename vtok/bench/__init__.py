@@ -2,6 +2,7 @@
 
     import vtok.bench
     vit = vtok.bench.load_eval_vit()          # the committed Fashion-MNIST eval ViT (eval mode)
+    model, processor = vtok.bench.load_vlm()  # the small LLaVA on SmolLM2-135M (after `make vlm`)
     ctx = vtok.bench.example_context("transprune", tokens)
 
 The names below are loaded on first use, so ``import vtok.bench`` stays cheap (the eval ViT needs timm and
@@ -19,6 +20,7 @@ _LAZY = {
     "save_eval_vit": "vtok.bench.eval_vit",
     "checkpoint_meta": "vtok.bench.eval_vit",
     "load_fashion_mnist": "vtok.bench.fashion_mnist",
+    "load_vlm": "vtok.bench.vlm",
     "example_context": "vtok.bench.synthetic",
 }
 
