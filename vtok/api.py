@@ -58,7 +58,7 @@ def compress(tokens: Tensor, method: str, keep: Keep, **kwargs: Any) -> tuple[Te
     if "grid" in ctx and ctx["grid"][0] * ctx["grid"][1] != n and info.family != "temporal":
         raise ValueError(f"method '{method}' is an image strategy: its grid must cover all N={n} tokens, got the "
                          f"per-frame grid {ctx['grid']}; run it frame by frame with vtok.compress(tokens, 'per_frame', "
-                         f"keep, method='{method}', frames=T, grid=(h, w))")
+                         f"keep, strategy='{method}', frames=T, grid=(h, w))")
     if k == n:
         return tokens, Selection.identity(b, n, tokens.device)
     sel = info.fn(tokens, k, ctx, **options).validate()

@@ -94,13 +94,12 @@ def allocate(total: int, weights: Tensor, caps: Tensor) -> Tensor:
     if rest > 0:
         frac = share - share.floor()
         frac = torch.where(out < cap, frac, torch.full_like(frac, -1.0))
-        order = torch.sort(frac, descending=True, stable=True).indices
-        for i in order.tolist():
-            if rest == 0:
-                break
-            add = min(rest, int(cap[i] - out[i]))
-            out[i] += add
-            rest -= add
+        order = [i for i in torch.sort(frac, descending=True, stable=True).indices.tolist() if out[i] < cap[i]]
+        while rest > 0:  # one more token each, largest fractional part first, until the total is reached
+            for i in order:
+                if rest > 0 and out[i] < cap[i]:
+                    out[i] += 1
+                    rest -= 1
     return out
 
 
@@ -197,18 +196,14 @@ def segment_frames(tokens: Tensor, frames: int, *, threshold: float = 0.9, min_s
 
 
 def _dpc_groups(feat: Tensor, k: int, knn: int) -> Tensor:
-    """Density-peaks clustering of ``feat [M, D]`` into ``k`` clusters: ``[M]`` the index (into ``feat``) of each unit's
-    centre. Centres: the ``k`` largest ``rho · delta`` (DPC-kNN, ties → lower index); others join the nearest centre
-    (Euclidean, ties → the higher-scored centre)."""
+    """Density-peaks clustering of ``feat [M, D]`` into ``k`` clusters with vtok's ``dpc_knn`` (the DPC-kNN of
+    TCFormer / Chat-UniVi's ``cluster_dpc_knn``, which PruneVid's code calls): ``[M]`` the index (into ``feat``) of
+    each unit's centre."""
     m = feat.shape[0]
     if k >= m:
         return torch.arange(m, device=feat.device)
-    rho, delta = ops.density_peaks(feat[None], knn)
-    centres = torch.sort((rho * delta)[0], descending=True, stable=True).indices[:k]
-    lab = torch.cat([ops.pairwise_distance_native(feat[None, s:s + 512], feat[None, centres], "sqeuclidean")[0]
-                     .argmin(-1) for s in range(0, m, 512)])
-    lab[centres] = torch.arange(k, device=feat.device)
-    return centres[lab]
+    sel = get("dpc_knn").fn(feat[None], k, Context(), knn=knn, order="position")
+    return sel.keep[0][sel.assign[0]]
 
 
 @register("segment_cluster", family="temporal", needs=("frames",), merges=True, paper=PRUNEVID)
@@ -405,9 +400,9 @@ def even_budgets(k: int, b: int, t: int, p: int) -> Tensor:
 
 @register("per_frame", family="temporal", needs=("frames",), uses=("grid",),
           paper="any image strategy applied inside each frame with an even share of the budget")
-def per_frame(tokens: Tensor, k: int, ctx: Context, *, method: str = "uniform",
+def per_frame(tokens: Tensor, k: int, ctx: Context, *, strategy: str = "uniform",
               options: Mapping[str, Any] | None = None) -> Selection:
-    """Run the image strategy ``method`` (with its ``options``) inside each frame, the budget split evenly over frames.
+    """Run the image strategy ``strategy`` (with its ``options``) inside each frame, the budget split evenly.
 
     Frame ``f`` keeps ``k // T`` tokens, plus one for ``k mod T`` evenly spaced frames (:func:`even_budgets`); other
     context the image strategy needs (``cls_attn``, ``keys``, …) is passed over all ``T·P`` tokens and cut per frame.
@@ -417,7 +412,7 @@ def per_frame(tokens: Tensor, k: int, ctx: Context, *, method: str = "uniform",
     t, p, _ = frame_layout(tokens, ctx)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    return run_per_frame(tokens, ctx, even_budgets(k, b, t, p), method, options)
+    return run_per_frame(tokens, ctx, even_budgets(k, b, t, p), strategy, options)
 
 
 # -------------------------------------------------------------------------------------------------- query_budget
@@ -460,7 +455,7 @@ def query_budgets(scores: Tensor, k: int, p: int, floor: int | float) -> Tensor:
 
 
 @register("query_budget", family="temporal", needs=("frames",), uses=("frame_scores", "query", "grid"), paper=QUOTA)
-def query_budget(tokens: Tensor, k: int, ctx: Context, *, method: str = "divprune", floor: int | float = 0.25,
+def query_budget(tokens: Tensor, k: int, ctx: Context, *, strategy: str = "divprune", floor: int | float = 0.25,
                  options: Mapping[str, Any] | None = None) -> Selection:
     """Give each frame a budget proportional to its relevance to the query, with a floor, then prune inside it (QuoTA).
 
@@ -468,7 +463,7 @@ def query_budget(tokens: Tensor, k: int, ctx: Context, *, method: str = "divprun
     assigns token budgets in proportion to the scores before the LLM. Here the score is ``frame_scores`` from context
     (any relevance, e.g. CLIP text–frame similarity, the light variant the notes name) or, without it, the cosine of
     ``query`` with each frame's mean token (:func:`frame_relevance`); negative scores count as 0. Budgets:
-    :func:`query_budgets` (every frame at least ``floor``); then the image strategy ``method`` (any registered one,
+    :func:`query_budgets` (every frame at least ``floor``); then the image strategy ``strategy`` (any registered one,
     with ``options``) keeps that many tokens inside each frame (:func:`run_per_frame`).
     """
     b, n, _ = tokens.shape
@@ -477,7 +472,7 @@ def query_budget(tokens: Tensor, k: int, ctx: Context, *, method: str = "divprun
     budgets = query_budgets(scores, k, p, floor)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    return run_per_frame(tokens, ctx, budgets, method, options)
+    return run_per_frame(tokens, ctx, budgets, strategy, options)
 
 
 # ------------------------------------------------------------------------------------------------- temporal_pool

@@ -12,10 +12,11 @@ import numpy as np
 
 
 def make_frames(frames: int, size: tuple[int, int] = (96, 128), *, freeze_from: int | None = None,
-                cut_at: int | None = None, seed: int = 0) -> np.ndarray:
+                cut_at: int | None = None, pan: int = 0, seed: int = 0) -> np.ndarray:
     """``uint8 [T, H, W, 3]``: a textured background with three moving coloured shapes. From ``freeze_from`` on every
     frame repeats frame ``freeze_from − 1`` (a frozen stretch); from ``cut_at`` on the scene changes (another
-    background and palette: a scene cut). Smooth content, so a codec keeps it close."""
+    background and palette: a scene cut); ``pan`` pixels per frame scrolls the background (a camera pan: every patch
+    changes). Smooth content, so a codec keeps it close."""
     h, w = size
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -31,7 +32,7 @@ def make_frames(frames: int, size: tuple[int, int] = (96, 128), *, freeze_from: 
             out[t] = out[freeze_from - 1]
             continue
         scene = 1 if cut_at is not None and t >= cut_at else 0
-        img, colours = scenes[scene][0].copy(), scenes[scene][1]
+        img, colours = np.roll(scenes[scene][0], t * pan, axis=1), scenes[scene][1]
         for s, (x0, y0, vx, vy) in enumerate(shapes):
             cx = (x0 + 0.02 * t * (vx + 0.5)) % 1.0 * w
             cy = (y0 + 0.015 * t * (vy + 0.5)) % 1.0 * h
@@ -44,13 +45,14 @@ def make_frames(frames: int, size: tuple[int, int] = (96, 128), *, freeze_from: 
 
 def write_video(path: str | Path, frames: int | np.ndarray = 48, size: tuple[int, int] = (96, 128), *,
                 fps: int = 24, codec: str = "libx264", gop: int = 12, freeze_from: int | None = None,
-                cut_at: int | None = None, seed: int = 0, quality: int = 12) -> np.ndarray:
+                cut_at: int | None = None, pan: int = 0, seed: int = 0, quality: int = 12) -> np.ndarray:
     """Encode ``frames`` (a count for :func:`make_frames`, or the frames themselves ``uint8 [T, H, W, 3]``) into
     ``path`` with PyAV: ``codec`` (H.264 by default, a key frame every ``gop`` frames, ``crf=quality``; ``mpeg4``
     uses ``qscale``), yuv420p. Returns the frames written."""
     import av
 
-    data = make_frames(frames, size, freeze_from=freeze_from, cut_at=cut_at, seed=seed) if isinstance(frames, int) \
+    data = make_frames(frames, size, freeze_from=freeze_from, cut_at=cut_at, pan=pan, seed=seed) \
+        if isinstance(frames, int) \
         else np.asarray(frames, dtype=np.uint8)
     h, w = data.shape[1:3]
     with av.open(str(path), "w") as c:
