@@ -59,105 +59,27 @@ import vtok  # noqa: E402
 from vtok.bench.eval_vit import CHECKPOINT, load_eval_vit  # noqa: E402
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess  # noqa: E402
 from vtok.budget import resolve_k  # noqa: E402
-from vtok.hooks._encoder_state import ENCODER_CONTEXT  # noqa: E402
+from vtok.sweep.vit import (  # noqa: E402, F401 - re-exported: the tests and older scripts use these names here
+    Prefixes,
+    after_logits,
+    captured_forward,
+    embed,
+    first_active,
+    forward_to,
+    grid_of,
+    head,
+    image_methods,
+    mid_block,
+    tail_inside,
+)
 
 KEEPS = (0.75, 0.5, 0.25, 0.1)
 BASELINES = ("random", "uniform")
 
 
-def image_methods() -> list[str]:
-    """Registered strategies whose required context a ViT encoder can supply (inside or after it)."""
-    return [m.name for m in vtok.methods() if m.needs <= ENCODER_CONTEXT]
-
-
-# ------------------------------------------------------------------------------------------------ forwards
-
-
-def embed(model, x: Tensor) -> Tensor:
-    """Tokens entering block 0: ``[B, 1 + N, D]``."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-
-
-def grid_of(model) -> tuple[int, int]:
-    """The model's patch grid at its default resolution."""
-    return tuple(int(g) for g in model.patch_embed.grid_size)
-
-
-def forward_to(model, x: Tensor, mid: int) -> Tensor:
-    """The (unpatched) tokens entering block ``mid``: ``[B, 1 + N, D]``."""
-    h = embed(model, x)
-    for blk in model.blocks[:mid]:
-        h = blk(h)
-    return h
-
-
-def mid_block(method: str, depth: int) -> int:
-    """The block ``mid_attn`` comes from: the method's ``placement.mid_layer``, else the middle block."""
-    frac = vtok.get_method(method).placement.mid_layer
-    return depth // 2 if frac is None else int(frac * depth)
-
-
-def captured_forward(model, x: Tensor) -> tuple[Tensor, dict]:
-    """The unpatched model's logits and what ``after_logits`` reads: per block (middle, every method's mid block,
-    next-to-last, last) its ``cls_attn``, ``attn_received``, ``keys``, ``hidden`` and ``attn``."""
-    depth = len(model.blocks)
-    mids = {mid_block(m, depth) for m in image_methods()}
-    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1} | mids),
-                      what=("cls_attn", "attn_received", "keys", "hidden", "attn")) as cap:
-        logits = model(x)
-    return logits, {i: dict(v) for i, v in cap.items()}
-
-
-def head(model, tokens: Tensor) -> Tensor:
-    """Logits from the final tokens ``[B, 1 + k, D]`` (the model's own norm and pooling head)."""
-    return model.forward_head(model.norm(tokens))
-
-
-def first_active(model) -> int:
-    """The first block a ``vtok.patch``-ed model does anything at (pruning, or reading ``mid_attn``)."""
-    plan = model._vtok_state.plan
-    blocks = list(plan.prune_keep) + list(plan.merge_r) + ([] if plan.mid_layer is None else [plan.mid_layer])
-    return min(blocks)
-
-
-def tail_inside(model, h_start: Tensor, start: int, grid: tuple[int, int]) -> Tensor:
-    """Blocks ``start..`` of a ``vtok.patch``-ed model on the tokens ``h_start`` entering block ``start``: the same
-    computation as ``model(x)`` when ``h_start`` is what blocks ``0..start-1`` produce and nothing happens there
-    (``start <= first_active(model)``)."""
-    st = model._vtok_state
-    st.grid_in = grid
-    st.begin(h_start)
-    h = h_start
-    for blk in model.blocks[start:]:
-        h = blk(h)
-    return head(model, h)
-
-
-class Prefixes:
-    """Tokens entering block ``i`` of the unpatched model for one batch, computed once per block asked for."""
-
-    def __init__(self, model, x: Tensor):
-        self.model, self.x, self.cache = model, x, {}
-
-    def __call__(self, i: int) -> Tensor:
-        if i not in self.cache:
-            self.cache[i] = forward_to(self.model, self.x, i)
-        return self.cache[i]
-
-
-def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, int], **options) -> Tensor:
-    """Logits when ``method`` keeps ``keep`` of the final patch tokens and the head pools only those."""
-    depth = len(model.blocks)
-    info = vtok.get_method(method)
-    score = "attn_received" if info.placement.score_rows == "all" else "cls_attn"
-    last, before, mid = cap[depth - 1], cap[depth - 2], cap[mid_block(method, depth)]
-    want = info.needs | info.uses
-    ctx = {"cls_attn": last[score], "mid_attn": mid[score], "keys": last["keys"], "grid": grid,
-           "attn": last["attn"], "prev_hidden": before["hidden"]}
-    ctx = {k: v for k, v in ctx.items() if k in want}
-    out, _ = vtok.compress(model.norm(last["hidden"]), method, keep, **ctx, **options)
-    pooled = out.mean(1)  # the head's mean pooling over the tokens it receives
-    return model.head(model.fc_norm(pooled))
+# The forwards (shared prefix, ``inside`` tail, ``after`` head on the kept tokens) live in ``vtok.sweep.vit``: the
+# sweep's ``eval_vit`` task runs the same code, so ``vtok sweep`` reproduces this table cell by cell
+# (``configs/sweeps/encoder_accuracy.yaml``).
 
 
 # ------------------------------------------------------------------------------------------------ state
