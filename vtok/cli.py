@@ -59,6 +59,58 @@ def _tokenizer_demo(out: Path) -> None:
         console.print(f"wrote {path}")
 
 
+@app.command("compress-video")
+def compress_video_cmd(
+        video: Path = typer.Argument(..., help="A video file (MP4, MKV, WebM, AVI, ...)."),
+        method: str = typer.Option(..., "--method", help="A strategy from `vtok methods` (temporal, or an image "
+                                   "strategy run inside every frame)."),
+        keep: float = typer.Option(..., "--keep", help="Ratio in (0, 1], or a count (a whole number > 1)."),
+        frames: int = typer.Option(32, "--frames", help="Frames sampled uniformly."),
+        encoder: str = typer.Option("timm:vit_tiny_patch16_224", "--encoder", help="timm:NAME or open_clip:NAME "
+                                    "(random weights unless --checkpoint)."),
+        checkpoint: Path = typer.Option(None, "--checkpoint", help="Encoder weights (state_dict: .safetensors/.pt)."),
+        text: str = typer.Option(None, "--text", help="open_clip only: score frames against this text "
+                                 "(frame_scores for query_budget)."),
+        backend: str = typer.Option("auto", "--backend", help="auto, decord or pyav."),
+        out: Path = typer.Option(Path("outputs/compress_video.png"), "--out", help="The picture to write.")) -> None:
+    """Decode a video, encode its frames with a ViT, compress the tokens; print counts and times, write a picture."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vtok.video.pipeline import FrameEncoder, compress_video
+
+    budget: float | int = int(keep) if keep > 1 and float(keep).is_integer() else keep
+    try:
+        with Progress(TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as bar:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            report("load ViT", 0, 1)
+            enc = FrameEncoder.load(encoder, checkpoint)
+            report("load ViT", 1, 1)
+            res = compress_video(video, method, budget, encoder=enc, frames=frames, backend=backend, text=text,
+                                 picture=out, progress=report)
+    except (ValueError, TypeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    v = res.video
+    console.print(f"{video}: {v.total} frames at {v.fps:.2f} fps ({v.backend}); sampled {len(v.frames)} at "
+                  f"{enc.image_size}px -> {res.grid[0]}x{res.grid[1]} patches per frame ({enc.spec})")
+    console.print(f"tokens: {res.before} -> {res.after} ({res.method}, keep={budget}; "
+                  f"{res.after / res.before:.1%} kept)")
+    table = Table(title="time per stage")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, s in res.seconds.items():
+        table.add_row(stage, f"{s:.3f}")
+    console.print(table)
+    console.print(f"wrote {res.picture}")
+
+
 @app.command("train-tokenizer")
 def train_tokenizer_cmd(config: Path = typer.Option(..., exists=True, dir_okay=False, help="configs/tokenizers/*.json"),
                         out: Path = typer.Option(None, help="Output folder (default outputs/tokenizers/<name>)."),
