@@ -19,8 +19,11 @@ from typing import Any
 
 from vtok.sweep.store import ResultsStore
 
-# the metric each task's curve plots, and which side is better
+# the metric of each task the frontier uses, and every metric drawn against kept tokens
 MAIN_METRIC = {"eval_vit": "accuracy", "hf_vlm": "token_agreement", "timing": "speedup", "hf_vlm_timing": "speedup"}
+PLOTTED = {"eval_vit": ("accuracy", "agreement"), "hf_vlm": ("token_agreement", "logit_kl"), "timing": ("speedup",),
+           "hf_vlm_timing": ("speedup",)}
+BASELINE_STYLES = [("black", "--"), ("dimgray", "-."), ("black", ":"), ("gray", (0, (6, 2, 1, 2)))]
 SPEED_TASKS = {"eval_vit": "timing", "hf_vlm": "hf_vlm_timing"}
 BASE_COLS = ("task", "model", "method", "placement", "keep", "seed", "kept_tokens")
 
@@ -83,6 +86,23 @@ def _is_baseline(method: str) -> bool:
     return vtok.get_method(method).family == "baseline"
 
 
+def _style(method: str, j: int, baselines: list[str]) -> dict[str, Any]:
+    """Line style: baselines dashed in greys (each its own dash), the rest solid in colours."""
+    import matplotlib.pyplot as plt
+
+    if method in baselines:
+        color, ls = BASELINE_STYLES[baselines.index(method) % len(BASELINE_STYLES)]
+        return {"color": color, "ls": ls, "lw": 1.8, "marker": "s"}
+    return {"color": plt.get_cmap("tab20")(j % 20), "ls": "-", "lw": 1.2, "marker": "o"}
+
+
+def _panel_order(key: tuple[str, str]) -> tuple:
+    """Panels by model, then placement in pipeline order (inside, after, pre_llm, llm:K)."""
+    model, placement = key
+    rank = {"inside": 0, "after": 1, "pre_llm": 2}.get(placement, 3)
+    return model, rank, placement
+
+
 def _panels(rows, task: str, metric: str) -> dict[tuple[str, str], dict[str, list[tuple[float, float]]]]:
     """(model, placement) -> method -> sorted [(kept tokens, metric)] (seeds averaged)."""
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -101,14 +121,12 @@ def _curve_plot(panels, ylabel: str, title: str, out: Path, ref: float | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(panels)
+    keys = sorted(panels, key=_panel_order)
     fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("tab20")
     for ax, key in zip(axes[0], keys, strict=True):
+        baselines = sorted(m for m in panels[key] if _is_baseline(m))
         for j, (method, pts) in enumerate(sorted(panels[key].items())):
-            base = _is_baseline(method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method,
-                    color="black" if base else cmap(j % 20), ls="--" if base else "-", lw=1.8 if base else 1.2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, label=method, **_style(method, j, baselines))
         if ref is not None:
             ax.axhline(ref, color="grey", ls=":", lw=0.8, label="keep = 1.0")
         ax.set_xscale("log")
@@ -146,15 +164,15 @@ def _frontier_plot(rows, out: Path) -> bool:
             pts[(c["task"], key[0], key[1])].append((speed[key], r["metrics"][metric], c["method"]))
     if not pts:
         return False
-    keys = sorted(pts)
+    keys = sorted(pts, key=lambda k: (k[0], *_panel_order(k[1:])))
     fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False)
-    cmap = plt.get_cmap("tab20")
     for ax, key in zip(axes[0], keys, strict=True):
         methods = sorted({p[2] for p in pts[key]})
+        baselines = [m for m in methods if _is_baseline(m)]
         for j, m in enumerate(methods):
             mp = [p for p in pts[key] if p[2] == m]
-            ax.scatter([p[0] for p in mp], [p[1] for p in mp], s=18, label=m,
-                       color="black" if _is_baseline(m) else cmap(j % 20), marker="s" if _is_baseline(m) else "o")
+            st = _style(m, j, baselines)
+            ax.scatter([p[0] for p in mp], [p[1] for p in mp], s=18, label=m, color=st["color"], marker=st["marker"])
         front, best = [], -math.inf
         for p in sorted(pts[key], key=lambda p: (-p[0], -p[1])):  # fastest first: keep points more accurate
             if p[1] > best:
@@ -186,7 +204,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
     write_csv(rows, files[0])
     md = markdown(rows)
     files[1].write_text(md + "\n")
-    for task, metric in MAIN_METRIC.items():
+    for task, metric in ((t, m) for t, ms in PLOTTED.items() for m in ms):
         panels = _panels(rows, task, metric)
         if not panels:
             continue
