@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vtok
 
@@ -55,3 +57,16 @@ def test_methods_table():
     assert {"random", "uniform", "pool2d"} <= set(rows)
     assert rows["pool2d"].needs == {"grid"} and rows["pool2d"].family == "baseline" and rows["pool2d"].merges
     assert all(m.paper and m.summary for m in rows.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 40), st.sampled_from(["nan", "inf", "-inf", None]),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]), st.data())
+def test_all_finite_matches_isfinite(b, n, d, bad, dtype, data):
+    """``context.all_finite`` (one aminmax pass) agrees with ``isfinite(t).all()`` wherever the bad value sits."""
+    from vtok.context import all_finite
+
+    x = torch.randn(b, n, d, generator=torch.Generator().manual_seed(n * d)).to(dtype)
+    if bad is not None:
+        x.view(-1)[data.draw(st.integers(0, x.numel() - 1))] = float(bad)
+    assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from vtok.budget import Keep, resolve_k
-from vtok.context import CONTEXT_KEYS, Context
+from vtok.context import CONTEXT_KEYS, Context, all_finite
 from vtok.pruners import get
 from vtok.selection import Selection
 
@@ -24,7 +23,7 @@ def check_tokens(tokens: Any, name: str = "tokens") -> Tensor:
         raise ValueError(f"{name} must be non-empty [B, N, D] with B, N, D >= 1, got {list(tokens.shape)}")
     if not tokens.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tokens.dtype}")
-    if not bool(torch.isfinite(tokens).all()):
+    if not all_finite(tokens):
         raise ValueError(f"{name} contains NaN or Inf")
     return tokens
 

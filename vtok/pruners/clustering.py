@@ -82,40 +82,44 @@ def kmeans_pp_init(x: Tensor, k: int, seed: int) -> Tensor:
 
 
 def _kmeans_pp_draws_gram(x: Tensor, k: int, u: Tensor, first: int) -> Tensor:
-    """``kmeans_pp_init``'s draws on the CPU from the symmetric Gram matrix (``reference.gram_matrix``, half a GEMM):
-    the ``k`` dependent draws run in NumPy on views, each forming its centre's squared distances from a Gram row as
-    ``ops.pairwise_distance`` does (``(‖x‖² + ‖c‖²) − 2·x·c``, clamped at 0, cast to fp32), then the same float64
-    steps as :func:`_kmeans_pp_draws` (exact cast, ``minimum``, sequential ``cumsum``, right-side binary search),
-    ~1 µs per call instead of torch's ~5–10 µs dispatch."""
+    """``kmeans_pp_init``'s draws on the CPU from the symmetric Gram matrix (``reference.gram_matrix``, half a GEMM).
+
+    The squared distances are formed once, in place over the Gram buffer, exactly as ``ops.pairwise_distance`` forms
+    them (``(‖x‖² + ‖c‖²) − 2·x·c`` in fp32, clamped at 0), with the diagonal set to 0; then each of the ``k``
+    dependent draws is a few NumPy calls on one row (~1 µs each instead of torch's ~5–10 µs dispatch): the same
+    float64 steps as :func:`_kmeans_pp_draws` (exact cast, ``minimum``, sequential ``cumsum``, right-side binary
+    search). A chosen centre's running distance is 0 through the zero diagonal, which is what the reference's mask
+    gives it, so no mask is applied per draw."""
     x = upcast_half(x).detach()
     b, n, _ = x.shape
-    gram = ref.gram_matrix(x).reshape(b * n, n).numpy()
+    d2all = ref.gram_matrix(x).numpy()  # [B, N, N] fp32, becomes the squared distances
     sq = (x * x).sum(-1).numpy()  # [B, N]
-    sq_flat = sq.reshape(-1)
-    base, uu = np.arange(b) * n, u.cpu().numpy()
-
-    def d2_to(c: np.ndarray) -> np.ndarray:  # [B] centres → [B, N] float64 of the fp32 squared distances
-        idx = base + c
-        d2 = np.maximum((sq_flat[idx][:, None] + sq) - 2 * gram[idx], 0)
-        return d2.astype(np.float32).astype(np.float64)
-
+    for i in range(b):
+        g = d2all[i]
+        for s in range(0, n, ref.DEFAULT_CHUNK):
+            blk = g[s:s + ref.DEFAULT_CHUNK]
+            np.maximum((sq[i, s:s + ref.DEFAULT_CHUNK, None] + sq[i]) - 2 * blk, 0, out=blk)
+        np.fill_diagonal(g, 0.0)
+    uu = u.cpu().numpy()
     picks = np.empty((k, b), dtype=np.int64)
     picks[0] = first
     chosen = np.zeros((b, n), dtype=bool)
     chosen[:, first] = True
-    flat_chosen = chosen.reshape(-1)
-    d2 = d2_to(picks[0])
+    d2 = d2all[:, first].astype(np.float64)  # [B, N]
     for t in range(1, k):
         if t > 1:
-            np.minimum(d2, d2_to(picks[t - 1]), out=d2)
-        cum = np.where(chosen, 0.0, d2).cumsum(1)
+            np.minimum(d2, d2all[np.arange(b), picks[t - 1]], out=d2)
+        cum = d2.cumsum(1)
         total = cum[:, -1]
         target = uu[t] * total
-        pick = np.array([np.searchsorted(cum[i], target[i], side="right") for i in range(b)]).clip(max=n - 1)
+        if b == 1:
+            pick = np.minimum(np.searchsorted(cum[0], target, side="right"), n - 1)
+        else:
+            pick = np.array([np.searchsorted(cum[i], target[i], side="right") for i in range(b)]).clip(max=n - 1)
         if not (total > 0).all():
             pick = np.where(total > 0, pick, (~chosen).argmax(1))
         picks[t] = pick
-        flat_chosen[base + pick] = True
+        chosen[np.arange(b), pick] = True
     return torch.from_numpy(picks.T.copy())
 
 
