@@ -259,16 +259,20 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
                         break
                     static[i] = True
                     count -= length - 1
-            units = [pos[:, i] for i in range(p) if static[i]]  # static: all L tokens of a position
-            dyn = pos[:, ~static].reshape(-1)
-            units += [dyn[j:j + 1] for j in range(dyn.numel())]
-            rep = torch.stack([u[0] for u in units])  # each unit's representative position
-            member_unit = torch.cat([torch.full((u.numel(),), j, dtype=torch.long, device=x.device)
-                                     for j, u in enumerate(units)])
-            members = torch.cat(units)
-            feat = torch.zeros(len(units), d, device=x.device, dtype=torch.float32)
+            # units: one per static position (all L tokens, in position order), then each dynamic token (frame-major)
+            n_static = int(static.sum())
+            stat_all = static[None, :].expand(length, p).reshape(-1)
+            dyn_rank = torch.cumsum((~stat_all).long(), 0) - 1
+            member_unit = torch.where(stat_all, (torch.cumsum(static.long(), 0) - 1).repeat(length),
+                                      n_static + dyn_rank)
+            members = pos.reshape(-1)
+            m = n_static + int((~stat_all).sum())
+            rep = torch.empty(m, dtype=torch.long, device=x.device)  # each unit's position: its first token
+            rep[n_static + dyn_rank[~stat_all]] = members[~stat_all]
+            rep[:n_static] = pos[0, static]
+            feat = torch.zeros(m, d, device=x.device, dtype=torch.float32)
             feat.index_add_(0, member_unit, x[s, members].float())
-            feat /= torch.bincount(member_unit, minlength=len(units)).float()[:, None]
+            feat /= torch.bincount(member_unit, minlength=m).float()[:, None]
             centre = _dpc_groups(feat, ks, knn)  # unit → centre unit
             target[members] = rep[centre[member_unit]]
         targets.append(target)
