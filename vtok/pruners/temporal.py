@@ -123,14 +123,16 @@ def _from_groups(target: Tensor, n: int) -> Selection:
 def frame_merge(tokens: Tensor, k: int, ctx: Context, *, window: int | None = None, merge: bool = True) -> Selection:
     """Merge each token that is nearly identical to the same grid position in an earlier kept frame into it (DyCoke).
 
-    DyCoke's temporal token merging (arXiv 2411.15024, Sec. 3.2, "Temporal Token Merging") compares each token with
-    the token at the same position in the adjacent earlier frame of its window (cosine similarity) and removes the
-    most similar ones, which the earlier frame already represents. Here the ``N − k`` removals are chosen globally
-    over the clip (exact budget): tokens of frames ``t ≥ 1`` ranked by ``cos(x[t, i], x[t−1, i])``, most similar
-    removed first, so a frozen stretch loses all but its first frame. DyCoke's code instead prunes a fixed share of
-    every non-anchor frame in windows of 4 frames; ``window=W`` restores its windows: the first frame of each window
-    is an anchor, removed only after every other token, and merges stay within a window. Frame 0 (and, with
-    ``window``, the anchors) go last, ranked by their similarity to the next (resp. previous) frame.
+    DyCoke's temporal token merging (arXiv 2411.15024, "Temporal Token Merging") compares each token with the token at
+    the same position in an earlier frame of its window (cosine similarity) and removes the most similar ones, which
+    the earlier frame already represents. Here the ``N − k`` removals are chosen globally over the clip (exact
+    budget): tokens of frames ``t ≥ 1`` ranked by ``cos(x[t, i], x[t−1, i])``, most similar removed first, so a frozen
+    stretch loses all but its first frame. The authors' code (``dycoke_ttm``) differs and is not reproduced: in
+    windows of 4 frames it keeps frame 0, prunes frames 1 and 3 against frames 0 and 2 and then frame 2 against
+    frame 0, keeping a fixed share (the least similar tokens) of every pruned frame, and it *drops* the pruned tokens
+    (``merge=False`` here). ``window=W`` gives its windows: the first frame of each window is an anchor, removed only
+    after every other token, and merges stay within a window. Frame 0 (and, with ``window``, the anchors) go last,
+    ranked by their similarity to the next (resp. previous) frame.
 
     A removed token joins the latest kept token at its position earlier in its window (the "previous kept frame"),
     else the earliest later one, else it is dropped; ``apply`` averages each group. ``merge=False`` drops every
