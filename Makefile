@@ -60,9 +60,10 @@ vlm: $(STAMP) $(FMNIST)
 encoder-accuracy: $(STAMP) $(FMNIST)
 	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2
 
-demo: $(STAMP)
+demo: $(STAMP) $(FMNIST)
 	$(BIN)/vtok methods
 	$(BIN)/vtok demo --out outputs/demo
+	$(BIN)/vtok sweep configs/sweeps/demo.yaml --results outputs/sweeps/demo.jsonl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -341,6 +341,31 @@ def merge_rows(state: dict, other: dict) -> None:
     state.setdefault("merged", []).append({"methods": other["methods"], "command": other.get("command", "")})
 
 
+def compare_sweep(state: dict, results: Path) -> list[str]:
+    """Cells of a ``vtok sweep`` results file (task ``eval_vit``, same checkpoint, all test images, same batch) next to
+    this state's counts; returns the mismatches (empty: the sweep reproduces these cells exactly)."""
+    from vtok.sweep.report import load_rows
+
+    rows = [r for r in load_rows(results) if r["cell"]["task"] == "eval_vit"]
+    bad, lines = [], []
+    for r in rows:
+        c = r["cell"]
+        if c["task_options"].get("batch") != state["key"]["batch"] or c["fingerprint"] != \
+                state["key"]["checkpoint_sha256"][:16] or r["metrics"].get("n", state["done"]) != state["done"]:
+            continue
+        key = _key(c["method"], c["placement"], c["keep"])
+        mine = "n/a" if key in state["errors"] else state["correct"].get(key)
+        theirs = "n/a" if "error" in r else r["metrics"]["correct"]
+        ok = mine == theirs
+        lines.append(f"  {key}: state {mine}, sweep {theirs} {'ok' if ok else 'MISMATCH'}")
+        if not ok:
+            bad.append(key)
+    print(f"{len(lines)} comparable sweep cells in {results} (of {len(rows)} eval_vit rows):", flush=True)
+    print("\n".join(lines) if lines else "  none", flush=True)
+    print(f"{len(lines) - len(bad)}/{len(lines)} equal" + (f"; mismatches: {bad}" if bad else ""), flush=True)
+    return bad
+
+
 def checkpoint_digest(path: Path) -> str:
     """SHA-256 of the checkpoint file: a resumed run must measure the same weights, wherever the repo lives."""
     h = hashlib.sha256()
@@ -366,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "(state saved; rerun to resume); 0: no limit")
     ap.add_argument("--merge-from", type=Path, default=None, help="a finished state dir (same checkpoint, keeps, "
                     "images, batch) whose methods' rows replace those rows here (see the module docstring)")
+    ap.add_argument("--compare-sweep", type=Path, default=None, help="a `vtok sweep` results JSONL: print its "
+                    "eval_vit cells next to the saved counts (reproduction check) and stop")
     ap.add_argument("--jobs", type=int, default=1, help="measure accuracy in this many forked processes, the "
                     "torch threads split between them (same counts as --jobs 1)")
     args = ap.parse_args(argv)
@@ -401,6 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
         merge_rows(state, json.loads((args.merge_from / "state.json").read_text()))
         _save(path, state)
         return report(state, n_patches, args.plot)
+    if args.compare_sweep is not None:
+        if state is None or state["done"] != len(x_all):
+            raise ValueError(f"--compare-sweep: {path} holds no finished run to compare with")
+        state["sweep_mismatches"] = compare_sweep(state, args.compare_sweep)
+        return state
     if args.report:
         if state is None or state["done"] == 0:
             raise ValueError(f"--report: {path} holds no measured images yet")

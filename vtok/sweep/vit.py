@@ -42,13 +42,16 @@ def mid_block(method: str, depth: int) -> int:
     return depth // 2 if frac is None else int(frac * depth)
 
 
-def captured_forward(model, x: Tensor) -> tuple[Tensor, dict]:
+CAPTURED = ("cls_attn", "attn_received", "keys", "hidden", "attn")
+
+
+def captured_forward(model, x: Tensor, what: tuple[str, ...] = CAPTURED) -> tuple[Tensor, dict]:
     """The unpatched model's logits and what ``after_logits`` reads: per block (middle, every method's mid block,
-    next-to-last, last) its ``cls_attn``, ``attn_received``, ``keys``, ``hidden`` and ``attn``."""
+    next-to-last, last) its ``cls_attn``, ``attn_received``, ``keys``, ``hidden`` and ``attn`` (``what``: a subset,
+    e.g. without the ``N x N`` ``attn`` when no method reads it)."""
     depth = len(model.blocks)
     mids = {mid_block(m, depth) for m in image_methods()}
-    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1} | mids),
-                      what=("cls_attn", "attn_received", "keys", "hidden", "attn")) as cap:
+    with vtok.capture(model, layers=sorted({depth // 2, depth - 2, depth - 1} | mids), what=what) as cap:
         logits = model(x)
     return logits, {i: dict(v) for i, v in cap.items()}
 
@@ -98,7 +101,7 @@ def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, in
     last, before, mid = cap[depth - 1], cap[depth - 2], cap[mid_block(method, depth)]
     want = info.needs | info.uses
     ctx = {"cls_attn": last[score], "mid_attn": mid[score], "keys": last["keys"], "grid": grid,
-           "attn": last["attn"], "prev_hidden": before["hidden"]}
+           "attn": last.get("attn"), "prev_hidden": before["hidden"]}
     ctx = {k: v for k, v in ctx.items() if k in want}
     out, _ = vtok.compress(model.norm(last["hidden"]), method, keep, **ctx, **options)
     pooled = out.mean(1)  # the head's mean pooling over the tokens it receives

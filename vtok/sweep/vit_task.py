@@ -83,7 +83,7 @@ class EvalVit(_VitTask):
         import torch
 
         from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
-        from vtok.sweep.vit import Prefixes, after_logits, captured_forward, grid_of, inside_logits
+        from vtok.sweep.vit import CAPTURED, Prefixes, after_logits, captured_forward, grid_of, inside_logits
 
         opts = cells[0].task_options
         model = self._load(cells[0])
@@ -97,11 +97,17 @@ class EvalVit(_VitTask):
         correct = dict.fromkeys((c.id for c in cells), 0)
         agree, errors, ref_correct = dict(correct), {}, 0
         starts = range(0, n, batch)
+        reads = set().union(*(vtok.get_method(c.method).needs | vtok.get_method(c.method).uses for c in cells
+                              if c.placement == "after"))
+        what = tuple(w for w in CAPTURED if w != "attn" or "attn" in reads)  # N x N maps only when read
         with torch.inference_mode():
             for i, s in enumerate(starts):
+                if len(errors) == len(cells):  # every cell is n/a: nothing left to measure
+                    progress(len(starts), len(starts))
+                    break
                 x, y = x_all[s:s + batch], y_all[s:s + batch]
                 torch.manual_seed(s)
-                logits, cap = captured_forward(model, x)
+                logits, cap = captured_forward(model, x, what)
                 ref = logits.argmax(-1)
                 ref_correct += int((ref == y).sum())
                 prefix = Prefixes(model, x)
