@@ -102,6 +102,11 @@ def run_sweep(config: SweepConfig, results: str, backend: str = "local", address
             summary.errors.append(f"{Cell(**row['cell']).label()}: {row['error']}")
         if on_row is not None:
             on_row(row)
+        if not show_progress and console is not None:  # logs: one line per finished cell
+            what = row.get("error") or ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items()
+                                                 if isinstance(v, float))
+            console.print(f"[{summary.ran}/{len(todo)}] {Cell(**row['cell']).label()}: {what}", markup=False,
+                          highlight=False)
 
     parts = shards(todo, config.shard_size)
     if todo:
