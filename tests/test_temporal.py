@@ -131,9 +131,24 @@ def test_segment_cluster_reference_one_segment():
     """One segment, no static positions (fastvid): plain DPC-kNN over all tokens = vtok's dpc_knn clusters."""
     torch.manual_seed(0)
     x = torch.randn(1, 4 * 6, 8)
-    _, sel = vtok.compress(x, "segment_cluster", keep=5, frames=4, mode="fastvid", threshold=-2.0)
-    _, ref = vtok.compress(x, "dpc_knn", keep=5, order="position")
-    assert torch.equal(sel.keep, ref.keep) and torch.equal(sel.assign, ref.assign)
+    for knn in (3, 7):
+        _, sel = vtok.compress(x, "segment_cluster", keep=5, frames=4, mode="fastvid", threshold=-2.0, knn=knn)
+        _, ref = vtok.compress(x, "dpc_knn", keep=5, order="position", knn=knn)
+        assert torch.equal(sel.keep, ref.keep) and torch.equal(sel.assign, ref.assign)
+
+
+def test_segment_cluster_static_score_is_the_mean_over_frame_pairs():
+    """PruneVid's Eq. 3: a position is static when the mean cosine over all pairs of frames reaches the threshold.
+    Position 0 alternates between two directions (consecutive pairs all at cos 0, half of all pairs at 1: mean 0.4 over
+    the 10 pairs of 5 frames), position 1 is the same token in every frame (1.0)."""
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    x = torch.stack([torch.stack([e0 if f % 2 == 0 else e1, e0 + e1]) for f in range(5)]).reshape(1, 10, 2)
+    _, sel = vtok.compress(x, "segment_cluster", keep=2, frames=5, threshold=-2.0, static_threshold=0.39)
+    a = sel.assign[0].view(5, 2)  # both static: two units, one per position
+    assert (a[:, 0] == 0).all() and (a[:, 1] == 1).all() and sel.keep.tolist() == [[0, 1]]
+    _, sel = vtok.compress(x, "segment_cluster", keep=6, frames=5, threshold=-2.0, static_threshold=0.41)
+    a = sel.assign[0].view(5, 2)  # position 0 is dynamic now: its 5 tokens stay, position 1 is one unit
+    assert len(set(a[:, 0].tolist())) == 5 and (a[:, 1] == a[0, 1]).all()
 
 
 # --------------------------------------------------------------------------------------------- query_budget

@@ -210,18 +210,21 @@ def _dpc_groups(feat: Tensor, k: int, knn: int) -> Tensor:
 
 @register("segment_cluster", family="temporal", needs=("frames",), merges=True, paper=PRUNEVID)
 def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunevid", threshold: float = 0.9,
-                    min_segments: int = 1, static_threshold: float = 0.8, knn: int = 5) -> Selection:
+                    min_segments: int = 1, static_threshold: float = 0.8, knn: int = 7) -> Selection:
     """Cut the clip into scenes, merge static tokens over time within each, cluster the rest (PruneVid / FastVID).
 
     Segments come from :func:`segment_frames` (FastVID's DySeg: cut where consecutive-frame similarity drops below
     ``threshold``, at least ``min_segments``). The budget is split over segments in proportion to their token counts
     (:func:`allocate`). Within a segment of ``L`` frames:
 
-    - ``mode="prunevid"`` (PruneVid, arXiv 2412.16117, Sec. 3.2): a grid position whose mean consecutive-frame cosine
-      similarity inside the segment is at least ``static_threshold`` is *static* and its ``L`` tokens merge into one
-      (most static first, as long as the segment stays above its budget); the resulting units (static merges and the
-      remaining dynamic tokens) are then clustered with DPC-kNN (``knn`` neighbours; PruneVid clusters the dynamic
-      tokens per frame, here the units of the whole segment share one clustering so the budget is exact).
+    - ``mode="prunevid"`` (PruneVid, arXiv 2412.16117, Sec. 3.2): a grid position whose mean cosine similarity over
+      all pairs of the segment's frames (its Eq. 3) is at least ``static_threshold`` (0.8, the authors' default) is
+      *static* and its ``L`` tokens are averaged into one (its Eq. 4; most static first, as long as the segment stays
+      above its budget); the units (static merges and the remaining dynamic tokens) are then clustered with DPC-kNN
+      (``knn`` = 7 neighbours, the authors' default). Differences from the authors' code (``merge_tokens`` in their
+      PLLaVA integration): they segment the frames by DPC-kNN clustering of frame features into ``0.25·T`` segments
+      (here: FastVID's threshold cut, so the scene cut decides), and they cluster static and dynamic tokens
+      separately (the dynamic ones per frame) to a fixed ``cluster_ratio`` instead of an exact budget.
     - ``mode="fastvid"`` (FastVID, arXiv 2503.11187, Sec. 3.3, density-based spatio-temporal pruning): no static
       pass; density peaks over all the segment's tokens in space and time pick the anchors, every other token
       merges into its nearest anchor.
@@ -240,7 +243,6 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
     if k == n:
         return Selection.identity(b, n, tokens.device)
     x = tokens.detach()
-    _, sim = ops.segment_stats(x, t)  # [B, T, P]
     targets = []
     for s, starts in enumerate(segment_frames(x, t, threshold=threshold, min_segments=min_segments)):
         bounds = starts + [t]
@@ -254,7 +256,9 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
             static = torch.zeros(p, dtype=torch.bool, device=x.device)
             length = f1 - f0
             if mode == "prunevid" and length > 1:
-                stat = sim[s, f0 + 1:f1].mean(0)  # [P]
+                xn = torch.nn.functional.normalize(x[s, f0 * p:f1 * p].float().view(length, p, d), dim=-1)
+                tot = xn.sum(0)  # mean over pairs t != t' of cos = (|sum_t xn_t|^2 - L) / (L (L - 1))
+                stat = ((tot * tot).sum(-1) - length) / (length * (length - 1))  # [P]
                 count = length * p
                 for i in torch.sort(stat, descending=True, stable=True).indices.tolist():
                     if float(stat[i]) < static_threshold or count - (length - 1) < ks:
