@@ -33,6 +33,7 @@ from torch import nn
 from vtok.bench import vlm
 from vtok.bench import vlm_task as task
 
+STAGE1_KEYS = ("seed", "steps1", "batch1", "lr1", "warmup", "vision")  # what the stage-1 result depends on
 RUN_ONLY = ("work", "out", "save_every", "stop_after", "eval_every", "eval_n", "log_every")
 
 
@@ -41,10 +42,10 @@ class Config:
     """Hyper-parameters (everything here but ``RUN_ONLY`` must match on resume)."""
 
     seed: int = 0
-    steps1: int = 1500
+    steps1: int = 1200
     batch1: int = 64
     lr1: float = 1e-3
-    steps2: int = 2400
+    steps2: int = 1800
     batch2: int = 8
     lr_proj: float = 1e-3
     lr_lora: float = 5e-4
@@ -86,8 +87,9 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_resume(saved: dict, cfg: Config, what: str) -> None:
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+def check_resume(saved: dict, cfg: Config | dict, what: str) -> None:
+    """Raise ``ValueError`` when the saved configuration differs from ``cfg`` outside ``RUN_ONLY``."""
+    now = {k: v for k, v in (cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)).items() if k not in RUN_ONLY}
     old = {k: v for k, v in saved.items() if k not in RUN_ONLY}
     if old != now:
         diff = {k: (old.get(k), now.get(k)) for k in set(old) | set(now) if old.get(k) != now.get(k)}
@@ -158,7 +160,10 @@ def train_stage1(cfg: Config, log: Log) -> tuple[Stage1, int]:
     torch.manual_seed(cfg.seed)
     model = Stage1(cfg.vision)
     if final.exists():
-        model.load_state_dict(torch.load(final, weights_only=True))
+        st = torch.load(final, weights_only=False)
+        check_resume({k: st["cfg"].get(k) for k in STAGE1_KEYS}, {k: getattr(cfg, k) for k in STAGE1_KEYS},
+                     "stage 1")
+        model.load_state_dict(st["model"])
         return model.eval(), 0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr1, weight_decay=0.05)
     last, step = work / "stage1_last.pt", 0
@@ -193,7 +198,7 @@ def train_stage1(cfg: Config, log: Log) -> tuple[Stage1, int]:
             atomic_save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                          "cfg": dataclasses.asdict(cfg)}, last)
     log(f"stage 1 done: held-out {stage1_eval(model)}")
-    atomic_save(model.state_dict(), final)
+    atomic_save({"model": model.state_dict(), "cfg": dataclasses.asdict(cfg)}, final)
     return model.eval(), done
 
 
@@ -261,14 +266,17 @@ def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16) -> dic
     """Exact-match accuracy (overall and per question type) of greedy answers through the chat template."""
     model.eval()
     hits: dict[str, list[int]] = {}
+    allh, preds = [], []
     for s in range(0, len(scenes), batch):
         chunk = scenes[s:s + batch]
-        preds = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
-        for c, p in zip(chunk, preds, strict=True):
-            hits.setdefault(c.qtype, []).append(int(task.exact_match(p, c.answer)))
-    allh = [h for v in hits.values() for h in v]
-    return {"accuracy": sum(allh) / len(allh), "n": len(allh),
-            "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())}}
+        out = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
+        for c, p in zip(chunk, out, strict=True):
+            hit = int(task.exact_match(p, c.answer))
+            hits.setdefault(c.qtype, []).append(hit)
+            allh.append(hit)
+            preds.append(task.normalize_answer(p))
+    return {"accuracy": sum(allh) / len(allh), "n": len(allh), "accuracy_first200": float(np.mean(allh[:200])),
+            "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())}, "answers_first50": preds[:50]}
 
 
 def build_stage2(cfg: Config, stage1: Stage1, llm, tokenizer):
@@ -373,7 +381,8 @@ def main(argv: list[str] | None = None, llm=None, tokenizer=None) -> dict:
     res["eval_s"] = time.perf_counter() - t0
     res["config"] = dataclasses.asdict(cfg)
     log(f"held-out ({cfg.eval_n} scenes): {json.dumps(res)}")
-    vlm.save_trained(model, cfg.out, meta={k: res[k] for k in ("accuracy", "n", "per_type", "chance")})
+    keys = ("accuracy", "n", "accuracy_first200", "per_type", "chance", "answers_first50")
+    vlm.save_trained(model, cfg.out, meta={k: res[k] for k in keys})
     result_path.write_text(json.dumps(res, indent=1))
     return res
 

@@ -90,12 +90,25 @@ def load_llm(cache: str | Path | None = None):
     cache = Path(cache) if cache is not None else LLM_CACHE
     mdir = cache / "model"
     if not (mdir / "config.json").exists():
+        import shutil
+
         g = gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32)
+        gg = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantized (not serializable) although the weights are plain fp32
+        # now: copy them into a fresh model of the same class and save that
+        cfg = gg.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        with torch.device("meta"):
+            model = type(gg)(cfg)
+        model.load_state_dict(gg.state_dict(), assign=True)
+        model.tie_weights()
+        model.generation_config = gg.generation_config
         tmp = mdir.with_name("model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tmp.rename(mdir)
-    return AutoModelForCausalLM.from_pretrained(str(mdir), torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32).eval()
 
 
 def build_processor(tokenizer):
@@ -285,7 +298,7 @@ def load_vlm(path: str | Path | None = None, weights: str | Path | None = None):
     elif not (path / "config.json").exists():
         raise FileNotFoundError(f"no trained VLM weights at {weights}; train them with `make vlm` "
                                 "(benchmarks/train_vlm.py)")
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(str(path))
 
 
