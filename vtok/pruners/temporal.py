@@ -318,7 +318,7 @@ def _frame_rows(value: Tensor, key: str, t: int, p: int) -> Tensor:
 def run_per_frame(tokens: Tensor, ctx: Context, budgets: Tensor, method: str,
                   options: Mapping[str, Any] | None = None) -> Selection:
     """Run the image strategy ``method`` inside every frame with its own budget ``budgets [B, T]`` (each in
-    ``[0, P]``, a row summing to the ``k`` of the result) and join the frames' selections into one over ``[B, T·P]``.
+    ``[0, P]``, every row summing to the same ``k``) and join the frames' selections into one over ``[B, T·P]``.
 
     Frames with equal budgets are run as one batch (a strategy's batch equals its samples one by one). A frame with
     budget 0 is dropped whole; budget ``P`` keeps it whole. Context tensors are cut to each frame (``grid`` is the
@@ -334,67 +334,70 @@ def run_per_frame(tokens: Tensor, ctx: Context, budgets: Tensor, method: str,
         raise TypeError(f"method '{method}' got unknown option(s) {bad}; its options: {sorted(info.options)}")
     b, n, d = tokens.shape
     t, p, grid = frame_layout(tokens, ctx)
+    dev = tokens.device
     flat = tokens.reshape(b * t, p, d)
-    kb = budgets.reshape(-1).tolist()
-    sub: list[Selection | None] = [None] * (b * t)
+    kb = budgets.to(torch.long).reshape(-1).cpu()
+    k = int(kb.view(b, t)[0].sum())
+    off = (torch.cumsum(kb.view(b, t), 1) - kb.view(b, t)).reshape(-1)  # [B*T] first output slot of each frame
     values = {key: v for key, v in ctx.items() if key not in ("frames", "frame_scores", "grid")}
-    for kt in sorted(set(kb)):
-        rows = [r for r, v in enumerate(kb) if v == kt]
+    groups = []  # (rows [R], selection over [R, P] or None for whole frames)
+    for kt in torch.unique(kb).tolist():
+        rows = (kb == kt).nonzero().flatten()
         if kt == 0:
             continue
         if kt == p:
-            for r in rows:
-                sub[r] = Selection.identity(1, p, tokens.device)
+            groups.append((rows, Selection.identity(len(rows), p, dev)))
             continue
-        ridx = torch.tensor(rows, device=tokens.device)
-        x = flat.index_select(0, ridx)
-        cv = {key: (_frame_rows(v, key, t, p).index_select(1 if key == "prev_hidden" and v.dim() == 4 else 0, ridx)
-                    if isinstance(v, Tensor) else v) for key, v in values.items()}
+        ridx = rows.to(dev)
+        x = flat[ridx]  # advanced indexing: several times faster than index_select on [R, P, D] rows here
+        cv = {key: ((_frame_rows(v, key, t, p)[:, ridx] if key == "prev_hidden" and v.dim() == 4
+                     else _frame_rows(v, key, t, p)[ridx]) if isinstance(v, Tensor) else v)
+              for key, v in values.items()}
         if ctx.get("grid") is not None or "grid" in info.needs:
             cv["grid"] = grid
         c = Context.build(x, cv)
         c.require(method, info.needs)
-        sel = info.fn(x, kt, c, **options).validate()
-        for j, r in enumerate(rows):
-            sub[r] = Selection(sel.keep[j:j + 1], p, None if sel.assign is None else sel.assign[j:j + 1],
-                               None if sel.size is None else sel.size[j:j + 1],
-                               None if sel.order is None else sel.order[j:j + 1],
-                               None if sel.coef is None else sel.coef[j:j + 1])
-    return _join(sub, b, t, p, tokens.device)
+        groups.append((rows, info.fn(x, kt, c, **options).validate()))
+    return _join(groups, off, b, t, p, k, dev)
 
 
-def _join(sub: Sequence[Selection | None], b: int, t: int, p: int, device: torch.device) -> Selection:
-    """Concatenate per-frame selections (row ``b·T + f``; ``None`` = frame dropped) into one over ``T·P`` tokens."""
-    live = [s for s in sub if s is not None]
-    merges = any(s.assign is not None for s in live)
-    ordered = any(s.order is not None for s in live)
-    sized = any(s.size is not None for s in live)
-    coefs = any(s.coef is not None for s in live)
-    keeps, assigns, orders, sizes, coef = [], [], [], [], []
-    for bi in range(b):
-        kk, aa, oo, ss, cc, off = [], [], [], [], [], 0
-        for f in range(t):
-            s = sub[bi * t + f]
-            if s is None:
-                aa.append(torch.full((p,), -1, dtype=torch.long, device=device))
-                cc.append(torch.zeros(p, device=device))
-                continue
-            kk.append(s.keep[0] + f * p)
-            slot = (s.assign if s.assign is not None else s._slot_of_each_token())[0]
-            aa.append(torch.where(slot >= 0, slot + off, slot))
-            oo.append((s.order[0] if s.order is not None else torch.arange(s.k, device=device)) + off)
-            sz = s.size if s.size is not None else s.token_sizes() if s.assign is not None else None
-            ss.append(sz[0].float() if sz is not None else torch.ones(s.k, device=device))
-            cc.append(s._effective_coef()[0])
-            off += s.k
-        keeps.append(torch.cat(kk))
-        assigns.append(torch.cat(aa))
-        orders.append(torch.cat(oo))
-        sizes.append(torch.cat(ss))
-        coef.append(torch.cat(cc))
-    return Selection(torch.stack(keeps), t * p, torch.stack(assigns) if merges else None,
-                     torch.stack(sizes) if sized else None, torch.stack(orders) if ordered else None,
-                     torch.stack(coef) if coefs else None)
+def _join(groups: Sequence[tuple[Tensor, Selection]], off: Tensor, b: int, t: int, p: int, k: int,
+          device: torch.device) -> Selection:
+    """One selection over ``T·P`` tokens from per-frame selections: ``groups`` of (rows ``b·T + f``, their selection),
+    ``off [B·T]`` the first output slot of every frame; frames in no group are dropped."""
+    merges = any(s.assign is not None for _, s in groups)
+    ordered = any(s.order is not None for _, s in groups)
+    sized = any(s.size is not None for _, s in groups)
+    coefs = any(s.coef is not None for _, s in groups)
+    keep = torch.zeros(b * k, dtype=torch.long, device=device)
+    assign = torch.full((b * t, p), -1, dtype=torch.long, device=device)
+    order = torch.zeros(b * k, dtype=torch.long, device=device)
+    size = torch.ones(b * k, device=device)
+    coef = torch.zeros(b * t, p, device=device)
+    for rows, s in groups:
+        rows_d = rows.to(device)
+        kt = s.k
+        o = off.to(device)[rows_d][:, None]  # [R, 1]
+        sample = (rows_d // t)[:, None]
+        dst = (sample * k + o + torch.arange(kt, device=device)).reshape(-1)  # flat output slots
+        keep[dst] = (s.keep + (rows_d % t)[:, None] * p).reshape(-1)
+        slot = s.assign if s.assign is not None else s._slot_of_each_token()
+        assign[rows_d] = torch.where(slot >= 0, slot + o, slot)
+        if ordered:
+            local = s.order if s.order is not None else torch.arange(kt, device=device).expand(len(rows), kt)
+            order[dst] = (local + o).reshape(-1)
+        if sized:
+            sz = s.size
+            if sz is None and s.assign is not None:  # slot-aligned member counts (token_sizes() is emitted order)
+                a = s.assign
+                sz = torch.zeros(a.shape[0], kt, device=device).scatter_add_(1, a.clamp_min(0), (a >= 0).float())
+            if sz is not None:
+                size[dst] = sz.float().reshape(-1)
+        if coefs:
+            coef[rows_d] = s._effective_coef()
+    return Selection(keep.view(b, k), t * p, assign.view(b, t * p) if merges else None,
+                     size.view(b, k) if sized else None, order.view(b, k) if ordered else None,
+                     coef.view(b, t * p) if coefs else None)
 
 
 def even_budgets(k: int, b: int, t: int, p: int) -> Tensor:
