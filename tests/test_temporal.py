@@ -277,6 +277,8 @@ def test_per_frame_grid_context_rules():
         vtok.compress(x, "temporal_pool", keep=4, frames=3, grid=(2, 3))  # 6 · 3 != 24
     with pytest.raises(ValueError, match="image strategy"):
         vtok.compress(x, "pool2d", keep=4, frames=4, grid=(2, 3))  # a per-frame grid for an image strategy
+    with pytest.raises(ValueError, match="grid of one frame"):
+        vtok.compress(x, "temporal_pool", keep=4, frames=4, grid=(4, 6))  # the whole-clip grid for a video strategy
     with pytest.raises(ValueError, match="frame_scores"):
         vtok.compress(x, "query_budget", keep=4, frames=4, frame_scores=torch.rand(1, 3))
     with pytest.raises(ValueError, match="image strategy"):

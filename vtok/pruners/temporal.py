@@ -38,7 +38,11 @@ def frame_layout(tokens: Tensor, ctx: Context) -> tuple[int, int, tuple[int, int
     n = tokens.shape[1]
     t = int(ctx["frames"])
     p = n // t
-    return t, p, ctx.frame_grid(n) or (1, p)
+    grid = ctx.frame_grid(n)
+    if grid is None and "grid" in ctx:
+        raise ValueError(f"context 'grid' for video tokens must be the grid of one frame (h * w == N / frames = {p}), "
+                         f"got {ctx['grid']} with frames={t}")
+    return t, p, grid or (1, p)
 
 
 def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
