@@ -317,25 +317,116 @@ def test_unwrap_is_bit_exact(model):
     assert "get_image_features" not in vars(model.model)
 
 
-def test_video_tokens_stay(model):
-    """A prompt with a video and an image: the video's tokens are kept as they are (keep=1.0 equals the unwrapped
-    model; pruning touches only the image); positions='reindex' refuses videos."""
-    grid_img, grid_vid = (1, 4, 4), (2, 4, 4)
+def _video_prompt(seed: int = 5):
+    """One prompt: text, a video of 3 temporal patches on a 4 x 6 merged grid, text, an image, text."""
+    grid_img, grid_vid = (1, 4, 4), (3, 8, 12)
     ids = [1, 5, VISION_START] + [VIDEO_TOKEN] * n_tokens(grid_vid) + [VISION_END, 6]
     ids += [VISION_START] + [IMAGE_TOKEN] * n_tokens(grid_img) + [VISION_END, 11, 12]
     pix, thw = images([grid_img])
-    vid, vthw = images([grid_vid], seed=5)
-    inp = {**left_pad([ids]), "pixel_values": pix, "image_grid_thw": thw, "pixel_values_videos": vid,
-           "video_grid_thw": vthw}
+    vid, vthw = images([grid_vid], seed=seed)
+    return ids, {**left_pad([ids]), "pixel_values": pix, "image_grid_thw": thw, "pixel_values_videos": vid,
+                 "video_grid_thw": vthw}
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_video_keep_all_is_identity(model, layer):
+    _, inp = _video_prompt()
     with torch.no_grad():
         ref = model(**inp).logits
     ref_tokens = _gen(model, inp, n=4)
-    with vtok.hooks.hf.wrapped(model, "random", 1.0, positions="original"):
+    with vtok.hooks.hf.wrapped(model, "frame_merge" if layer is None else "random", 1.0, layer=layer):
         with torch.no_grad():
             assert (model(**inp).logits - ref).abs().max() <= 1e-5
         assert torch.equal(_gen(model, inp, n=4), ref_tokens)
-    with vtok.hooks.hf.wrapped(model, "random", 0.5, positions="original"):
-        _gen(model, inp, n=4)
-        assert stats(model)["per_sample"][0]["visual_before"] == n_tokens(grid_img)
-    with vtok.hooks.hf.wrapped(model, "random", 0.5, positions="reindex"), pytest.raises(NotImplementedError):
-        _gen(model, inp, n=4)
+
+
+def _video_reference(m, ids, inp, method, keep, positions, options):
+    """The pruned prompt built by hand: the video's features through ``vtok.compress`` with ``frames`` (and its
+    per-frame ``grid`` for a temporal method; an image strategy sees the video flattened), the image's through the
+    same method as one frame; kept rows (in emitted order) with their 3-D ids (original:
+    gathered from ``get_rope_index`` on the unpruned prompt; reindex: offsets from the run's start, gaps closed)."""
+    types = inp.get("mm_token_type_ids")
+    with torch.no_grad():
+        vfeat = image_features(m.model.get_video_features(inp["pixel_values_videos"], inp["video_grid_thw"]))[0]
+        ifeat = image_features(m.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"]))[0]
+        args = (torch.tensor([ids]), inp["image_grid_thw"], inp["video_grid_thw"])
+        full, _ = (m.model.get_rope_index(args[0], types, *args[1:]) if types is not None
+                   else m.model.get_rope_index(*args))
+        embeds = m.model.get_input_embeddings()(torch.tensor([ids]))[0]
+    runs = {VIDEO_TOKEN: (vfeat, inp["video_grid_thw"][0]), IMAGE_TOKEN: (ifeat, inp["image_grid_thw"][0])}
+    rows, pos, cur, i = [], [], 0, 0
+    while i < len(ids):
+        if ids[i] not in runs:
+            rows.append(embeds[i])
+            pos.append(full[:, 0, i] if positions == "original" else torch.full((3,), cur))
+            cur, i = cur + 1, i + 1
+            continue
+        feat, (t, h, w) = runs[ids[i]]
+        t, h, w = int(t), int(h) // MERGE, int(w) // MERGE
+        grid = {"grid": (h, w)} if t == 1 or vtok.get_method(method).family == "temporal" else {}
+        vals, sel = vtok.compress(feat[None], method, keep, frames=t, **grid, **options)
+        span = 0
+        for v, r in zip(vals[0], sel.emitted_keep()[0].tolist(), strict=True):
+            rows.append(v)
+            off = full[:, 0, i + r] - full[:, 0, i]
+            pos.append(full[:, 0, i + r] if positions == "original" else off + cur)
+            span = max(span, int(off.max()) + 1)
+        cur, i = cur + span, i + len(feat)
+    x, p = torch.stack(rows)[None], torch.stack(pos, 1)[:, None]
+    nxt = int(full.max()) + 1 if positions == "original" else int(p.max()) + 1
+    return x, p, nxt
+
+
+@pytest.mark.parametrize("method,keep,options", [("frame_merge", 0.4, {}), ("random", 0.3, {"seed": 2}),
+                                                 ("temporal_pool", 0.5, {})])
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_video_pre_llm_equals_manual_reference(model, method, keep, options, positions):
+    """Pre-LLM pruning of a video (frames=3, per-frame grid 4 x 6) and an image equals the hand-built pruned prompt:
+    logits within 1e-4 and the same 16 greedy tokens, with both position numberings."""
+    ids, inp = _video_prompt()
+    x, pos, nxt = _video_reference(model, ids, inp, method, keep, positions, options)
+    want_logits = _lm_logits(model, x, pos)
+    want_tokens = _greedy_reference(model, x, pos, nxt)
+    with vtok.hooks.hf.wrapped(model, method, keep, positions=positions, **options):
+        with torch.no_grad():
+            got = model(**inp).logits
+        per = stats(model)["per_image"]
+        toks = _gen(model, inp)[0].tolist()
+    assert [(d["video"], d["before"]) for d in per] == [(False, n_tokens((1, 4, 4))), (True, n_tokens((3, 8, 12)))]
+    assert got.shape == want_logits.shape
+    assert (got - want_logits).abs().max() <= 1e-4
+    assert toks == want_tokens
+
+
+@pytest.mark.parametrize("method,layer,keep", [("frame_merge", None, 0.5), ("divprune", [None, 2], [0.5, 0.25]),
+                                                ("fastv", 2, 0.5)])
+def test_video_batch_equals_one_by_one(model, method, layer, keep):
+    """Two samples with videos of different lengths (and one with an image too), left-padded: the batch equals each
+    prompt run alone (logits and 8 generated tokens), pre-LLM, multi-stage and in-LLM."""
+    g1, g2 = (2, 4, 4), (3, 4, 8)
+    r1 = [1, 5, VISION_START] + [VIDEO_TOKEN] * n_tokens(g1) + [VISION_END, 6, 7]
+    r2 = [3, VISION_START] + [VIDEO_TOKEN] * n_tokens(g2) + [VISION_END] + qwen_prompt([4], [(1, 4, 4)], [9])
+    v1, t1 = images([g1], seed=7)
+    v2, t2 = images([g2], seed=8)
+    pix, thw = images([(1, 4, 4)])
+    batch = {**left_pad([r1, r2]), "pixel_values_videos": torch.cat([v1, v2]), "video_grid_thw": torch.cat([t1, t2]),
+             "pixel_values": pix, "image_grid_thw": thw}
+    ones = [{**left_pad([r1]), "pixel_values_videos": v1, "video_grid_thw": t1},
+            {**left_pad([r2]), "pixel_values_videos": v2, "video_grid_thw": t2, "pixel_values": pix,
+             "image_grid_thw": thw}]
+    with vtok.hooks.hf.wrapped(model, method, keep, layer=layer):
+        with torch.no_grad():
+            last = model(**batch).logits[:, -1]
+        toks = _gen(model, batch, n=8)
+        for b, one in enumerate(ones):
+            with torch.no_grad():
+                assert (model(**one).logits[0, -1] - last[b]).abs().max() <= 1e-4
+            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
+
+
+def test_video_method_needs_frames_refused_on_llava():
+    """A temporal method needs ``frames``, which only video-capable adapters give: refused at wrap time."""
+    from tests.hf_tiny import tiny_llava
+
+    with pytest.raises(ValueError, match="frames"):
+        wrap(tiny_llava(), "frame_merge", 0.5)

@@ -112,7 +112,7 @@ def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, option
         raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
     stages = []
     for ly, ks in zip(layers, keeps, strict=True):
-        avail = adapter.provides(model) if ly is None else set(_LLM_CONTEXT)
+        avail = adapter.provides(model) if ly is None else set(_LLM_CONTEXT) | ({"frames"} & adapter.provides(model))
         if ly is not None and ly == 0:
             avail -= {"text_attn", "prev_hidden"}
         missing = sorted(set(info.needs) - avail)

@@ -48,6 +48,11 @@ class ImageRecord:
             set (LLaVA-NeXT: the rows without their newline), or ``None``.
         protected: ``BoolTensor [n]`` of tokens never pruned, or ``None``.
         ctx: per-token context from the vision tower (``cls_attn [n]``, ``keys [H, n, dh]``, ...).
+        token: the placeholder token id of its run (a video's differs from an image's); ``None``: the adapter's first
+            ``image_token_ids``.
+        frames: its frame count ``T`` (``n`` tokens = ``T`` frames of ``grid`` in time order; 1 for an image), or
+            ``None`` where unknown.
+        video: whether it is a video (``vtok.stats`` reports it per image).
     """
 
     n: int
@@ -55,6 +60,9 @@ class ImageRecord:
     grid: tuple[int, int] | None = None
     protected: Tensor | None = None
     ctx: dict[str, Tensor] = field(default_factory=dict)
+    token: int | None = None
+    frames: int | None = None
+    video: bool = False
 
 
 @dataclass
@@ -214,27 +222,39 @@ class Runtime:
         if ids is None:
             raise NotImplementedError("vtok: the wrapped model needs input_ids (with image placeholder tokens) when it "
                                       "is given images; inputs_embeds alone are not supported")
-        image_mask = torch.isin(ids, torch.tensor(self.adapter.image_token_ids(self.model), device=ids.device))
-        image_mask &= valid
+        kinds = self.adapter.image_token_ids(self.model)
+        queues: dict[int, list[int]] = {t: [] for t in kinds}  # per placeholder id, its records in call order
+        for i, rec in enumerate(self.records):
+            tok = kinds[0] if rec.token is None else rec.token
+            if tok not in queues:
+                raise RuntimeError(f"vtok: a record's placeholder token {tok} is not one of {kinds}")
+            queues[tok].append(i)
+        heads = dict.fromkeys(kinds, 0)
         slots: list[list[Slot]] = []
-        r = 0
         for b in range(ids.shape[0]):
-            pos = image_mask[b].nonzero().squeeze(1)
-            row, used = [], 0
-            while used < len(pos):
-                if r >= len(self.records):
-                    raise RuntimeError(f"vtok: sample {b} has {len(pos)} image tokens but the images' features run out")
-                rec = self.records[r]
-                p = pos[used:used + rec.n]
-                n_free = rec.n - (0 if rec.protected is None else int(rec.protected.sum()))
-                row.append(Slot(r, p, rec.protected, rec.grid, n_free))
-                used += rec.n
-                r += 1
-            if used != len(pos):
-                raise RuntimeError(f"vtok: sample {b}'s image tokens do not match its images' feature counts")
+            row = []
+            for tok in kinds:
+                pos = ((ids[b] == tok) & valid[b]).nonzero().squeeze(1)
+                used = 0
+                while used < len(pos):
+                    if heads[tok] >= len(queues[tok]):
+                        raise RuntimeError(f"vtok: sample {b} has {len(pos)} placeholder tokens {tok} but the "
+                                           "features of its images / videos run out")
+                    r = queues[tok][heads[tok]]
+                    rec = self.records[r]
+                    p = pos[used:used + rec.n]
+                    n_free = rec.n - (0 if rec.protected is None else int(rec.protected.sum()))
+                    row.append(Slot(r, p, rec.protected, rec.grid, n_free, rec.frames))
+                    used += rec.n
+                    heads[tok] += 1
+                if used != len(pos):
+                    raise RuntimeError(f"vtok: sample {b}'s placeholder tokens {tok} do not match its images' / "
+                                       "videos' feature counts")
+            row.sort(key=lambda sl: int(sl.positions[0]))
             slots.append(row)
-        if r != len(self.records):
-            raise RuntimeError(f"vtok: {len(self.records)} image records but only {r} matched placeholder runs")
+        if any(heads[t] != len(queues[t]) for t in kinds):
+            raise RuntimeError(f"vtok: {len(self.records)} image / video records but only {sum(heads.values())} "
+                               "matched placeholder runs")
         return slots
 
     def _keeps(self, stage: Stage, b_sz: int) -> list[Any]:
@@ -316,7 +336,10 @@ class Runtime:
                 if self.positions == "original":
                     pos = gather_positions(full, res.index)
                 elif full.dim() == 3 and full.shape[0] in (3, 4):
-                    rope = reindex_mrope(full[-3:], res.index, res.valid, res.slots)
+                    f3 = full[-3:].expand(3, *valid.shape)
+                    starts = [{sl.record: int(f3[:, b, sl.positions].min()) for sl in row}
+                              for b, row in enumerate(slots)]
+                    rope = reindex_mrope(full[-3:], res.index, res.valid, res.slots, starts)
                     pos = rope if full.shape[0] == 3 else torch.cat([reindex_1d(res.valid)[None], rope])
                 else:
                     pos = reindex_1d(res.valid)
@@ -497,7 +520,8 @@ class Runtime:
             per_sample.append({"visual_before": vb, "visual_after": va, "prompt_tokens_before": n,
                                "prompt_tokens_after": n - vb + va, "kept": idx[b][idx[b] >= 0].tolist()})
             for s in row:
-                agg = per_image.setdefault(self.records[s.record].image, {"sample": b, "before": 0, "after": 0})
+                rec = self.records[s.record]
+                agg = per_image.setdefault(rec.image, {"sample": b, "video": rec.video, "before": 0, "after": 0})
                 agg["before"] += len(s.positions)
                 agg["after"] += after.get(s.record, len(s.positions))
         self.stats = _Stats(layers=[s.layer for s in self.stages], per_sample=per_sample,

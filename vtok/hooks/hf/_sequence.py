@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from vtok.api import compress
+from vtok.pruners import get as get_method
 
 # the token dimension of each per-image context tensor (cls_attn [N] / [H, N], keys [N, Dk] / [H, N, dh], ...)
 TOKEN_DIM = {"cls_attn": -1, "mid_attn": -1, "text_attn": -1, "keys": -2, "prev_hidden": -2}
@@ -29,6 +30,8 @@ class Slot:
         protected: ``BoolTensor [n]``: tokens never pruned (LLaVA-NeXT's image-newline), or ``None``.
         grid: ``(h, w)`` while the tokens still form the full patch grid, else ``None``.
         n_free0: the image's prunable token count before any stage (the base of ratio budgets).
+        frames: for a video, its frame count ``T`` (the tokens are ``T`` frames of ``grid`` in time order) while the
+            tokens are all there, else ``None``.
     """
 
     record: int
@@ -36,6 +39,7 @@ class Slot:
     protected: Tensor | None
     grid: tuple[int, int] | None
     n_free0: int
+    frames: int | None = None
 
 
 @dataclass
@@ -69,6 +73,7 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
         ``{(b, j): (values [m, D], rel [m])}``: the slot's new tokens in output order and, for each, the index in the
         slot (``positions``) of the token whose place it takes. Protected tokens are merged back by position.
     """
+    temporal = get_method(method).family == "temporal"
     groups: dict[tuple, list[tuple[int, int, Tensor]]] = {}
     for b, row in enumerate(slots):
         for j, s in enumerate(row):
@@ -77,9 +82,9 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
             c = ctx.get(s.record, {})
             shape_key = tuple(sorted((key, tuple(v.shape) if isinstance(v, Tensor) else None) for key, v in c.items()))
             grid = s.grid  # with protected tokens: the grid of the prunable ones (as retained_count counts it)
-            groups.setdefault((len(free), ks[b][j], grid, shape_key), []).append((b, j, free))
+            groups.setdefault((len(free), ks[b][j], grid, s.frames, shape_key), []).append((b, j, free))
     out: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-    for (_, k, grid, _), members in groups.items():
+    for (_, k, grid, frames, _), members in groups.items():
         tokens = torch.stack([x[b, slots[b][j].positions[free]] for b, j, free in members])
         kwargs: dict[str, Any] = {}
         keys = {key for b, j, _ in members for key in ctx.get(slots[b][j].record, {})}
@@ -89,8 +94,10 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
                 v = ctx[slots[b][j].record][key]
                 vals.append(_slice_ctx(v, key, free) if key in TOKEN_DIM else v)
             kwargs[key] = torch.stack(vals, dim=1 if key == "prev_hidden" else 0)  # prev_hidden: [L, B, N, D]
-        if grid is not None:
+        if grid is not None and (frames in (None, 1) or temporal):  # an image strategy sees a video flattened
             kwargs["grid"] = grid
+        if frames is not None:
+            kwargs["frames"] = frames
         values, sel = compress(tokens, method, k, **kwargs, **options)
         rel = sel.emitted_keep()
         for i, (b, j, free) in enumerate(members):
@@ -147,7 +154,9 @@ def rebuild(x: Tensor, valid: Tensor, slots: list[list[Slot]], picked: dict[tupl
             prot = None
             if s.protected is not None:
                 prot = s.protected[picked[(b, j)][1]]
-            row_slots.append(Slot(s.record, new_pos, prot, s.grid if m == len(s.positions) else None, s.n_free0))
+            full = m == len(s.positions)
+            row_slots.append(Slot(s.record, new_pos, prot, s.grid if full else None, s.n_free0,
+                                  s.frames if full else None))
         new_slots.append(row_slots)
     lmax = max(len(r) for r in rows_idx)
     out_x = x.new_zeros(b_sz, lmax, d)
@@ -183,13 +192,17 @@ def reindex_1d(valid: Tensor) -> Tensor:
     return (valid.long().cumsum(-1) - 1).clamp_min(0) * valid
 
 
-def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[Slot]]) -> Tensor:
-    """Qwen-style 3-D positions for a pruned prompt, as ``get_rope_index`` gives a prompt whose images hold only the
-    kept tokens at their grid cells: text tokens count up by one; an image keeps each token's ``(t, h, w)`` offset
-    from the image's start and spans ``max kept offset + 1`` positions; padding gets 0.
+def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[Slot]],
+                  starts: list[dict[int, int]] | None = None) -> Tensor:
+    """Qwen-style 3-D positions for a pruned prompt, as ``get_rope_index`` gives a prompt whose images (videos) hold
+    only the kept tokens at their grid cells: text tokens count up by one; an image keeps each token's ``(t, h, w)``
+    offset from the image's start and spans ``max kept offset + 1`` positions; padding gets 0.
 
     Args:
         orig: ``[3, B, L]`` 3-D position ids of the unpruned prompt; ``index [B, L']`` into it.
+        starts: per sample, ``{record: start}``, the position value of each image's first token in ``orig`` (its
+            offset origin); ``None``: the smallest value among its kept tokens (the same for an image, whose
+            temporal ids all equal the start; a video whose first frame lost every token needs ``starts``).
     """
     src = gather_positions(orig, index)  # [3, B, L']
     out = torch.zeros_like(src)
@@ -212,7 +225,7 @@ def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[S
             j = so[i]
             pos = slots[b][j].positions
             start_vals = src[:, b, pos]
-            base = start_vals.min()
+            base = start_vals.min() if starts is None else starts[b][slots[b][j].record]
             off = start_vals - base
             out[:, b, pos] = off + cur
             cur += int(off.max()) + 1

@@ -18,8 +18,13 @@ blocks mostly attend within windows, the last full-attention block (``vision_con
 last block in the released checkpoints, e.g. 31 of 32). Qwen2.5-VL reorders patches window by window inside the
 tower; the context is mapped back to the prompt's token order (the order of ``pooler_output``).
 
-Videos (``video_token_id``) are not pruned: their tokens stay in the prompt untouched (with ``positions="original"``
-and in-LLM stages they keep their 3-D position ids; ``positions="reindex"`` with a video raises).
+Each video (``pixel_values_videos``, ``video_token_id`` placeholders) is one record of ``t * h * w / merge²`` tokens:
+``t`` temporal patches (``video_grid_thw``; ``temporal_patch_size`` frames each) of the ``(h / merge, w / merge)``
+grid in time order, given to the strategy with ``frames=t`` and ``grid`` (the temporal strategies' contract; image
+strategies see the flattened tokens). Its ``cls_attn`` is the mean attention received within its frame (the tower
+attends per temporal patch), ``keys`` as for images. ``positions="original"`` keeps the 3-D ids the model computed
+on the unpruned prompt (temporal ids included, Qwen2.5-VL's seconds-per-grid scaling as well); ``"reindex"`` keeps
+each kept token's ``(t, h, w)`` offset from the video's start and closes the gaps after it, as for images.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class QwenVLAdapter:
         return layer.self_attn
 
     def image_token_ids(self, model) -> list[int]:
-        return [model.config.image_token_id]
+        return [model.config.image_token_id, model.config.video_token_id]
 
     def attn_implementation(self, model) -> str:
         return model.config.text_config._attn_implementation or "sdpa"
@@ -100,7 +105,7 @@ class QwenVLAdapter:
 
     def provides(self, model) -> set[str]:
         """Context keys the pre-LLM stage can give."""
-        return {"grid", "query", "cls_attn", "keys"}
+        return {"grid", "frames", "query", "cls_attn", "keys"}
 
     def install(self, model, rt) -> list[Any]:
         inner = model.model
@@ -112,7 +117,6 @@ class QwenVLAdapter:
         bi = self.block_index(model)
         block = tower.blocks[bi]
         merge = self._merge(model)
-        sig = inspect.signature(orig)
         captured: list[dict[str, Any]] = []
 
         def pre_hook(module, args, kwargs):
@@ -121,41 +125,41 @@ class QwenVLAdapter:
             got.update({k: kwargs[k] for k in names if k in kwargs})
             captured.append(got)
 
-        @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
-        def get_image_features(*args, **kwargs):
-            captured.clear()
-            handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            feats = out.pooler_output if hasattr(out, "pooler_output") else out
-            feats = list(feats) if not isinstance(feats, Tensor) else [feats]
-            bound = sig.bind_partial(*args, **kwargs).arguments
-            thw = bound.get("image_grid_thw", kwargs.get("image_grid_thw"))
-            sizes = [int(f.shape[0]) for f in feats]
-            ctx = (self._context(model, block, captured[0], thw, sizes, want, kwargs)
-                   if want and captured and thw is not None else {})
-            recs = []
-            for i, n in enumerate(sizes):
-                grid = None
-                if thw is not None:
-                    t, h, w = (int(v) for v in thw[i])
-                    if t == 1 and (h // merge) * (w // merge) == n:
-                        grid = (h // merge, w // merge)
-                recs.append(ImageRecord(n=n, image=i, grid=grid, ctx={k: v[i] for k, v in ctx.items()}))
-            rt.add_records(out, recs)
-            return out
+        def features(orig_fn, grid_key: str, token: int, video: bool):
+            sig = inspect.signature(orig_fn)
 
-        @functools.wraps(orig_video)
-        def get_video_features(*args, **kwargs):
-            if rt.pre is not None and rt.positions == "reindex":
-                raise NotImplementedError("vtok: videos are not pruned by the Qwen-VL wrapper and positions='reindex' "
-                                          "cannot number their tokens; use positions='original' or in-LLM stages")
-            out = orig_video(*args, **kwargs)
-            rt.add_records(out, [])  # video tokens stay as they are (no records), also when pre-encoded
-            return out
+            @functools.wraps(orig_fn)  # keeps the signature: generate() inspects it to pre-encode the inputs
+            def hooked(*args, **kwargs):
+                captured.clear()
+                handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
+                try:
+                    out = orig_fn(*args, **kwargs)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                feats = out.pooler_output if hasattr(out, "pooler_output") else out
+                feats = list(feats) if not isinstance(feats, Tensor) else [feats]
+                thw = sig.bind_partial(*args, **kwargs).arguments.get(grid_key, kwargs.get(grid_key))
+                sizes = [int(f.shape[0]) for f in feats]
+                ctx = (self._context(model, block, captured[0], thw, sizes, want, kwargs)
+                       if want and captured and thw is not None else {})
+                recs = []
+                for i, n in enumerate(sizes):
+                    grid = frames = None
+                    if thw is not None:
+                        t, h, w = (int(v) for v in thw[i])
+                        if t * (h // merge) * (w // merge) == n and (video or t == 1):
+                            grid, frames = (h // merge, w // merge), t  # an image is one frame
+                    recs.append(ImageRecord(n=n, image=i, grid=grid, ctx={k: v[i] for k, v in ctx.items()},
+                                            token=token, frames=frames, video=video))
+                rt.add_records(out, recs)
+                return out
+
+            return hooked
+
+        cfg = model.config
+        get_image_features = features(orig, "image_grid_thw", cfg.image_token_id, False)
+        get_video_features = features(orig_video, "video_grid_thw", cfg.video_token_id, True)
 
         inner.get_image_features = get_image_features
         inner.get_video_features = get_video_features
