@@ -262,6 +262,19 @@ def test_even_budgets():
     assert even_budgets(3, 1, 6, 8).tolist() == [[0, 1, 0, 1, 0, 1]]  # bin centres (2j + 1) · 6 / 6
 
 
+def test_per_frame_explicit_budgets():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3 * 16, 4)
+    _, sel = vtok.compress(x, "per_frame", keep=9, frames=3, grid=(4, 4), strategy="divprune", budgets=[1, 0, 8])
+    assert torch.bincount(sel.keep[0] // 16, minlength=3).tolist() == [1, 0, 8]
+    _, ref = vtok.compress(x[:, 32:], "divprune", keep=8)
+    assert torch.equal(sel.keep[:, 1:] - 32, ref.keep)
+    with pytest.raises(ValueError, match="summing to k=9"):
+        vtok.compress(x, "per_frame", keep=9, frames=3, budgets=[1, 1, 8])
+    with pytest.raises(ValueError, match="budgets must be 3 ints"):
+        vtok.compress(x, "per_frame", keep=9, frames=3, budgets=[9, 0])
+
+
 def test_per_frame_drops_frames_without_budget():
     x = torch.randn(1, 6 * 4, 3)
     _, sel = vtok.compress(x, "per_frame", keep=3, frames=6, strategy="uniform")

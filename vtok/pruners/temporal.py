@@ -418,18 +418,27 @@ def even_budgets(k: int, b: int, t: int, p: int) -> Tensor:
 @register("per_frame", family="temporal", needs=("frames",), uses=("grid",),
           paper="any image strategy applied inside each frame with an even share of the budget")
 def per_frame(tokens: Tensor, k: int, ctx: Context, *, strategy: str = "uniform",
-              options: Mapping[str, Any] | None = None) -> Selection:
+              options: Mapping[str, Any] | None = None, budgets: Sequence[int] | None = None) -> Selection:
     """Run the image strategy ``strategy`` (with its ``options``) inside each frame, the budget split evenly.
 
-    Frame ``f`` keeps ``k // T`` tokens, plus one for ``k mod T`` evenly spaced frames (:func:`even_budgets`); other
-    context the image strategy needs (``cls_attn``, ``keys``, …) is passed over all ``T·P`` tokens and cut per frame.
-    For one budget shared by the whole clip, call the image strategy on the flattened tokens instead.
+    Frame ``f`` keeps ``k // T`` tokens, plus one for ``k mod T`` evenly spaced frames (:func:`even_budgets`), or
+    ``budgets[f]`` when given (one int per frame in ``[0, P]``, summing to ``k``). Other context the image strategy
+    needs (``cls_attn``, ``keys``, …) is passed over all ``T·P`` tokens and cut per frame. For one budget shared by
+    the whole clip, call the image strategy on the flattened tokens instead.
     """
     b, n, _ = tokens.shape
     t, p, _ = frame_layout(tokens, ctx)
+    if budgets is None:
+        per = even_budgets(k, b, t, p)
+    else:
+        vals = list(budgets)
+        if (len(vals) != t or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= p
+                                  for v in vals) or sum(vals) != k):
+            raise ValueError(f"budgets must be {t} ints in [0, {p}] (one per frame) summing to k={k}, got {budgets!r}")
+        per = torch.tensor(vals, dtype=torch.long).expand(b, t).contiguous()
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    return run_per_frame(tokens, ctx, even_budgets(k, b, t, p), strategy, options)
+    return run_per_frame(tokens, ctx, per, strategy, options)
 
 
 # -------------------------------------------------------------------------------------------------- query_budget
