@@ -20,7 +20,9 @@ from vtok.context import Context
 from vtok.kernels import reference as R
 
 UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hiprune", "visionzip", "zero_tprune",
-             "transprune", "tome"}
+             "transprune", "tome",
+             # video strategies (issue #18), written after the speed-ups: no earlier version to compare with
+             "frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame"}
 
 VARIANTS = {
     "divprune": [{}],
