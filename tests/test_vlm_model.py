@@ -125,3 +125,18 @@ def test_errors(tokenizer, tmp_path):
         vlm.answer(None, None, [1], [])
     with pytest.raises(ValueError, match="r must"):
         vlm.LoRALinear(torch.nn.Linear(2, 2), r=0)
+
+
+@pytest.mark.parametrize("method,layer", [("visionzip", None), ("divprune", None), ("pool2d", None), ("fastv", 1)])
+def test_wrapper_runs_on_the_vlm(tiny, tokenizer, method, layer):
+    import vtok
+
+    proc = vlm.build_processor(tokenizer)
+    scenes = task.heldout(2)
+    imgs, qs = [s.image for s in scenes], [s.question for s in scenes]
+    full = vlm.answer(tiny, proc, imgs, qs)
+    with vtok.wrapped(tiny, method, keep=0.25, layer=layer):
+        vlm.answer(tiny, proc, imgs, qs)
+        st = vtok.stats(tiny)
+    assert [r["after"] for r in st["per_image"]] == [16, 16] and [r["before"] for r in st["per_image"]] == [64, 64]
+    assert vlm.answer(tiny, proc, imgs, qs) == full
