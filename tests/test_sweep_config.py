@@ -40,6 +40,9 @@ def test_command_line_overrides_and_comma_lists(ckpt, tmp_path):
     cfg = load_config(path, methods="uniform,cls_attn", keeps="0.25,49", placements="after")
     assert cfg.methods == ["uniform", "cls_attn"] and cfg.keeps == [0.25, 49] and cfg.placements == ["after"]
     assert len(cfg.cells()) == 4
+    path.write_text(path.read_text() + "task_options: {eval_vit: {limit: 4, batch: 2}}\n")
+    cfg = load_config(path, task_options={"eval_vit": {"limit": 8}})  # merged option by option
+    assert cfg.task_options == {"eval_vit": {"limit": 8, "batch": 2}}
 
 
 @pytest.mark.parametrize("change, match", [

@@ -155,7 +155,15 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> Sw
         if not path.is_file():
             raise ValueError(f"config: {path} is not a file")
         raw = parse_yaml(path.read_text(), str(path))
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("task_options", "method_options") and isinstance(value, dict) and isinstance(raw.get(key), dict):
+            merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw[key].items()}
+            for name, opts in value.items():  # command-line options update the config's, option by option
+                merged[name] = {**merged.get(name, {}), **opts} if isinstance(merged.get(name), dict) else opts
+            value = merged
+        raw[key] = value
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown}; known keys: {list(KEYS)}")
