@@ -330,18 +330,107 @@ def test_batch_equals_one_by_one(models, family, method, keep, layer):
             assert _gen(model, ids1, am1, **extra)[0].tolist() == gen[i].tolist()
 
 
-def test_onevision_video_tokens_are_left_alone(models):
+FRAMES = 4
+
+
+def _video_inputs(model, with_image=True, seed=5):
+    """A OneVision prompt with an image (optional) and a 4-frame video (each frame pooled to 2 x 2, one newline)."""
+    video = torch.randn(1, FRAMES, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+    n_video = FRAMES * (SIDE // 2) ** 2 + 1
+    extra = {"pixel_values_videos": video}
+    ids = [1, 5]
+    if with_image:
+        pv, isz = pixels([(10, 56)], model)
+        ids = prompt([1, 5], image_tokens(model, pv, isz), [9])
+        extra |= {"pixel_values": pv, "image_sizes": isz}
+    ids, am = left_pad([ids + [251] * n_video + [11, 12]])
+    return ids, am, extra
+
+
+def _embedded_prompt(model, ids, am, extra) -> torch.Tensor:
+    """The unpruned ``inputs_embeds`` the language model receives (captured from the unwrapped model)."""
+    got = {}
+    def grab(mod, args, kwargs):
+        got.setdefault("x", kwargs["inputs_embeds"])
+
+    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, **extra)
+    finally:
+        h.remove()
+    return got["x"]
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_onevision_video_keep_all_is_identity(models, layer):
     model = models["onevision"]
-    pv, isz = pixels([(10, 56)], model)
-    counts = image_tokens(model, pv, isz)
-    video = torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
-    n_video = 2 * (SIDE // 2) ** 2 + 1  # 2 frames pooled to 2 x 2, one newline
-    ids, am = left_pad([prompt([1, 5], counts, [9]) + [251] * n_video + [11, 12]])
-    extra = {"pixel_values": pv, "image_sizes": isz, "pixel_values_videos": video}
-    with torch.no_grad(), vtok.wrapped(model, "uniform", 0.25):
-        gen = _gen(model, ids, am, n=4, **extra)
-        kept = set(vtok.stats(model)["per_sample"][0]["kept"])
-        st = vtok.stats(model)["per_sample"][0]
-    assert gen.shape == (1, 4)
-    assert set((ids[0] == 251).nonzero().squeeze(1).tolist()) <= kept
-    assert st["visual_before"] == counts[0] and st["visual_after"] < counts[0]
+    ids, am, extra = _video_inputs(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am, **extra).logits
+        with vtok.wrapped(model, "frame_merge" if layer is None else "random", 1.0, layer=layer):
+            assert (model(input_ids=ids, attention_mask=am, **extra).logits - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method,keep", [("frame_merge", 0.5), ("temporal_pool", 0.5), ("uniform", 0.25)])
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_onevision_video_pre_llm_equals_manual(models, method, keep, positions):
+    """A video alone: its frames through ``vtok.compress`` by hand (``frames=4``, pooled grid 2 x 2 for a temporal
+    method; an image strategy sees the frames flattened), the newline kept last, the rest of the prompt as is."""
+    model = models["onevision"]
+    ids, am, extra = _video_inputs(model, with_image=False)
+    x = _embedded_prompt(model, ids, am, extra)[0]
+    run = (ids[0] == 251).nonzero().squeeze(1)
+    free, newline = run[:-1], run[-1:]
+    ctx = {"grid": (SIDE // 2, SIDE // 2)} if vtok.get_method(method).family == "temporal" else {}
+    vals, sel = vtok.compress(x[free][None], method, keep, frames=FRAMES, **ctx)
+    src = torch.cat([torch.arange(run[0]), free[sel.emitted_keep()[0]], newline, torch.arange(run[-1] + 1, len(x))])
+    xr = torch.cat([x[:run[0]], vals[0], x[newline], x[run[-1] + 1:]])[None]
+    pos = src[None] if positions == "original" else torch.arange(len(src))[None]
+    nxt = ids.shape[1] if positions == "original" else len(src)
+    m = model.model
+    toks, logits0 = [], None
+    with torch.no_grad():
+        for t in range(8):
+            h = m.language_model(inputs_embeds=xr, position_ids=pos, attention_mask=torch.ones_like(pos),
+                                 use_cache=False).last_hidden_state
+            logits = model.lm_head(h)
+            logits0 = logits if logits0 is None else logits0
+            tok = logits[:, -1].argmax(-1)
+            toks.append(int(tok))
+            xr = torch.cat([xr, m.get_input_embeddings()(tok)[:, None]], 1)
+            pos = torch.cat([pos, torch.tensor([[nxt + t]])], 1)
+    with torch.no_grad(), vtok.wrapped(model, method, keep, positions=positions):
+        got = model(input_ids=ids, attention_mask=am, **extra).logits
+        per = vtok.stats(model)["per_image"]
+        gen = _gen(model, ids, am, n=8, **extra)[0].tolist()
+    assert per == [{"image": 0, "sample": 0, "video": True, "before": len(run), "after": len(src) - len(x) + len(run)}]
+    assert got.shape == logits0.shape
+    assert (got - logits0).abs().max() <= 1e-4
+    assert gen == toks
+
+
+def test_onevision_video_batch_equals_one_by_one(models):
+    """A video + image prompt and a video-only prompt (left-padded) equal each prompt run alone."""
+    model = models["onevision"]
+    ids1, _, ex1 = _video_inputs(model, with_image=True, seed=5)
+    ids2, _, ex2 = _video_inputs(model, with_image=False, seed=6)
+    rows = [ids1[0].tolist(), ids2[0].tolist()]
+    ids, am = left_pad(rows)
+    extra = {"pixel_values": ex1["pixel_values"], "image_sizes": ex1["image_sizes"],
+             "pixel_values_videos": torch.cat([ex1["pixel_values_videos"], ex2["pixel_values_videos"]])}
+    with torch.no_grad(), vtok.wrapped(model, "frame_merge", 0.5):
+        last = model(input_ids=ids, attention_mask=am, **extra).logits[:, -1]
+        gen = _gen(model, ids, am, n=6, **extra)
+        for i, (r, ex) in enumerate(zip(rows, [ex1, ex2], strict=True)):
+            i1, a1 = left_pad([r])
+            assert (model(input_ids=i1, attention_mask=a1, **ex).logits[0, -1] - last[i]).abs().max() <= 1e-4
+            assert _gen(model, i1, a1, n=6, **ex)[0].tolist() == gen[i].tolist()
+
+
+def test_onevision_video_refuses_methods_needing_vision_scores(models):
+    model = models["onevision"]
+    ids, am, extra = _video_inputs(model)
+    with vtok.wrapped(model, "visionzip", 0.5), pytest.raises(NotImplementedError, match="cls_attn"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, **extra)

@@ -350,8 +350,9 @@ def _video_reference(m, ids, inp, method, keep, positions, options):
         vfeat = image_features(m.model.get_video_features(inp["pixel_values_videos"], inp["video_grid_thw"]))[0]
         ifeat = image_features(m.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"]))[0]
         args = (torch.tensor([ids]), inp["image_grid_thw"], inp["video_grid_thw"])
-        full, _ = (m.model.get_rope_index(args[0], types, *args[1:]) if types is not None
-                   else m.model.get_rope_index(*args))
+        sec = {"second_per_grid_ts": inp["second_per_grid_ts"]} if "second_per_grid_ts" in inp else {}
+        full, _ = (m.model.get_rope_index(args[0], types, *args[1:], **sec) if types is not None
+                   else m.model.get_rope_index(*args, **sec))
         embeds = m.model.get_input_embeddings()(torch.tensor([ids]))[0]
     runs = {VIDEO_TOKEN: (vfeat, inp["video_grid_thw"][0]), IMAGE_TOKEN: (ifeat, inp["image_grid_thw"][0])}
     rows, pos, cur, i = [], [], 0, 0
@@ -382,8 +383,11 @@ def _video_reference(m, ids, inp, method, keep, positions, options):
 @pytest.mark.parametrize("positions", ["original", "reindex"])
 def test_video_pre_llm_equals_manual_reference(model, method, keep, options, positions):
     """Pre-LLM pruning of a video (frames=3, per-frame grid 4 x 6) and an image equals the hand-built pruned prompt:
-    logits within 1e-4 and the same 16 greedy tokens, with both position numberings."""
+    logits within 1e-4 and the same 16 greedy tokens, with both position numberings (Qwen2.5-VL: with seconds per
+    grid, so temporal ids step by more than one)."""
     ids, inp = _video_prompt()
+    if "2_5" in type(model).__name__:  # Qwen2.5-VL: temporal ids step tokens_per_second × seconds per grid
+        inp["second_per_grid_ts"] = torch.tensor([2.0])
     x, pos, nxt = _video_reference(model, ids, inp, method, keep, positions, options)
     want_logits = _lm_logits(model, x, pos)
     want_tokens = _greedy_reference(model, x, pos, nxt)

@@ -82,7 +82,8 @@ def select_slots(x: Tensor, slots: list[list[Slot]], ks: list[list[int]], method
             c = ctx.get(s.record, {})
             shape_key = tuple(sorted((key, tuple(v.shape) if isinstance(v, Tensor) else None) for key, v in c.items()))
             grid = s.grid  # with protected tokens: the grid of the prunable ones (as retained_count counts it)
-            groups.setdefault((len(free), ks[b][j], grid, s.frames, shape_key), []).append((b, j, free))
+            frames = 1 if s.frames is None and temporal else s.frames  # an image is one frame to a temporal method
+            groups.setdefault((len(free), ks[b][j], grid, frames, shape_key), []).append((b, j, free))
     out: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
     for (_, k, grid, frames, _), members in groups.items():
         tokens = torch.stack([x[b, slots[b][j].positions[free]] for b, j, free in members])

@@ -29,8 +29,11 @@ model's own ``pack_image_features`` on a per-crop ``[crops, N, C]`` tensor (an i
 score, the flattened keys): the base view gets crop 0's values, the high-res tokens the unpadded (OneVision:
 bilinearly interpolated, an approximation for scores and keys) values of crops ``1..``.
 
-Videos (OneVision ``pixel_values_videos``) are not pruned: their placeholder tokens are left as text (the video
-encoder's output is marked as carrying no records, so ``generate`` may pre-encode it).
+OneVision videos (``pixel_values_videos [B, T, 3, H, W]``): one record per video, its ``T`` frames' pooled grids
+(``apply_pooling``: ``side / 2`` per side) in time order and one protected ``image_newline`` at the end, given to the
+strategy with ``frames=T`` and the pooled ``grid`` (temporal strategies; image strategies see the frames
+flattened). No ``cls_attn`` / ``keys`` for video frames: a pre-LLM method that needs them raises
+``NotImplementedError`` when a video comes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from torch import Tensor
 from vtok.hooks.hf import _vision, register_adapter
 from vtok.hooks.hf._runtime import ImageRecord
 from vtok.hooks.hf.llava import LlavaAdapter
+
+_VISION_KEYS = ("cls_attn", "keys", "mid_attn")
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -128,17 +133,27 @@ class LlavaNextAdapter(LlavaAdapter):
         inner.get_image_features = get_image_features
         undo = [lambda: delattr(inner, "get_image_features")]
         orig_video = getattr(inner, "get_video_features", None)
-        if orig_video is not None:  # videos are not pruned; their pre-encoded outputs just carry no records
+        if orig_video is not None:
+            vsig = inspect.signature(orig_video)
 
             @functools.wraps(orig_video)
             def get_video_features(*args, **kwargs):
                 out = orig_video(*args, **kwargs)
-                rt.add_records(out, [])
+                feats = out.pooler_output if hasattr(out, "pooler_output") else out
+                call = vsig.bind_partial(*args, **kwargs).arguments
+                pix = call.get("pixel_values_videos", call.get("pixel_values"))  # 4.x names it pixel_values
+                # transformers 5.x returns the newline with the frames (pooler_output), 4.x appends it in forward
+                rt.add_records(out, self._video_records(model, rt, feats, int(pix.shape[1]),
+                                                        hasattr(out, "pooler_output")))
                 return out
 
             inner.get_video_features = get_video_features
             undo.append(lambda: delattr(inner, "get_video_features"))
         return undo
+
+    def _video_records(self, model, rt, feats: Tensor, frames: int, newline: bool) -> list[ImageRecord]:
+        """Records of the videos of one ``get_video_features`` call (none: LLaVA-NeXT has no video input)."""
+        return []
 
     @torch.no_grad()
     def _records(self, model, feats: list[Tensor], call: dict[str, Any], ctx: dict[str, Tensor]
@@ -230,6 +245,34 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [fn(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
                    patch_size=model.config.vision_config.image_size) if p else 1
                 for s, p in zip(image_sizes, patch, strict=True)]
+
+    def image_token_ids(self, model) -> list[int]:
+        cfg = model.config
+        return [*super().image_token_ids(model), getattr(cfg, "video_token_id", None) or cfg.video_token_index]
+
+    def provides(self, model) -> set[str]:
+        return super().provides(model) | {"frames"}
+
+    def _video_records(self, model, rt, feats: Tensor, frames: int, newline: bool) -> list[ImageRecord]:
+        """One record per video (``feats [V, T·s² (+ 1 with the newline), D]``): its ``frames`` pooled frame grids
+        in time order, then one ``image_newline`` (protected); ``grid`` the pooled frame's ``(s, s)``. No vision-side
+        scores: a method needing them refuses videos."""
+        if rt.pre is not None:
+            missing = sorted(rt.pre.needs & set(_VISION_KEYS))
+            if missing:
+                raise NotImplementedError(f"vtok: LLaVA-OneVision videos carry no vision-side {missing}, which "
+                                          f"'{rt.pre.method}' needs before the language model; use a method without "
+                                          "them (e.g. a temporal one) or an in-LLM layer")
+        n = int(feats.shape[1]) + (0 if newline else 1)  # the prompt's run always ends with the newline
+        per_frame = (n - 1) // frames
+        side = int(round(per_frame ** 0.5))
+        grid = (side, side) if side * side == per_frame and per_frame * frames + 1 == n else None
+        protected = torch.zeros(n, dtype=torch.bool, device=feats.device)  # [n]: the newline
+        protected[-1] = True
+        token = self.image_token_ids(model)[-1]
+        return [ImageRecord(n=n, image=i, grid=grid, protected=protected, token=token,
+                            frames=frames if grid is not None else None, video=True)
+                for i in range(int(feats.shape[0]))]
 
     def _pack(self, model, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor, call: dict[str, Any]
               ) -> list[Tensor]:
