@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tokens = args.tokens or (16 if q else 196)
     args.dim = args.dim or (32 if q else 1024)
     args.repeats = args.repeats or (1 if q else 3)
-    args.long_frames = args.long_frames or (120 if q else 3000)
+    args.long_frames = args.long_frames or (60 if q else 3000)
     args.long_size = args.long_size or ([64, 96] if q else [360, 640])
     if q:
         args.sample = min(args.sample, 8)
