@@ -185,9 +185,11 @@ def frame_similarity(tokens: Tensor, frames: int) -> Tensor:
 def segment_frames(tokens: Tensor, frames: int, *, threshold: float = 0.9, min_segments: int = 1) -> list[list[int]]:
     """Per sample, the first frame of each segment (always starting with 0).
 
-    FastVID's dynamic segmentation (arXiv 2503.11187, Sec. 3.2, DySeg): cut before frame ``t`` where the similarity of
-    consecutive frames (:func:`frame_similarity`) is below ``threshold``, and additionally at the lowest similarities
-    until there are at least ``min_segments`` segments (ties → earlier frame).
+    FastVID's dynamic segmentation (arXiv 2503.11187, DySeg): the cuts are the transitions whose consecutive-frame
+    similarity is below ``threshold`` (its S2; FastVID uses 0.9) together with the ``min_segments − 1`` least similar
+    transitions (its S1; FastVID uses at least 8 segments, vtok defaults to 1), ties → earlier frame. FastVID compares
+    one global feature per frame; here the similarity is the mean over grid positions of the same-position cosine
+    (:func:`frame_similarity`), which needs no [CLS] / pooled feature.
     """
     sim = frame_similarity(tokens, frames).cpu()
     out = []
@@ -229,7 +231,7 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
       PLLaVA integration): they segment the frames by DPC-kNN clustering of frame features into ``0.25·T`` segments
       (here: FastVID's threshold cut, so the scene cut decides), and they cluster static and dynamic tokens
       separately (the dynamic ones per frame) to a fixed ``cluster_ratio`` instead of an exact budget.
-    - ``mode="fastvid"`` (FastVID, arXiv 2503.11187, Sec. 3.3, density-based spatio-temporal pruning): no static
+    - ``mode="fastvid"`` (FastVID, arXiv 2503.11187, STPrune: density-based spatio-temporal pruning): no static
       pass; density peaks over all the segment's tokens in space and time pick the anchors, every other token
       merges into its nearest anchor.
 
@@ -485,7 +487,7 @@ def query_budget(tokens: Tensor, k: int, ctx: Context, *, strategy: str = "divpr
                  options: Mapping[str, Any] | None = None) -> Selection:
     """Give each frame a budget proportional to its relevance to the query, with a floor, then prune inside it (QuoTA).
 
-    QuoTA (arXiv 2503.08689, Sec. 3.2–3.3) scores every frame's relevance to the (decoupled) question with a VLM and
+    QuoTA (arXiv 2503.08689) scores every frame's relevance to the (decoupled) question with a VLM and
     assigns token budgets in proportion to the scores before the LLM. Here the score is ``frame_scores`` from context
     (any relevance, e.g. CLIP text–frame similarity, the light variant the notes name) or, without it, the cosine of
     ``query`` with each frame's mean token (:func:`frame_relevance`); negative scores count as 0. Budgets:
@@ -531,8 +533,9 @@ def temporal_pool(tokens: Tensor, k: int, ctx: Context, *, window: int | None = 
                   spatial: bool = True) -> Selection:
     """Average tokens over groups of consecutive frames, and over grid cells when the budget needs it (STORM).
 
-    STORM (arXiv 2503.04130, Sec. 3.3, "temporal pooling") average-pools the video tokens over groups of consecutive
-    frames before the LLM (and studies spatial pooling as the alternative); the pooling itself needs no training. Here
+    STORM (arXiv 2503.04130) average-pools the video tokens over groups of consecutive frames before the LLM (and
+    studies spatial pooling as the alternative); the pooling itself needs no training (STORM applies it after its
+    trained temporal encoder). Here
     the ``T × h × w`` token volume is average-pooled to ``ot × oh × ow == k`` cells (:func:`pool_shape`: time
     first, then space; ``window`` fixes the frames per group, ``spatial=False`` forbids spatial pooling), bins
     ``[floor(i·T/ot), floor((i+1)·T/ot))`` on each axis as in ``pool2d``. Each output token takes the position of its
