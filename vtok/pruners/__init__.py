@@ -3,8 +3,11 @@
 from vtok.pruners import (  # noqa: F401  (registration)
     attention,
     baselines,
+    cls_methods,
     clustering,
     diversity,
+    dpp,
+    graph,
     temporal,
     tome,
     transition,
