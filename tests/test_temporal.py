@@ -310,3 +310,78 @@ def test_half_precision_matches_fp32_selection():
         if m != "frame_merge":  # similarity ranks may differ in bf16; the others do not look at values
             assert torch.equal(a.keep, b.keep)
     assert np.isfinite(out.float().numpy()).all()
+
+
+def _frame_merge_reference(x, t, k, window):
+    """frame_merge for one sample ``x [N, D]`` with plain loops: rank, keep, and walk each removed token to the latest
+    kept token at its position earlier in its window, else the earliest later one, else drop it. The similarities are
+    vtok's own (``segment_stats``); what is checked is the ranking and the merge map built on them."""
+    from vtok.kernels import ops
+
+    n = x.shape[0]
+    p = n // t
+    win = window or t
+    sim = ops.segment_stats(x[None], t)[1][0]  # [T, P]
+    score = {}
+    for f in range(t):
+        for i in range(p):
+            if f == 0:
+                score[i] = (float(sim[1, i]) if t > 1 else 0.0) - 8.0
+            elif f % win == 0:
+                score[f * p + i] = float(sim[f, i]) - 4.0
+            else:
+                score[f * p + i] = float(sim[f, i])
+    order = sorted(range(n), key=lambda j: (score[j], j))
+    kept = sorted(order[:k])
+    slot = {j: s for s, j in enumerate(kept)}
+    assign = []
+    for j in range(n):
+        f, i = divmod(j, p)
+        start, end = f // win * win, min(f // win * win + win - 1, t - 1)
+        before = [g for g in range(f, start - 1, -1) if g * p + i in slot]
+        after = [g for g in range(f, end + 1) if g * p + i in slot]
+        g = before[0] if before else after[0] if after else None
+        assign.append(-1 if g is None else slot[g * p + i])
+    return kept, assign
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.sampled_from([None, 1, 2, 3]), st.integers(0, 2**31 - 1), st.data())
+def test_frame_merge_equals_loop_reference(t, p, window, seed, data):
+    n = t * p
+    k = data.draw(st.integers(1, n))
+    x = torch.randn(2, n, 3, generator=torch.Generator().manual_seed(seed))
+    x[:, p:] = torch.where(torch.rand(2, n - p, 1, generator=torch.Generator().manual_seed(seed + 1)) < 0.3,
+                           x[:, :-p], x[:, p:])  # some tokens repeat the previous frame's
+    _, sel = vtok.compress(x, "frame_merge", keep=k, frames=t, window=window)
+    for b in range(2):
+        kept, assign = _frame_merge_reference(x[b], t, k, window)
+        assert sel.keep[b].tolist() == kept
+        if k < n:
+            assert sel.assign[b].tolist() == assign
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1), st.data())
+def test_temporal_pool_equals_loop_reference_uneven_bins(t, h, w, seed, data):
+    """Bins ``[floor(i·S/o), floor((i+1)·S/o))`` on every axis, one output per (time, row, column) cell, its mean."""
+    from vtok.pruners.temporal import pool_shape
+
+    n = t * h * w
+    k = data.draw(st.integers(1, n))
+    try:
+        ot, oh, ow = pool_shape(t, h, w, k)
+    except ValueError:
+        return
+    x = torch.randn(1, n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out, sel = vtok.compress(x, "temporal_pool", keep=k, frames=t, grid=(h, w))
+    want = []
+    for a in range(ot):
+        for r in range(oh):
+            for c in range(ow):
+                frames = range(a * t // ot, (a + 1) * t // ot)
+                rows, cols = range(r * h // oh, (r + 1) * h // oh), range(c * w // ow, (c + 1) * w // ow)
+                members = [f * h * w + i * w + j for f in frames for i in rows for j in cols]
+                want.append(x[0, members].mean(0))
+    torch.testing.assert_close(out[0], torch.stack(want))
+    assert sel.k == k == ot * oh * ow
