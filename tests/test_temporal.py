@@ -385,3 +385,60 @@ def test_temporal_pool_equals_loop_reference_uneven_bins(t, h, w, seed, data):
                 want.append(x[0, members].mean(0))
     torch.testing.assert_close(out[0], torch.stack(want))
     assert sel.k == k == ot * oh * ow
+
+
+def _segment_cluster_reference(x, t, k, threshold, static_threshold, knn):
+    """segment_cluster (prunevid) for one sample with loops: segments and the size-proportional split from vtok's
+    helpers (tested on their own), static positions from all frame pairs, units, DPC-kNN over the units' means."""
+    import torch.nn.functional as F
+
+    n, d = x.shape
+    p = n // t
+    starts = segment_frames(x[None], t, threshold=threshold)[0] + [t]
+    sizes = torch.tensor([(starts[i + 1] - starts[i]) * p for i in range(len(starts) - 1)])
+    budgets = allocate(k, sizes.double(), sizes).tolist()
+    target = [-1] * n
+    for si, ks in enumerate(budgets):
+        f0, f1 = starts[si], starts[si + 1]
+        length = f1 - f0
+        if ks == 0:
+            continue
+        stat = []
+        for i in range(p):
+            pairs = [float(F.cosine_similarity(x[a * p + i], x[c * p + i], dim=0))
+                     for a in range(f0, f1) for c in range(a + 1, f1)]
+            stat.append(sum(pairs) / len(pairs) if pairs else -2.0)
+        static, count = set(), length * p
+        for i in sorted(range(p), key=lambda i: (-stat[i], i)):
+            if stat[i] < static_threshold or count - (length - 1) < ks:
+                break
+            static.add(i)
+            count -= length - 1
+        units = [[f * p + i for f in range(f0, f1)] for i in sorted(static)]
+        units += [[f * p + i] for f in range(f0, f1) for i in range(p) if i not in static]
+        feat = torch.stack([x[u].float().mean(0) for u in units])[None]
+        if ks >= len(units):
+            centre = list(range(len(units)))
+        else:
+            _, sel = vtok.compress(feat, "dpc_knn", keep=ks, knn=knn, order="position")
+            centre = sel.keep[0][sel.assign[0]].tolist()
+        for j, u in enumerate(units):
+            for tok in u:
+                target[tok] = units[centre[j]][0]
+    kept = sorted({v for v in target if v >= 0})
+    return kept, [kept.index(v) if v >= 0 else -1 for v in target]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1), st.data())
+def test_segment_cluster_equals_loop_reference(t, p, seed, data):
+    n = t * p
+    k = data.draw(st.integers(1, n - 1)) if n > 1 else 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, 4, generator=g)
+    x[:, p:] = torch.where(torch.rand(1, n - p, 1, generator=g) < 0.5, x[:, :-p], x[:, p:])  # some static tokens
+    _, sel = vtok.compress(x, "segment_cluster", keep=k, frames=t, threshold=0.3, static_threshold=0.6, knn=3)
+    kept, assign = _segment_cluster_reference(x[0], t, k, 0.3, 0.6, 3)
+    assert sel.keep[0].tolist() == kept
+    if k < n:
+        assert sel.assign[0].tolist() == assign
