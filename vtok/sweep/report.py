@@ -93,7 +93,7 @@ def _style(method: str, j: int, baselines: list[str]) -> dict[str, Any]:
     if method in baselines:
         color, ls = BASELINE_STYLES[baselines.index(method) % len(BASELINE_STYLES)]
         return {"color": color, "ls": ls, "lw": 1.8, "marker": "s"}
-    return {"color": plt.get_cmap("tab20")(j % 20), "ls": "-", "lw": 1.2, "marker": "o"}
+    return {"color": plt.get_cmap("tab10")(j % 10), "ls": "-", "lw": 1.4, "marker": "o"}
 
 
 def _panel_order(key: tuple[str, str]) -> tuple:
