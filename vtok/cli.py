@@ -184,7 +184,7 @@ def sweep_cmd(config: Path = typer.Argument(None, dir_okay=False, help="A sweep 
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    console.print(_sweep_table(summary.rows, f"sweep {cfg.name}: {path}"))
+    console.print(_sweep_table(summary.rows, f"{cfg.name}: {path}"))
     console.print(f"{summary.total} cells: {summary.skipped} already in {path}, {summary.ran} run now "
                   f"({summary.seconds:.1f} s), {len(summary.errors)} n/a")
     for err in summary.errors:
