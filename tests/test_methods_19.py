@@ -110,7 +110,7 @@ def test_vispruner_bad_options():
 
 # --- properties (all methods of this file) --------------------------------------------------------------------
 
-METHODS_19 = ["fastervlm", "vispruner"]
+METHODS_19 = ["fastervlm", "vispruner", "cdpruner"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -123,3 +123,70 @@ def test_property_exact_budget(n, frac, b, seed, name):
     out, sel = vtok.compress(tokens, name, keep=k, **ctx)
     assert out.shape == (b, k, 5) and sel.keep.shape == (b, k)
     assert bool((sel.keep[:, 1:] > sel.keep[:, :-1]).all()) and torch.isfinite(out).all()
+
+
+# --- CDPruner --------------------------------------------------------------------------------------------------
+
+def _cdpruner_ref(x: torch.Tensor, q: torch.Tensor | None, k: int, sign: float = -1.0, theta=None) -> list[int]:
+    """Greedy MAP by brute force: each step adds the token maximising det(L_{S ∪ {i}}) (float64, one sample)."""
+    x = x.double()
+    n = x.shape[0]
+    xn = x / x.norm(dim=-1, keepdim=True)
+    if q is None:
+        r = torch.ones(n, dtype=torch.float64)
+    else:
+        qs = q.double().reshape(-1, x.shape[1])
+        s = sign * torch.tensor([sum(_cos(x[i].tolist(), qq.tolist()) for qq in qs) / len(qs) for i in range(n)],
+                                   dtype=torch.float64)
+        r = (s - s.min() + 1e-6) / (s.max() - s.min())
+        if theta is not None:
+            r = torch.exp(theta / (2 * (1 - theta)) * r)
+    kernel = r[:, None] * (xn @ xn.T) * r[None, :]
+    chosen: list[int] = []
+    for _ in range(k):
+        dets = [(float(torch.linalg.det(kernel[chosen + [i]][:, chosen + [i]])), -i) for i in range(n)
+                if i not in chosen]
+        chosen.append(-max(dets)[1])
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("k,sign,theta,qrows", [(5, "negative", None, 1), (9, "positive", None, 3),
+                                                (7, "negative", 0.5, 2), (12, "positive", 0.2, 0),
+                                                (1, "negative", None, 1)])
+def test_cdpruner_matches_determinant_greedy(k, sign, theta, qrows):
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randn(2, 20, 16, generator=g, dtype=torch.float64)
+    query = None if qrows == 0 else torch.randn(2, qrows, 16, generator=g, dtype=torch.float64)
+    ctx = {} if query is None else {"query": query}
+    sel = _select("cdpruner", tokens, k, relevance_sign=sign, theta=theta, **ctx)
+    for b in range(2):
+        want = _cdpruner_ref(tokens[b], None if query is None else query[b], k, -1.0 if sign == "negative" else 1.0,
+                             theta)
+        assert sel.keep[b].tolist() == want
+
+
+def test_cdpruner_hand_case_skips_duplicates_and_follows_relevance():
+    # tokens 0 and 1 are duplicates, token 2 orthogonal; equal relevance (no query) → det picks 0 then 2
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    assert _select("cdpruner", tokens, 2).keep.tolist() == [[0, 2]]
+    # a query along token 2: with the paper's positive relevance token 2 is the most relevant (r = 1 + 1e-6),
+    # the negated code default ranks it least relevant (r = 1e-6) and k = 1 keeps token 0
+    q = torch.tensor([[0.0, 1.0]])
+    assert _select("cdpruner", tokens, 1, query=q, relevance_sign="positive").keep.tolist() == [[2]]
+    assert _select("cdpruner", tokens, 1, query=q).keep.tolist() == [[0]]
+
+
+def test_cdpruner_rank_deficient_budget_is_exact():
+    # N = 10 tokens in D = 2: the kernel has rank 2, the other 8 slots follow relevance
+    tokens = torch.randn(1, 10, 2, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(1, 2, generator=torch.Generator().manual_seed(1))
+    sel = _select("cdpruner", tokens, 8, query=q, relevance_sign="positive")
+    assert sel.keep.shape == (1, 8) and len(set(sel.keep[0].tolist())) == 8
+
+
+def test_cdpruner_bad_options():
+    tokens = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="relevance_sign"):
+        _select("cdpruner", tokens, 4, relevance_sign="neg")
+    with pytest.raises(ValueError, match="theta"):
+        _select("cdpruner", tokens, 4, theta=1.0)
