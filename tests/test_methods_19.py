@@ -110,7 +110,7 @@ def test_vispruner_bad_options():
 
 # --- properties (all methods of this file) --------------------------------------------------------------------
 
-METHODS_19 = ["fastervlm", "vispruner", "cdpruner"]
+METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -190,3 +190,86 @@ def test_cdpruner_bad_options():
         _select("cdpruner", tokens, 4, relevance_sign="neg")
     with pytest.raises(ValueError, match="theta"):
         _select("cdpruner", tokens, 4, theta=1.0)
+
+
+# --- PruMerge / PruMerge+ --------------------------------------------------------------------------------------
+
+def _prumerge_ref(x: torch.Tensor, keys: torch.Tensor, attn: list[float], k: int, d: int, merge: str) -> torch.Tensor:
+    """One sample: top-d by attention, k − d evenly spaced among the rest, every other token to its most
+    key-similar kept token; output in ascending kept position."""
+    n = x.shape[0]
+    top = sorted(range(n), key=lambda i: (-attn[i], i))[:d]
+    rest = [i for i in range(n) if i not in top]
+    extra = [rest[(j * len(rest)) // (k - d)] for j in range(k - d)] if k > d else []
+    kept = sorted(top + extra)
+    groups: dict[int, list[int]] = {i: [] for i in kept}
+    for j in range(n):
+        if j in groups:
+            continue
+        sims = [_cos(keys[j].tolist(), keys[i].tolist()) for i in kept]
+        groups[kept[max(range(len(kept)), key=lambda p: (sims[p], -p))]].append(j)
+    rows = []
+    for i in kept:
+        if merge == "reference":
+            rows.append(x[i] + sum((attn[j] * x[j] for j in groups[i]), torch.zeros_like(x[i])))
+        else:
+            members = [i] + groups[i]
+            rows.append(sum(attn[j] * x[j] for j in members) / sum(attn[j] for j in members))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name,k,share,merge", [("prumerge", 5, None, "reference"), ("prumerge", 9, None, "mean"),
+                                                ("prumerge_plus", 8, 0.25, "reference"),
+                                                ("prumerge_plus", 11, 0.5, "mean"), ("prumerge_plus", 3, 0.0, "mean")])
+def test_prumerge_matches_loop_reference(name, k, share, merge):
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randn(2, 24, 6, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 24, 5, generator=g, dtype=torch.float64)
+    cls = torch.softmax(torch.randn(2, 24, generator=g, dtype=torch.float64), -1)
+    opts = {} if share is None else {"outlier_share": share}
+    sel = _select(name, tokens, k, cls_attn=cls, keys=keys, merge=merge, **opts)
+    out = sel.apply(tokens)
+    d = k if share is None else int(math.floor(share * k + 0.5))
+    for b in range(2):
+        want = _prumerge_ref(tokens[b], keys[b], cls[b].tolist(), k, d, merge)
+        torch.testing.assert_close(out[b], want)
+
+
+def test_prumerge_hand_case():
+    # token 0 has the top attention; token 1 is key-similar to 0, token 2 to 3 (kept with k = 2)
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 0.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    cls = torch.tensor([[0.5, 0.1, 0.15, 0.25]])
+    sel = _select("prumerge", tokens, 2, cls_attn=cls, keys=keys)
+    assert sel.keep.tolist() == [[0, 3]] and sel.assign.tolist() == [[0, 0, 1, 1]]
+    torch.testing.assert_close(sel.apply(tokens), torch.tensor([[[1.0, 0.1], [4.3, 0.3]]]))
+    mean = _select("prumerge", tokens, 2, cls_attn=cls, keys=keys, merge="mean").apply(tokens)
+    torch.testing.assert_close(mean, torch.tensor([[[0.5 / 0.6, 0.1 / 0.6], [1.3 / 0.4, 0.3 / 0.4]]]))
+
+
+def test_prumerge_budget_is_the_iqr_outliers():
+    import numpy as np
+
+    from vtok.pruners.cls_methods import iqr_outliers, prumerge_budget
+
+    g = torch.Generator().manual_seed(3)
+    cls = torch.softmax(3 * torch.randn(2, 50, generator=g), -1)
+    mask = iqr_outliers(cls)
+    for b in range(2):
+        a = cls[b].numpy().astype(np.float64)
+        q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+        assert mask[b].tolist() == (a > q3 + 1.5 * (q3 - q1)).tolist()
+    m = prumerge_budget(cls)
+    assert m.tolist() == mask.sum(1).clamp_min(1).tolist()
+    assert prumerge_budget(cls, plus=True).tolist() == (4 * m).clamp_max(50).tolist()
+    k = int(m[0])
+    keep = _select("prumerge", cls[:1, :, None].expand(1, 50, 3).contiguous(), k, cls_attn=cls[:1]).keep
+    assert set(keep[0].tolist()) == set(mask[0].nonzero().flatten().tolist())
+
+
+def test_prumerge_bad_options():
+    tokens, cls = torch.randn(1, 8, 4), torch.rand(1, 8)
+    with pytest.raises(ValueError, match="merge"):
+        _select("prumerge", tokens, 4, cls_attn=cls, merge="avg")
+    with pytest.raises(ValueError, match="outlier_share"):
+        _select("prumerge_plus", tokens, 4, cls_attn=cls, outlier_share=-0.1)

@@ -11,13 +11,23 @@ Shapes: ``B`` batch, ``N`` tokens, ``D`` features, ``H`` heads, ``Dk`` key featu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
-from vtok.pruners.attention import _acc, _check_fraction, _check_k, _rank_order, _scores
+from vtok.pruners.attention import (
+    _acc,
+    _check_fraction,
+    _check_k,
+    _features,
+    _rank_order,
+    _remaining,
+    _scores,
+)
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection, gather_tokens
 
@@ -109,3 +119,130 @@ def vispruner_select(tokens: Tensor, k: int, ctx: Context, *, important_ratio: f
     xn = F.normalize(_acc(tokens), dim=-1)
     diverse = vispruner_diverse(xn, order[:, n_imp:], k - n_imp, per_step)
     return Selection.from_indices(torch.cat([order[:, :n_imp], diverse], 1), n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA-PruMerge / PruMerge+
+# ---------------------------------------------------------------------------------------------------------------
+
+_PM_MERGE = ("reference", "mean")
+
+
+def iqr_outliers(scores: Tensor, whisker: float = 1.5) -> Tensor:
+    """``[B, N]`` boolean: ``scores [B, N]`` (or per head ``[B, H, N]``, head-averaged) above ``Q3 + whisker · IQR``.
+
+    PruMerge's adaptive selection (Sec. 3, interquartile-range outlier detection on [CLS] attention); quartiles by
+    linear interpolation (numpy's default ``percentile``, as the authors' code), per sample (the code pools the
+    whole batch).
+    """
+    s = _scores(scores)
+    q = torch.quantile(s.double(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=s.device), dim=1)  # [2, B]
+    upper = q[1] + whisker * (q[1] - q[0])
+    return s.double() > upper[:, None]
+
+
+def prumerge_budget(cls_attn: Tensor, *, plus: bool = False) -> Tensor:
+    """``LongTensor [B]``: the adaptive token count of PruMerge (``plus=False``) or PruMerge+ for each sample.
+
+    PruMerge keeps the ``m`` IQR outliers (:func:`iqr_outliers`); PruMerge+ adds spatially uniform tokens, about
+    ``3 m`` of them in the authors' code (a stride of a third of ``N / m``), so ``plus=True`` gives
+    ``min(N, 4 m)`` — the ``k`` for which ``prumerge_plus``'s default ``outlier_share=0.25`` reproduces the split.
+    At least 1. Use it as ``keep=int(prumerge_budget(cls_attn)[0])`` for one image (vtok budgets are one ``k`` per
+    call).
+    """
+    m = iqr_outliers(cls_attn).sum(1).clamp_min(1)
+    n = cls_attn.shape[-1]
+    return (4 * m).clamp_max(n) if plus else m
+
+
+def _prumerge(tokens: Tensor, k: int, ctx: Context, d: int, merge: str) -> Selection:
+    """Keep the top-``d`` tokens by ``cls_attn`` plus ``k − d`` evenly spaced other tokens; merge every other token
+    into its most key-similar kept token (see :func:`prumerge_select`)."""
+    b, n = tokens.shape[:2]
+    dev = tokens.device
+    score = _scores(ctx["cls_attn"])
+    top = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    top.scatter_(1, ops.stable_topk(score, d), True)
+    c = k - d
+    if c:
+        rest = _remaining(top, n - d)  # [B, n - d] ascending
+        pos = (torch.arange(c, device=dev) * (n - d)) // c  # evenly spaced, first at 0 (as the code's stride)
+        top.scatter_(1, rest[:, pos], True)
+    keep = _remaining(~top, k)  # [B, k] ascending
+    pruned = _remaining(top, n - k)  # [B, n - k]
+    slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
+    slot.scatter_(1, keep, torch.arange(k, device=dev).expand(b, k).contiguous())
+    feats = _features(tokens, ctx)
+    _, best = ops.cosine_argmax(gather_tokens(feats, pruned), gather_tokens(feats, keep))  # [B, n - k]
+    slot.scatter_(1, pruned, best)
+    a = score.to(_acc(tokens).dtype)
+    is_kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, keep, True)
+    if merge == "reference":
+        coef = torch.where(is_kept, torch.ones_like(a), a)
+    else:
+        w = a.clamp_min(0)
+        den = torch.zeros(b, k, dtype=a.dtype, device=dev).scatter_add_(1, slot, w)
+        cnt = torch.zeros(b, k, dtype=a.dtype, device=dev).scatter_add_(1, slot, torch.ones_like(w))
+        den_t, cnt_t = den.gather(1, slot), cnt.gather(1, slot)
+        coef = torch.where(den_t > 0, w / den_t.clamp_min(torch.finfo(a.dtype).tiny), 1.0 / cnt_t)
+    return Selection(keep, n, slot, coef=coef)
+
+
+def _check_merge(merge: object) -> None:
+    if merge not in _PM_MERGE:
+        raise ValueError(f"merge must be one of {list(_PM_MERGE)}, got {merge!r}")
+
+
+@register("prumerge", family="attention", needs=("cls_attn",), uses=("keys",), merges=True, placement=_FEATURE_LAYER,
+          paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (arXiv 2403.15388)")
+def prumerge_select(tokens: Tensor, k: int, ctx: Context, *, merge: str = "reference") -> Selection:
+    """PruMerge: keep the top-``k`` [CLS]-attention tokens and merge every pruned token into its nearest kept one.
+
+    Paper Sec. 3 (Algorithm 1): (1) the kept tokens are the outliers of the [CLS] attention (IQR rule,
+    ``> Q3 + 1.5 IQR``), an *adaptive* count; (2) each kept token gathers its key-similar pruned tokens; (3) they
+    are merged weighted by their [CLS] attention. vtok budgets are exact, so the count is ``k``: the top-``k`` by the
+    same score — the IQR outliers when ``k = prumerge_budget(cls_attn)`` (:func:`prumerge_budget`, the adaptive
+    option). ``cls_attn`` ``[B, N]`` / ``[B, H, N]`` (head-averaged), similarity = cosine on ``keys`` (``[B, N, Dk]``,
+    or ``[B, H, N, dh]`` head-averaged; the tokens without keys).
+
+    Merging: every pruned token joins its most key-similar kept token (a partition, first on ties).
+    ``merge="reference"`` (default) weights as the authors' code: ``y_i = x_i + Σ_j a_j x_j`` (unnormalised
+    attention weights ``a_j``, the kept token itself with weight 1); ``"mean"``: the paper's attention-weighted
+    average ``Σ a_j x_j / Σ a_j`` over the group, kept token included. Differences from the authors' code, which vtok's
+    one-slot-per-token ``Selection`` cannot express: the code adds to each kept token its 32 most key-similar tokens
+    among *all* others (overlapping neighbourhoods, other kept tokens included), computes its [CLS] attention as a
+    single head over the concatenated ``q``/``k`` of the last block, and appends one extra token
+    ``Σ_pruned a_j x_j`` (``k + 1`` outputs); here neighbourhoods are disjoint and the budget is exactly ``k``.
+    """
+    b, n = tokens.shape[:2]
+    _check_merge(merge)
+    _check_k(k, n)
+    if k == n:
+        return Selection.identity(b, n, tokens.device)
+    return _prumerge(tokens, k, ctx, k, merge)
+
+
+@register("prumerge_plus", family="attention", needs=("cls_attn",), uses=("keys",), merges=True,
+          placement=_FEATURE_LAYER,
+          paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, PruMerge+ "
+                "(arXiv 2403.15388)")
+def prumerge_plus_select(tokens: Tensor, k: int, ctx: Context, *, outlier_share: float = 0.25,
+                         merge: str = "reference") -> Selection:
+    """PruMerge+: PruMerge's [CLS]-attention outliers plus spatially uniform tokens, pruned tokens merged in.
+
+    Paper Sec. 3 (PruMerge+): the outlier tokens are supplemented with spatially uniformly sampled ones, then
+    merging proceeds as in :func:`prumerge_select` (same ``merge`` options and differences from the code). With an
+    exact budget ``k``: ``d = round_half_up(outlier_share · k)`` tokens by [CLS] attention and ``k − d`` tokens evenly
+    spaced (in row-major order, the first at position 0) among the rest. ``outlier_share=0.25`` reproduces the
+    authors' code, whose uniform stride is a third of ``N / m`` for ``m`` outliers (≈ ``3 m`` uniform tokens:
+    ``prumerge_budget(cls_attn, plus=True)`` gives the adaptive ``k = 4 m``); their sequence covers all positions
+    and skips the outliers, here the evenly spaced positions are taken among the non-outliers so the count is exact.
+    """
+    b, n = tokens.shape[:2]
+    _check_merge(merge)
+    share = _check_fraction("outlier_share", outlier_share)
+    _check_k(k, n)
+    if k == n:
+        return Selection.identity(b, n, tokens.device)
+    d = min(k, int(math.floor(share * k + 0.5)))
+    return _prumerge(tokens, k, ctx, d, merge)
