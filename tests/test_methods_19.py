@@ -110,7 +110,7 @@ def test_vispruner_bad_options():
 
 # --- properties (all methods of this file) --------------------------------------------------------------------
 
-METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus"]
+METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus", "gprune"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -273,3 +273,48 @@ def test_prumerge_bad_options():
         _select("prumerge", tokens, 4, cls_attn=cls, merge="avg")
     with pytest.raises(ValueError, match="outlier_share"):
         _select("prumerge_plus", tokens, 4, cls_attn=cls, outlier_share=-0.1)
+
+
+# --- G-Prune ---------------------------------------------------------------------------------------------------
+
+def _gprune_ref(x: torch.Tensor, k: int, threshold=0.5, temperature=0.03, iters=5) -> list[int]:
+    """One sample, literally: masked adjacency, row softmax, matrix power, norm-weighted flow / degree."""
+    x = x.double()
+    n = x.shape[0]
+    a = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            c = _cos(x[i].tolist(), x[j].tolist())
+            a[i, j] = c / temperature if c >= threshold else -1e9
+    p = torch.softmax(a, dim=1)
+    deg = torch.tensor([sum(1 for j in range(n) if a[i, j] > -1e9) for i in range(n)], dtype=torch.float64)
+    s = x.norm(dim=-1)[None] @ torch.linalg.matrix_power(p, iters)
+    return _topk_ref((s[0] / deg).tolist(), k)
+
+
+@pytest.mark.parametrize("k,threshold,temperature,iters", [(6, 0.5, 0.03, 5), (10, 0.2, 0.1, 3), (3, 0.0, 0.5, 1),
+                                                           (8, 0.3, 0.05, 0)])
+def test_gprune_matches_matrix_power_reference(k, threshold, temperature, iters):
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    tokens = (base.repeat(1, 5, 1).reshape(20, 6) + 0.6 * torch.randn(20, 6, generator=g, dtype=torch.float64))
+    tokens = torch.stack([tokens, tokens.flip(0) * 1.5])
+    sel = _select("gprune", tokens, k, threshold=threshold, temperature=temperature, iters=iters)
+    for b in range(2):
+        assert sel.keep[b].tolist() == _gprune_ref(tokens[b], k, threshold, temperature, iters)
+
+
+def test_gprune_hand_case():
+    # tokens 0, 1 share a direction (a 2-node component), token 2 is alone. Norms 1, 3, 1.5: the pair's information
+    # (1 + 3) is shared equally, 2 each, divided by degree 2 → 1; token 2 keeps 1.5 with degree 1.
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 1.5]]])
+    assert _select("gprune", tokens, 1).keep.tolist() == [[2]]
+    assert _select("gprune", tokens, 2).keep.tolist() == [[0, 2]]  # tie 0 / 1 → lowest index
+
+
+def test_gprune_bad_options():
+    tokens = torch.randn(1, 8, 4)
+    for opts, name in [({"threshold": 1.5}, "threshold"), ({"temperature": 0}, "temperature"),
+                       ({"iters": -1}, "iters")]:
+        with pytest.raises(ValueError, match=name):
+            _select("gprune", tokens, 4, **opts)
