@@ -169,7 +169,8 @@ def train_stage1(cfg: Config, log: Log) -> tuple[Stage1, int]:
     last, step = work / "stage1_last.pt", 0
     if last.exists():
         st = torch.load(last, weights_only=False)
-        check_resume(st["cfg"], cfg, "stage 1")
+        check_resume({k: st["cfg"].get(k) for k in STAGE1_KEYS}, {k: getattr(cfg, k) for k in STAGE1_KEYS},
+                     "stage 1")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step = st["step"]

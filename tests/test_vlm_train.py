@@ -49,3 +49,5 @@ def test_resume_gives_identical_weights(tmp_path):
     assert "stage 2: resumed at step 3" in log
     with pytest.raises(ValueError, match="configuration differs"):
         train.main([*b[:-2], "--lr-lora", "1e-2", "--vision", json.dumps(TINY_VISION)], llm=llm, tokenizer=tok)
+    with pytest.raises(ValueError, match="stage 1: configuration differs"):
+        train.main([*b, "--lr1", "2e-3"], llm=llm, tokenizer=tok)
