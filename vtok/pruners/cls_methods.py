@@ -19,6 +19,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels import reference as ref
 from vtok.pruners.attention import (
     _acc,
     _check_fraction,
@@ -76,12 +77,26 @@ def vispruner_diverse(xn: Tensor, residual: Tensor, count: int, per_step: int = 
     (``a`` = even positions, ``b`` = odd positions), scores every ``a`` token by its highest cosine similarity to
     ``b`` and drops the ``r = min(per_step, R − count, |a|)`` most similar ``a`` tokens; the new list is
     ``[kept a in descending similarity, b]`` (the authors' order, which the next round's split depends on).
-    Ties: among equally similar ``a`` tokens the earlier one in the list is dropped first.
+    Ties: among equally similar ``a`` tokens the earlier one in the list is dropped first. Where one sample's
+    ``N × N`` matrix fits ``reference.GRAM_MAX_ELEMENTS``, its cosine matrix is computed once (one GEMM) and each
+    round reads its ``|a| × |b|`` block; otherwise each round is one ``bmm`` over the batch.
     """
+    b, n = xn.shape[:2]
+    if ref.gram_groups(1, n) is not None:  # per sample: one GEMM, then each round reads an |a| x |b| block
+        out = []
+        for i in range(b):
+            gram, res = xn[i] @ xn[i].T, residual[i]
+            while res.shape[0] > count:
+                a_idx, b_idx = res[::2], res[1::2]
+                r = min(per_step, res.shape[0] - count, a_idx.shape[0])
+                sim = gram.index_select(0, b_idx).amax(0)[a_idx]  # symmetric: max over b rows, read at a
+                keep_a = torch.sort(sim, descending=True, stable=True).indices[r:]
+                res = torch.cat([a_idx[keep_a], b_idx])
+            out.append(res)
+        return torch.stack(out)
     while residual.shape[1] > count:
-        r_len = residual.shape[1]
         a_idx, b_idx = residual[:, ::2], residual[:, 1::2]
-        r = min(per_step, r_len - count, a_idx.shape[1])
+        r = min(per_step, residual.shape[1] - count, a_idx.shape[1])
         sim = torch.bmm(gather_tokens(xn, a_idx), gather_tokens(xn, b_idx).transpose(1, 2)).amax(-1)  # [B, |a|]
         keep_a = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, r:]
         residual = torch.cat([a_idx.gather(1, keep_a), b_idx], 1)
