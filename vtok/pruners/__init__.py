@@ -5,6 +5,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     baselines,
     cls_methods,
     clustering,
+    coverage,
     diversity,
     dpp,
     graph,

@@ -1,0 +1,80 @@
+"""Coverage strategies: SCOPE (saliency × coverage gain, greedy facility-location selection).
+
+The coverage of a kept set ``S`` is ``Σ_v max_{s ∈ S} max(0, cos(x_v, x_s))`` (how well every token is represented
+by its most similar kept token); the greedy adds the token whose coverage gain, weighted by its saliency, is
+largest. Each step reads one row of the sample's ``N × N`` cosine matrix; the matrix is built per sample (memory
+``O(N^2)`` for one sample at a time), time ``O(k · N^2)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vtok.context import Context
+from vtok.pruners.registry import Placement, register
+from vtok.selection import Selection
+
+_COMBINE = ("multi", "add")
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def scope_greedy(tokens: Tensor, saliency: Tensor, k: int, *, alpha: float = 1.0, combine: str = "multi") -> Tensor:
+    """``[B, k]`` SCOPE picks in pick order for ``tokens [B, N, D]`` and ``saliency [B, N]`` (>= 0).
+
+    Per sample: ``S = cos(x_i, x_j)``, ``m_v = 0``; ``k`` times: ``gain_u = Σ_v max(0, S_vu − m_v)`` (the token-
+    coverage gain), score ``gain_u · saliency_u^α`` (``combine="multi"``) or ``gain_u + saliency_u^α`` (``"add"``),
+    take the best unpicked ``u`` (ties → lowest index), ``m ← max(m, S_u)``.
+    """
+    x = _acc(tokens)
+    b, n = x.shape[:2]
+    sal = saliency.to(x.dtype).clamp_min(0) ** alpha
+    out = torch.empty(b, k, dtype=torch.long, device=x.device)
+    for i in range(b):
+        xn = F.normalize(x[i], dim=-1)
+        sim = xn @ xn.T  # [N, N], symmetric: column u = row u
+        cover = torch.zeros(n, dtype=x.dtype, device=x.device)
+        picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for t in range(k):
+            gain = (sim - cover[:, None]).clamp_min(0).sum(0)  # [N]: Σ_v max(0, S_vu − m_v)
+            score = gain * sal[i] if combine == "multi" else gain + sal[i]
+            u = int(score.masked_fill(picked, float("-inf")).argmax())
+            out[i, t] = u
+            picked[u] = True
+            cover = torch.maximum(cover, sim[u])
+    return out
+
+
+@register("scope", family="diversity", needs=("cls_attn",), placement=Placement(layer=-2, at="output", prop_attn=False),
+          paper="SCOPE: Saliency-Coverage Oriented Token Pruning for Efficient Multimodel LLMs (NeurIPS 2025, "
+                "arXiv 2510.24214)")
+def scope_select(tokens: Tensor, k: int, ctx: Context, *, alpha: float = 1.0, combine: str = "multi") -> Selection:
+    """SCOPE: greedily keep the tokens with the highest saliency-weighted coverage gain (exact ``k``).
+
+    Paper Sec. 3: set coverage from the tokens' cosine similarities, the token-coverage gain of each unselected
+    token, and the SCOPE score = gain × saliency^α, selected iteratively (:func:`scope_greedy`). Saliency is the
+    encoder's [CLS] attention ``cls_attn`` (``[B, N]``, or ``[B, H, N]`` head-averaged; the authors sum over heads,
+    the same ranking for ``combine="multi"``), similarity the cosine of ``tokens [B, N, D]`` (the feature layer's
+    patch tokens, as their code). Follows the authors' code: coverage is the soft sum
+    ``Σ_v max(0, S_vu − m_v)`` (the paper also discusses a thresholded θ-coverage), ``alpha`` defaults to their
+    ``1.0`` and ``combine`` to ``"multi"`` (their ``"add"`` adds ``saliency^α``; with per-head input they add the
+    head *sum*, here the head mean). Negative saliency is clamped to 0. Returns ``keep [B, k]`` ascending.
+    """
+    b, n = tokens.shape[:2]
+    if combine not in _COMBINE:
+        raise ValueError(f"combine must be one of {list(_COMBINE)}, got {combine!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not float(alpha) >= 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
+        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    if k == n:
+        return Selection.identity(b, n, tokens.device)
+    sal = _acc(ctx["cls_attn"])
+    sal = sal.mean(1) if sal.dim() == 3 else sal
+    return Selection.from_indices(scope_greedy(tokens, sal, k, alpha=float(alpha), combine=combine), n)
