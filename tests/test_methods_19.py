@@ -110,7 +110,7 @@ def test_vispruner_bad_options():
 
 # --- properties (all methods of this file) --------------------------------------------------------------------
 
-METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus", "gprune"]
+METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus", "gprune", "scope"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -318,3 +318,53 @@ def test_gprune_bad_options():
                        ({"iters": -1}, "iters")]:
         with pytest.raises(ValueError, match=name):
             _select("gprune", tokens, 4, **opts)
+
+
+# --- SCOPE -----------------------------------------------------------------------------------------------------
+
+def _scope_ref(x: torch.Tensor, sal: list[float], k: int, alpha: float = 1.0, combine: str = "multi") -> list[int]:
+    """Greedy on the set function itself: coverage(S) = Σ_v max(0, max_{s∈S} cos(x_v, x_s)), gain = difference."""
+    n = x.shape[0]
+    sim = [[_cos(x[i].tolist(), x[j].tolist()) for j in range(n)] for i in range(n)]
+
+    def coverage(chosen: list[int]) -> float:
+        return sum(max([0.0] + [sim[v][s] for s in chosen]) for v in range(n))
+
+    chosen: list[int] = []
+    for _ in range(k):
+        best, best_u = -math.inf, -1
+        for u in range(n):
+            if u in chosen:
+                continue
+            gain = coverage(chosen + [u]) - coverage(chosen)
+            score = gain * max(sal[u], 0) ** alpha if combine == "multi" else gain + max(sal[u], 0) ** alpha
+            if score > best + 1e-12:
+                best, best_u = score, u
+        chosen.append(best_u)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("k,alpha,combine", [(5, 1.0, "multi"), (9, 0.5, "multi"), (4, 2.0, "add"), (1, 1.0, "add")])
+def test_scope_matches_set_function_greedy(k, alpha, combine):
+    g = torch.Generator().manual_seed(k)
+    tokens = torch.randn(2, 16, 5, generator=g, dtype=torch.float64)
+    cls = torch.softmax(torch.randn(2, 16, generator=g, dtype=torch.float64), -1)
+    sel = _select("scope", tokens, k, cls_attn=cls, alpha=alpha, combine=combine)
+    for b in range(2):
+        assert sel.keep[b].tolist() == _scope_ref(tokens[b], cls[b].tolist(), k, alpha, combine)
+
+
+def test_scope_hand_case():
+    # tokens 0 and 1 are duplicates, 2 orthogonal. Equal saliency: gains 2, 2, 1 → token 0; then 0, 1 → token 2.
+    tokens = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]])
+    assert _select("scope", tokens, 2, cls_attn=torch.full((1, 3), 1 / 3)).keep.tolist() == [[0, 2]]
+    # saliency 0.1, 0.1, 0.5: scores 0.2, 0.2, 0.5 → token 2 first
+    assert _select("scope", tokens, 1, cls_attn=torch.tensor([[0.1, 0.1, 0.5]])).keep.tolist() == [[2]]
+
+
+def test_scope_bad_options():
+    tokens, cls = torch.randn(1, 8, 4), torch.rand(1, 8)
+    with pytest.raises(ValueError, match="combine"):
+        _select("scope", tokens, 4, cls_attn=cls, combine="mul")
+    with pytest.raises(ValueError, match="alpha"):
+        _select("scope", tokens, 4, cls_attn=cls, alpha=-1)
