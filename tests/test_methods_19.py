@@ -368,3 +368,14 @@ def test_scope_bad_options():
         _select("scope", tokens, 4, cls_attn=cls, combine="mul")
     with pytest.raises(ValueError, match="alpha"):
         _select("scope", tokens, 4, cls_attn=cls, alpha=-1)
+
+
+def test_prumerge_per_head_keys_are_concatenated():
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(1, 12, 4, generator=g, dtype=torch.float64)
+    heads = torch.randn(1, 3, 12, 2, generator=g, dtype=torch.float64)
+    cls = torch.rand(1, 12, generator=g, dtype=torch.float64)
+    flat = heads.permute(0, 2, 1, 3).reshape(1, 12, 6)
+    a = _select("prumerge", tokens, 4, cls_attn=cls, keys=heads)
+    b = _select("prumerge", tokens, 4, cls_attn=cls, keys=flat)
+    assert torch.equal(a.assign, b.assign)

@@ -187,7 +187,11 @@ def _prumerge(tokens: Tensor, k: int, ctx: Context, d: int, merge: str) -> Selec
     pruned = _remaining(top, n - k)  # [B, n - k]
     slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
     slot.scatter_(1, keep, torch.arange(k, device=dev).expand(b, k).contiguous())
-    feats = _features(tokens, ctx)
+    keys = ctx.get("keys")
+    if keys is not None and keys.dim() == 4:  # [B, H, N, dh] → [B, N, H·dh]: the code's k_proj output, heads concatenated
+        feats = _acc(keys).permute(0, 2, 1, 3).reshape(b, n, -1)
+    else:
+        feats = _features(tokens, ctx)
     _, best = ops.cosine_argmax(gather_tokens(feats, pruned), gather_tokens(feats, keep))  # [B, n - k]
     slot.scatter_(1, pruned, best)
     a = score.to(_acc(tokens).dtype)
@@ -218,7 +222,7 @@ def prumerge_select(tokens: Tensor, k: int, ctx: Context, *, merge: str = "refer
     are merged weighted by their [CLS] attention. vtok budgets are exact, so the count is ``k``: the top-``k`` by the
     same score — the IQR outliers when ``k = prumerge_budget(cls_attn)`` (:func:`prumerge_budget`, the adaptive
     option). ``cls_attn`` ``[B, N]`` / ``[B, H, N]`` (head-averaged), similarity = cosine on ``keys`` (``[B, N, Dk]``,
-    or ``[B, H, N, dh]`` head-averaged; the tokens without keys).
+    or ``[B, H, N, dh]`` with the heads concatenated, as the code's ``k_proj`` output; the tokens without keys).
 
     Merging: every pruned token joins its most key-similar kept token (a partition, first on ties).
     ``merge="reference"`` (default) weights as the authors' code: ``y_i = x_i + Σ_j a_j x_j`` (unnormalised
