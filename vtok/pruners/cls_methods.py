@@ -188,7 +188,7 @@ def _prumerge(tokens: Tensor, k: int, ctx: Context, d: int, merge: str) -> Selec
     slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
     slot.scatter_(1, keep, torch.arange(k, device=dev).expand(b, k).contiguous())
     keys = ctx.get("keys")
-    if keys is not None and keys.dim() == 4:  # [B, H, N, dh] → [B, N, H·dh]: the code's k_proj output, heads concatenated
+    if keys is not None and keys.dim() == 4:  # [B, H, N, dh] → [B, N, H·dh]: k_proj output, heads concatenated
         feats = _acc(keys).permute(0, 2, 1, 3).reshape(b, n, -1)
     else:
         feats = _features(tokens, ctx)
