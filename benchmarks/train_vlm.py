@@ -10,8 +10,9 @@ q/k/v/o projections of all 30 SmolLM2 layers) through the frozen LLM and the fro
 onto the LLM's embeddings of the class words (so the visual tokens read as words from step 0); the rest of it and
 LoRA are learned. Batches are functions of the step index (scene ``step·batch + i`` of a seeded stream), the
 training state is saved atomically to ``--work`` every ``--save-every`` steps: stopping and rerunning the same
-command continues to the same weights. The end product: ``--out`` (fp16 tower + projector + LoRA, with held-out
-accuracy in its metadata) and ``--work/eval.json``.
+command continues to the same weights. To train stage 2 further with a new schedule, copy ``stage1.pt`` into a new
+``--work`` and pass ``--init <old work>/stage2_last.pt``. The end product: ``--out`` (fp16 tower + projector + LoRA,
+with held-out accuracy in its metadata) and ``--work/eval.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Config:
     lora_r: int = 8
     warmup: int = 50
     vision: dict | None = None
+    init: str | None = None  # stage 2 starts from this run's projector + LoRA (a stage2_last.pt or --out file)
     work: str = "outputs/vlm/train"
     out: str = str(vlm.CHECKPOINT)
     save_every: int = 50
@@ -91,8 +93,8 @@ def check_resume(saved: dict, cfg: Config | dict, what: str) -> None:
     """Raise ``ValueError`` when the saved configuration differs from ``cfg`` outside ``RUN_ONLY``."""
     now = {k: v for k, v in (cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)).items() if k not in RUN_ONLY}
     old = {k: v for k, v in saved.items() if k not in RUN_ONLY}
-    if old != now:
-        diff = {k: (old.get(k), now.get(k)) for k in set(old) | set(now) if old.get(k) != now.get(k)}
+    diff = {k: (old.get(k), now.get(k)) for k in set(old) | set(now) if old.get(k) != now.get(k)}  # missing = None
+    if diff:
         raise ValueError(f"{what}: configuration differs from the saved run (saved, now): {diff}; "
                          "use another --work or the same arguments")
 
@@ -288,7 +290,18 @@ def build_stage2(cfg: Config, stage1: Stage1, llm, tokenizer):
     for p in model.parameters():
         p.requires_grad_(False)
     vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed)
-    for p in trainable(model).values():
+    params = trainable(model)
+    if cfg.init:
+        if cfg.init.endswith(".safetensors"):
+            state = {k: v for k, v in vlm.read_trained(cfg.init)[0].items() if k in params}
+        else:
+            state = torch.load(cfg.init, weights_only=False)["trainable"]
+        if set(state) != set(params):
+            raise ValueError(f"--init {cfg.init}: its projector / LoRA keys do not match this model")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+    for p in params.values():
         p.requires_grad_(True)
     return model
 
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None, llm=None, tokenizer=None) -> dict:
         if f.name == "vision":
             ap.add_argument("--vision", type=json.loads, default=None, help="JSON overrides of the tower config")
             continue
-        typ = int if f.type in ("int", "int | None") else float if f.type == "float" else str
+        typ = int if f.type in ("int", "int | None") else float if f.type == "float" else str  # str | None too
         ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -51,3 +51,23 @@ def test_resume_gives_identical_weights(tmp_path):
         train.main([*b[:-2], "--lr-lora", "1e-2", "--vision", json.dumps(TINY_VISION)], llm=llm, tokenizer=tok)
     with pytest.raises(ValueError, match="stage 1: configuration differs"):
         train.main([*b, "--lr1", "2e-3"], llm=llm, tokenizer=tok)
+
+
+def test_init_continues_from_a_previous_run(tmp_path):
+    import shutil
+
+    train = load_benchmark("train_vlm")
+    tok = vlm.load_tokenizer()
+    llm = tiny_llm(tok)
+    train.main(args(tmp_path / "a", tmp_path / "a.safetensors"), llm=llm, tokenizer=tok)
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a" / "stage1.pt", tmp_path / "c" / "stage1.pt")
+    with pytest.raises(SystemExit):
+        train.main([*args(tmp_path / "c", tmp_path / "c.safetensors"), "--init", str(tmp_path / "a.safetensors"),
+                    "--stop-after", "0"], llm=llm, tokenizer=tok)
+    started = torch.load(tmp_path / "c" / "stage2_last.pt", weights_only=False)
+    assert started["step"] == 0
+    done, _, _ = vlm.read_trained(tmp_path / "a.safetensors")
+    for k, v in started["trainable"].items():
+        assert torch.equal(v, done[k]), k  # fp16-exact values were copied in
+    assert "stage 1: resumed" not in (tmp_path / "c" / "log.txt").read_text()
