@@ -420,6 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
     key = {"checkpoint_sha256": checkpoint_digest(args.checkpoint), "methods": methods, "keeps": args.keeps,
            "n": len(x_all), "batch": args.batch, "mid": mid}
     state = json.loads(path.read_text()) if path.exists() else None
+    if args.compare_sweep is not None:  # any finished run: the sweep cells are matched by checkpoint and batch
+        if state is None or state["done"] != state["key"]["n"]:
+            raise ValueError(f"--compare-sweep: {path} holds no finished run to compare with")
+        state["sweep_mismatches"] = compare_sweep(state, args.compare_sweep)
+        return state
     if state is not None and state.get("key") != key:
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
     if args.merge_from is not None:
@@ -428,11 +433,6 @@ def main(argv: list[str] | None = None) -> dict:
         merge_rows(state, json.loads((args.merge_from / "state.json").read_text()))
         _save(path, state)
         return report(state, n_patches, args.plot)
-    if args.compare_sweep is not None:
-        if state is None or state["done"] != len(x_all):
-            raise ValueError(f"--compare-sweep: {path} holds no finished run to compare with")
-        state["sweep_mismatches"] = compare_sweep(state, args.compare_sweep)
-        return state
     if args.report:
         if state is None or state["done"] == 0:
             raise ValueError(f"--report: {path} holds no measured images yet")
