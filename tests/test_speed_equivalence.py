@@ -22,7 +22,9 @@ from vtok.kernels import reference as R
 UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hiprune", "visionzip", "zero_tprune",
              "transprune", "tome",
              # video strategies (issue #18), written after the speed-ups: no earlier version to compare with
-             "frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame"}
+             "frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame",
+             # issue #19 strategies, likewise written after the speed-ups
+             "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope"}
 
 VARIANTS = {
     "divprune": [{}],

@@ -325,12 +325,12 @@ def _frame_merge_reference(x, t, k, window):
     score = {}
     for f in range(t):
         for i in range(p):
-            if f == 0:
-                score[i] = (float(sim[1, i]) if t > 1 else 0.0) - 8.0
+            if f == 0:  # frame 0 kept first, then window anchors, each tier by similarity
+                score[i] = (-2, float(sim[1, i]) if t > 1 else 0.0)
             elif f % win == 0:
-                score[f * p + i] = float(sim[f, i]) - 4.0
+                score[f * p + i] = (-1, float(sim[f, i]))
             else:
-                score[f * p + i] = float(sim[f, i])
+                score[f * p + i] = (0, float(sim[f, i]))
     order = sorted(range(n), key=lambda j: (score[j], j))
     kept = sorted(order[:k])
     slot = {j: s for s, j in enumerate(kept)}
@@ -442,3 +442,15 @@ def test_segment_cluster_equals_loop_reference(t, p, seed, data):
     assert sel.keep[0].tolist() == kept
     if k < n:
         assert sel.assign[0].tolist() == assign
+
+
+def test_frame_merge_ranks_near_equal_similarities_exactly():
+    """Regression (CI, hypothesis seed): similarities that differ in the last float32 bit must not tie, as they did
+    when frame 0 was ranked by ``sim − 8`` in float32."""
+    t, p, k, seed = 2, 3, 2, 2
+    x = torch.randn(2, t * p, 3, generator=torch.Generator().manual_seed(seed))
+    x[:, p:] = torch.where(torch.rand(2, p, 1, generator=torch.Generator().manual_seed(seed + 1)) < 0.3,
+                           x[:, :-p], x[:, p:])
+    _, sel = vtok.compress(x, "frame_merge", keep=k, frames=t)
+    for b in range(2):
+        assert sel.keep[b].tolist() == _frame_merge_reference(x[b], t, k, None)[0]

@@ -151,10 +151,14 @@ def frame_merge(tokens: Tensor, k: int, ctx: Context, *, window: int | None = No
     fidx = torch.arange(t, device=tokens.device)
     anchor = (fidx % win == 0)[None, :, None].expand(b, t, p)
     score = sim.clone()
-    nxt = torch.zeros_like(sim[:, :1]) if t == 1 else sim[:, 1:2]
-    score[:, :1] = nxt - 8.0  # frame 0: last, by similarity to frame 1 at the same position
-    score = torch.where(anchor & (fidx > 0)[None, :, None], sim - 4.0, score)  # window anchors: before frame 0
-    order = torch.sort(score.reshape(b, n), dim=1, stable=True).indices  # ascending: least redundant first
+    score[:, :1] = 0.0 if t == 1 else sim[:, 1:2]  # frame 0: ranked by similarity to frame 1 at the same position
+    # tiers: frame 0 kept last (2), then window anchors (1), then the rest (0); exact two-key sort (no float offsets,
+    # which would merge nearly equal similarities into ties)
+    tier = torch.where(anchor & (fidx > 0)[None, :, None], 1, 0).expand(b, t, p).clone()
+    tier[:, :1] = 2
+    by_sim = torch.sort(score.reshape(b, n), dim=1, stable=True).indices
+    by_tier = torch.sort(-tier.reshape(b, n).gather(1, by_sim), dim=1, stable=True).indices
+    order = by_sim.gather(1, by_tier)  # least redundant first, highest tier first
     kept = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, order[:, :k], True)
     if not merge:
         return Selection(Selection.from_mask(kept).keep, n)
