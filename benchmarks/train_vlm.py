@@ -46,10 +46,11 @@ class Config:
     steps1: int = 1200
     batch1: int = 64
     lr1: float = 1e-3
-    steps2: int = 1800
+    steps2: int = 1000
     batch2: int = 8
-    lr_proj: float = 1e-3
-    lr_lora: float = 5e-4
+    questions: int = 4  # questions per scene in stage 2, asked as one multi-turn conversation (image read once)
+    lr_proj: float = 2e-3
+    lr_lora: float = 1e-3
     lora_r: int = 8
     warmup: int = 50
     vision: dict | None = None
@@ -58,7 +59,7 @@ class Config:
     out: str = str(vlm.CHECKPOINT)
     save_every: int = 50
     stop_after: int | None = None
-    eval_every: int = 400
+    eval_every: int = 200
     eval_n: int = 2000
     log_every: int = 10
 
@@ -231,17 +232,31 @@ def init_projector(model, stage1: Stage1, tokenizer, seed: int) -> None:
         proj.linear_2.weight[:, len(ids):k] = 0.0
 
 
-def stage2_texts(tokenizer, scenes: list[task.Scene], n_image: int) -> tuple[torch.Tensor, ...]:
-    """``(input_ids, attention_mask, targets)`` right-padded ``[B, T]``; targets −100 except the answer tokens
-    and the closing ``<|im_end|>`` (predicted from the position before each)."""
+def scene_questions(scene: task.Scene, seed: int, index: int, n: int) -> list[tuple[str, str]]:
+    """The scene's own question and ``n − 1`` more about the same scene (a pure function of ``seed, index``)."""
+    rng = np.random.default_rng([int(seed), int(index), 1])
+    return [(scene.question, scene.answer)] + [task.ask(scene.cells, rng)[:2] for _ in range(n - 1)]
+
+
+def stage2_texts(tokenizer, convs: list[list[tuple[str, str]]], n_image: int) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, attention_mask, targets)`` right-padded ``[B, T]`` of one conversation per image (the image
+    in the first user turn, then question / answer turns); targets −100 except the answer tokens and each closing
+    ``<|im_end|>`` (predicted from the position before each)."""
     rows, tgts = [], []
-    for s in scenes:
-        text = tokenizer.apply_chat_template(vlm.prompt(s.question), add_generation_prompt=True, tokenize=False)
-        text = text.replace(vlm.IMAGE_TOKEN, vlm.IMAGE_TOKEN * n_image)
-        p = tokenizer(text, add_special_tokens=True)["input_ids"]
-        a = tokenizer.encode(s.answer + "<|im_end|>", add_special_tokens=False)
-        rows.append(p + a)
-        tgts.append([-100] * (len(p) - 1) + a + [-100])
+    for conv in convs:
+        ids: list[int] = []
+        tgt: list[int] = []
+        for j, (question, ans) in enumerate(conv):
+            msgs = vlm.prompt(question) if j == 0 else [{"role": "user", "content": question}]
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            text = text.replace(vlm.IMAGE_TOKEN, vlm.IMAGE_TOKEN * n_image)
+            p = tokenizer(text, add_special_tokens=j == 0)["input_ids"]
+            a = tokenizer.encode(ans + "<|im_end|>", add_special_tokens=False)
+            nl = tokenizer.encode("\n", add_special_tokens=False) if j < len(conv) - 1 else []
+            ids += p + a + nl
+            tgt += [-100] * (len(p) - 1) + a + [-100] * (1 + len(nl))
+        rows.append(ids)
+        tgts.append(tgt)
     t = max(map(len, rows))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (t - len(r)) for r in rows])
@@ -250,9 +265,11 @@ def stage2_texts(tokenizer, scenes: list[task.Scene], n_image: int) -> tuple[tor
     return ids, mask, targets
 
 
-def stage2_loss(model, tokenizer, scenes: list[task.Scene]) -> torch.Tensor:
+def stage2_loss(model, tokenizer, scenes: list[task.Scene], convs: list[list[tuple[str, str]]] | None = None):
+    """Mean cross-entropy of the answer tokens; ``convs`` (default: each scene's own question) per scene."""
     n_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    ids, mask, targets = stage2_texts(tokenizer, scenes, n_image)
+    convs = convs if convs is not None else [[(s.question, s.answer)] for s in scenes]
+    ids, mask, targets = stage2_texts(tokenizer, convs, n_image)
     pixels = task.pixel_values([s.image for s in scenes])
     h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
     sel = targets != -100
@@ -341,8 +358,10 @@ def train_stage2(cfg: Config, stage1: Stage1, llm, tokenizer, log: Log, budget: 
         f = lr_factor(step, cfg.steps2, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        scenes = [task.make_scene("train", seed2, step * cfg.batch2 + i) for i in range(cfg.batch2)]
-        loss = stage2_loss(model, tokenizer, scenes)
+        index = [step * cfg.batch2 + i for i in range(cfg.batch2)]
+        scenes = [task.make_scene("train", seed2, i) for i in index]
+        convs = [scene_questions(s, seed2, i, cfg.questions) for s, i in zip(scenes, index, strict=True)]
+        loss = stage2_loss(model, tokenizer, scenes, convs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)

@@ -60,7 +60,7 @@ def test_processor_matches_training_inputs(tokenizer):
     inputs = proc(images=[task.to_rgb(s.image) for s in scenes], text=texts, return_tensors="pt", padding=True)
     assert torch.allclose(inputs["pixel_values"], task.pixel_values([s.image for s in scenes]), atol=1e-6)
     assert int((inputs["input_ids"][0] == 49152).sum()) == 64
-    ids, mask, targets = train.stage2_texts(tokenizer, scenes, 64)
+    ids, mask, targets = train.stage2_texts(tokenizer, [[(s.question, s.answer)] for s in scenes], 64)
     for i in range(3):
         prompt_ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
         n = len(prompt_ids)
@@ -140,3 +140,20 @@ def test_wrapper_runs_on_the_vlm(tiny, tokenizer, method, layer):
         st = vtok.stats(tiny)
     assert [r["after"] for r in st["per_image"]] == [16, 16] and [r["before"] for r in st["per_image"]] == [64, 64]
     assert vlm.answer(tiny, proc, imgs, qs) == full
+
+
+def test_multi_turn_training_text_is_the_chat_template(tokenizer):
+    """Stage 2 asks several questions per scene as one conversation: its tokens are the chat template's rendering
+    of the whole conversation, and exactly the answers (+ ``<|im_end|>``) are targets."""
+    train = load_benchmark("train_vlm")
+    scene = task.make_scene("train", 3, 5)
+    conv = train.scene_questions(scene, 3, 5, 3)
+    assert conv[0] == (scene.question, scene.answer) and conv == train.scene_questions(scene, 3, 5, 3)
+    ids, mask, targets = train.stage2_texts(tokenizer, [conv], 64)
+    msgs = vlm.prompt(conv[0][0]) + [{"role": "assistant", "content": conv[0][1]}]
+    for q, a in conv[1:]:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False).replace(vlm.IMAGE_TOKEN, vlm.IMAGE_TOKEN * 64)
+    want = tokenizer(text.removesuffix("\n"), add_special_tokens=True)["input_ids"]
+    assert ids[0].tolist() == want and bool(mask.all())
+    assert tokenizer.decode(targets[0][targets[0] != -100]) == "".join(a + "<|im_end|>" for _, a in conv)

@@ -36,8 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtok.hooks.hf import _vision, register_adapter
+from vtok.budget import resolve_k
+from vtok.hooks.hf import _resize, _vision, register_adapter
 from vtok.hooks.hf._runtime import ImageRecord
+from vtok.pruners import get as get_method
+from vtok.pruners.baselines import pool_grid
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -118,6 +121,7 @@ class QwenVLAdapter:
         block = tower.blocks[bi]
         merge = self._merge(model)
         captured: list[dict[str, Any]] = []
+        resize = rt.pre is not None and bool(getattr(get_method(rt.pre.method).placement, "resize_input", False))
 
         def pre_hook(module, args, kwargs):
             names = ("hidden_states", "cu_seqlens", "position_embeddings")
@@ -130,6 +134,8 @@ class QwenVLAdapter:
 
             @functools.wraps(orig_fn)  # keeps the signature: generate() inspects it to pre-encode the inputs
             def hooked(*args, **kwargs):
+                if resize and not video:
+                    return self._downsampled(model, rt, orig_fn, sig, grid_key, token, args, kwargs)
                 captured.clear()
                 handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
                 try:
@@ -164,6 +170,49 @@ class QwenVLAdapter:
         inner.get_image_features = get_image_features
         inner.get_video_features = get_video_features
         return [lambda: delattr(inner, "get_image_features"), lambda: delattr(inner, "get_video_features")]
+
+    def _downsampled(self, model, rt, orig_fn, sig, grid_key: str, token: int, args, kwargs):
+        """``downsample``: each image resized to the ``pool2d`` grid of its budget *before* the tower; the tower's
+        tokens of the smaller image are spread over the cells of the full grid (``_resize.spread``) so the placeholders
+        still match and the strategy's cell average returns exactly them."""
+        keeps = rt.pre.keep
+        if any(k != keeps[0] for k in keeps):
+            raise NotImplementedError("vtok: downsample on Qwen2-VL needs one keep for the whole batch (the images "
+                                      "are resized inside the vision call, before they are matched to samples)")
+        bound = sig.bind(*args, **kwargs)
+        pixels, thw = bound.arguments["pixel_values"], bound.arguments[grid_key]
+        vc = model.config.vision_config
+        p, m, tp = int(vc.patch_size), self._merge(model), int(vc.temporal_patch_size)
+        rows, grids, plan, start = [], [], [], 0
+        for t, h, w in (tuple(int(v) for v in g) for g in thw):
+            n_rows, n = t * h * w, t * (h // m) * (w // m)
+            part = pixels[start:start + n_rows]
+            start += n_rows
+            if t != 1:
+                raise NotImplementedError(f"vtok: downsample of an image with {t} temporal patches")
+            k = resolve_k(keeps[0], n)
+            out_grid = pool_grid(h // m, w // m, k) if k < n else None
+            if out_grid is None:
+                rows.append(part)
+                grids.append((t, h, w))
+            else:
+                r, g = _resize.resize_rows(part, (t, h, w), (out_grid[0] * m, out_grid[1] * m), p, m, tp)
+                rows.append(r)
+                grids.append(g)
+            plan.append(((h // m, w // m), out_grid, n))
+        bound.arguments["pixel_values"] = torch.cat(rows)
+        bound.arguments[grid_key] = torch.tensor(grids, dtype=thw.dtype, device=thw.device)
+        out = orig_fn(*bound.args, **bound.kwargs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = list(feats) if not isinstance(feats, Tensor) else [feats]
+        full = [f if og is None else _resize.spread(f, grid, og) for f, (grid, og, _) in zip(feats, plan, strict=True)]
+        recs = [ImageRecord(n=n, image=i, grid=grid, token=token, frames=1) for i, (grid, _, n) in enumerate(plan)]
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = tuple(full)
+        else:
+            out = tuple(full)
+        rt.add_records(out, recs)
+        return out
 
     @torch.no_grad()
     def _context(self, model, block, got: dict[str, Any], thw: Tensor, sizes: list[int], want: set[str],
