@@ -4,8 +4,9 @@ A DPP with kernel ``L [N, N]`` scores a subset ``S`` by ``det(L_S)``: large when
 individually strong (``L_ii``) and mutually dissimilar. The greedy MAP inference of Chen et al. 2018 ("Fast Greedy
 MAP Inference for Determinantal Point Process to Improve Recommendation Diversity", Algorithm 1) adds, ``k``
 times, the token with the largest marginal gain ``d_i^2 = det(L_{S+i}) / det(L_S)``, updating all gains with one
-incremental Cholesky row per step: ``O(k^2 N)`` plus ``O(k N D)`` for the kernel rows, computed on the fly (no
-``N × N`` matrix is built).
+incremental Cholesky row per step: ``O(k^2 N)``, plus the kernel rows: read from the ``N × N`` cosine matrix, built
+once with one GEMM while the batch's matrices fit ``reference.GRAM_MAX_ELEMENTS``, else computed on the fly
+(``O(k N D)``, no ``N × N`` matrix).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels import reference as ref
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -67,6 +69,10 @@ def dpp_greedy(xn: Tensor, relevance: Tensor, k: int) -> Tensor:
     picked = torch.zeros(b, n, dtype=torch.bool, device=dev)
     out = torch.empty(b, k, dtype=torch.long, device=dev)
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    groups = ref.gram_groups(b, n)
+    # the cosine matrix once (one GEMM) where the batch's N x N matrices fit, instead of one [N, D] x [D] product per
+    # step (~3x less time at N = 2880, k = 720; the rows agree with the products to the last bit or two)
+    gram = torch.bmm(xn, xn.transpose(1, 2)) if groups is not None and len(groups) == 1 else None
     for t in range(k):
         g = torch.where(picked, neg_inf, gain)
         best, j = g.max(1)
@@ -76,7 +82,7 @@ def dpp_greedy(xn: Tensor, relevance: Tensor, k: int) -> Tensor:
         picked[rows, j] = True
         if bool(spent.all()):
             continue
-        sim_j = torch.bmm(xn, xn[rows, j][:, :, None])[..., 0]  # [B, N] cos(x_i, x_j)
+        sim_j = gram[rows, j] if gram is not None else torch.bmm(xn, xn[rows, j][:, :, None])[..., 0]  # cos(x_i, x_j)
         l_j = relevance[rows, j][:, None] * sim_j * relevance  # kernel row L_j
         if t:
             l_j = l_j - torch.bmm(chol[rows, :t, j][:, None, :], chol[:, :t])[:, 0]
