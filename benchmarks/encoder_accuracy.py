@@ -284,7 +284,9 @@ def table(state: dict, n_patches: int) -> str:
             name = f"**{method}**" if method in BASELINES else method
             lines.append(f"| {name} | {placement} | " + " | ".join(cells) + " |")
     notes = sorted({f"{k.split('|')[0]} keep={k.split('|')[2]}: {e}" for k, e in state["errors"].items()})
-    return "\n".join(lines + [""] + [f"n/a — {n}" for n in notes])
+    redone = [f"throughput of {', '.join(r['methods'])} re-timed {r['date']} (load {r['load']:.2f}): `{r['command']}`"
+              for r in state.get("speed_remeasured", [])]
+    return "\n".join(lines + [""] + [f"n/a — {n}" for n in notes] + redone)
 
 
 def plot(state: dict, n_patches: int, out: Path) -> None:
@@ -393,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "images, batch) whose methods' rows replace those rows here (see the module docstring)")
     ap.add_argument("--compare-sweep", type=Path, default=None, help="a `vtok sweep` results JSONL: print its "
                     "eval_vit cells next to the saved counts (reproduction check) and stop")
+    ap.add_argument("--remeasure-speed", action="store_true", help="re-time only the throughput rows of --methods "
+                    "in the finished state in --out (accuracy untouched: for speed-ups that change no selection)")
     ap.add_argument("--jobs", type=int, default=1, help="measure accuracy in this many forked processes, the "
                     "torch threads split between them (same counts as --jobs 1)")
     args = ap.parse_args(argv)
@@ -425,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--compare-sweep: {path} holds no finished run to compare with")
         state["sweep_mismatches"] = compare_sweep(state, args.compare_sweep)
         return state
+    if args.remeasure_speed:
+        return remeasure_speed(model, args, state, path, x_all, n_patches, argv)
     if state is not None and state.get("key") != key:
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
     if args.merge_from is not None:
@@ -454,6 +460,31 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else float("inf")
     measure_accuracy(model, methods, args.keeps, x_all, y_all, args.batch, state, path, deadline, args.jobs)
+    return report(state, n_patches, args.plot)
+
+
+def remeasure_speed(model, args, state: dict | None, path: Path, x_all: Tensor, n_patches: int, argv) -> dict:
+    """``--remeasure-speed``: the throughput rows of ``--methods`` timed again (same keeps, batch and rounds as
+    asked) in a finished state; the accuracy counts stay. The state records which rows were re-timed, when, with
+    what command and at what load."""
+    if state is None or state["done"] != state["key"]["n"]:
+        raise ValueError(f"--remeasure-speed: {path} holds no finished run")
+    if state["key"]["checkpoint_sha256"] != checkpoint_digest(args.checkpoint):
+        raise ValueError("--remeasure-speed: the state measured other weights than --checkpoint")
+    if not args.methods or set(args.methods) - set(state["methods"]):
+        raise ValueError(f"--remeasure-speed needs --methods among the state's rows {state['methods']}")
+    for method in args.methods:
+        for placement in ("inside", "after"):
+            for kp in state["keeps"]:
+                state["speed"].pop(_key(method, placement, kp), None)
+    load = os.getloadavg()[0]
+    print(f"re-timing {args.methods}: batch {args.speed_batch}, {args.rounds} paired rounds (load {load:.2f})",
+          flush=True)
+    measure_speed(model, args.methods, state["keeps"], x_all[: args.speed_batch], args.rounds, state, path)
+    command = "python benchmarks/encoder_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    state.setdefault("speed_remeasured", []).append({"methods": args.methods, "command": command, "load": load,
+                                                     "date": time.strftime("%Y-%m-%d")})
+    _save(path, state)
     return report(state, n_patches, args.plot)
 
 

@@ -28,3 +28,14 @@ def test_kernels_benchmark_quick_runs_on_cpu():
     ops = {ln.split("|")[1].strip() for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
     assert {"attention_received", "cosine_argmax", "farthest_point", "topk_gather", "kmeans_assign",
             "segment_stats"} <= ops
+
+
+def test_strategy_shares_quick_prints_every_component():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strategy_shares.py"), "--n", "64", "--reps", "1",
+                          "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    row = json.loads(res.stdout.splitlines()[-1])
+    assert row["n"] == 64 and {"vit_b_block", "kmeans_iters1", "cdpruner", "vispruner_important_only"} <= set(row["ms"])
+    assert all(v > 0 for v in row["ms"].values())
