@@ -79,3 +79,21 @@ def test_report_cli(tmp_path):
     empty.write_text("")
     res = CliRunner().invoke(app, ["report", str(empty)])
     assert res.exit_code == 2 and "holds no finished cells" in res.output
+
+
+def test_terminal_summary_is_one_narrow_table_per_task():
+    from rich.console import Console
+
+    from vtok.cli import _sweep_tables
+
+    tables = _sweep_tables(synthetic_rows(), "t")
+    assert [t.title.split(" — ")[1].split(",")[0] for t in tables] == ["task eval_vit", "task timing"]
+    acc, timing = ([c.header for c in t.columns] for t in tables)
+    assert acc[:2] == ["method", "keep"] and "accuracy" in acc and "speedup" not in acc and "model" not in acc
+    assert "speedup" in timing and "accuracy" not in timing and "error" not in timing
+    assert "error" in acc  # the pool2d n/a row says why
+    assert len(tables[0].rows) == 13 and len(tables[1].rows) == 12
+    out = Console(width=100, record=True)
+    for t in tables:
+        out.print(t)
+    assert "model eval_vit" in out.export_text()

@@ -127,17 +127,31 @@ def train_tokenizer_cmd(config: Path = typer.Option(..., exists=True, dir_okay=F
     console.print(f"done: step {res.step}; load with vtok.load_tokenizer({str(out)!r})")
 
 
-def _sweep_table(rows: list[dict], title: str) -> Table:
-    """A rich table of sweep rows: the cell, then its metrics and timing values (``n/a`` and why for failed cells)."""
+def _sweep_tables(rows: list[dict], title: str) -> list[Table]:
+    """Rich tables of sweep rows, one per task: the columns that vary within the task (those equal in every row go
+    into the title, empty ones are left out), so the summary fits a terminal; ``n/a`` and why for failed cells.
+    The report's markdown / CSV keep every column."""
     from vtok.sweep.report import markdown
 
-    lines = [ln.strip("|").split(" | ") for ln in markdown(rows).splitlines()]
-    table = Table(title=title)
-    for col in lines[0]:
-        table.add_column(col.strip(), overflow="fold")
-    for cells in lines[2:]:
-        table.add_row(*[c.strip() for c in cells])
-    return table
+    lines = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in markdown(rows).splitlines()]
+    head, body = lines[0], lines[2:]
+    tables = []
+    for task in dict.fromkeys(r[0] for r in body):
+        group = [r for r in body if r[0] == task]
+        cols, const = [], []
+        for j, name in enumerate(head):
+            values = {r[j] for r in group}
+            if len(values) == 1 and values != {""} and name not in ("method", "keep") and len(group) > 1:
+                const.append(f"{name} {values.pop()}")  # the same in every row: said once, in the title
+            elif any(values - {"", "n/a"}):
+                cols.append(j)
+        table = Table(title=f"{title} — " + ", ".join(const))
+        for j in cols:
+            table.add_column(head[j], overflow="fold")
+        for r in group:
+            table.add_row(*[r[j] for j in cols])
+        tables.append(table)
+    return tables
 
 
 def _parse_task_options(items: list[str] | None) -> dict[str, dict] | None:
@@ -184,7 +198,8 @@ def sweep_cmd(config: Path = typer.Argument(None, dir_okay=False, help="A sweep 
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    console.print(_sweep_table(summary.rows, f"{cfg.name}: {path}"))
+    for table in _sweep_tables(summary.rows, f"{cfg.name}: {path}"):
+        console.print(table)
     console.print(f"{summary.total} cells: {summary.skipped} already in {path}, {summary.ran} run now "
                   f"({summary.seconds:.1f} s), {len(summary.errors)} n/a")
     for err in summary.errors:
