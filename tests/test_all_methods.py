@@ -16,7 +16,8 @@ B, N, D = 3, 48, 16  # N composite: grid (6, 8), 8 frames of 6
 BUDGETS = [1, 5, 24, 47]
 
 # Methods that cannot produce every k by construction raise a ValueError naming the budget instead.
-# pool2d (and downsample) need k = oh * ow with oh <= h, ow <= w: 47 is prime and larger than both sides of the 6 x 8 grid.
+# pool2d (and downsample) need k = oh * ow with oh <= h, ow <= w: 47 is prime and larger than both sides of the
+# 6 x 8 grid.
 # temporal_pool needs k = ot * oh * ow with ot <= 8 frames of a 2 x 3 grid: 47 is prime and larger than 8.
 BUDGET_LIMITS = {"pool2d": {47}, "downsample": {47}, "temporal_pool": {47}}
 

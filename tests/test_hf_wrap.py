@@ -196,7 +196,7 @@ def _layerwise_logits(model, ids, pix, layer, kept_prompt, n_prompt):
         return model.lm_head(lm.norm(h))
 
 
-@pytest.mark.parametrize("method", ["fastv", "random", "divprune"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "divprune"])
 def test_in_llm_cached_generate_equals_layerwise_recompute(model, method):
     ids, am = left_pad([PROMPTS[0]])
     pix = _pix(1)
@@ -244,7 +244,7 @@ def test_in_llm_cached_equals_no_cache(model, method, layer):
 
 
 # ---------------------------------------------------------------------------------------------------- batches
-@pytest.mark.parametrize("method,layer", [("divprune", None), ("visionzip", None), ("fastv", 2),
+@pytest.mark.parametrize("method,layer", [("divprune", None), ("visionzip", None), ("fastv", 2), ("pdrop", [1, 3]),
                                           ("random", [None, 2])])
 def test_batch_equals_one_by_one(model, method, layer):
     ids, am, pix = _batch()

@@ -24,7 +24,8 @@ UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hipru
              # video strategies (issue #18), written after the speed-ups: no earlier version to compare with
              "frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame",
              # issue #19 strategies, likewise written after the speed-ups
-             "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope", "downsample"}
+             "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope", "downsample",
+             "pdrop"}
 
 VARIANTS = {
     "divprune": [{}],

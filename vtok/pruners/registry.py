@@ -36,6 +36,9 @@ class Placement:
         positions: in a wrapped VLM (``vtok.wrap``), the position ids of a pre-LLM stage as the method's reference
             code gives them: ``"reindex"`` (the image-feature sequence is simply shortened, most pre-LLM methods) or
             ``"original"`` (kept tokens keep their unpruned position ids, FastV).
+        attn_layer: in a wrapped VLM, which decoder layer's attention an in-LLM stage at layer ``K`` reads as
+            ``text_attn``: ``"previous"`` (layer ``K − 1``'s, captured while it ran: FastV) or ``"own"`` (layer ``K``'s
+            own queries / keys on its input, computed before it runs: PyramidDrop).
         resize_input: in a wrapped VLM whose vision tower takes any resolution (Qwen2-VL / Qwen2.5-VL), the image
             is resized *before* the tower so that the tower itself yields the method's pooled grid (``downsample``);
             towers of fixed resolution and plain tensors get the method's own (pooling) selection instead.
@@ -47,6 +50,7 @@ class Placement:
     mid_layer: float | None = None
     prop_attn: bool = True
     positions: str = "reindex"
+    attn_layer: str = "previous"
     resize_input: bool = False
 
 

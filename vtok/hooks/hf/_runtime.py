@@ -119,6 +119,7 @@ class _CallState:
     pre: bool = False
     prev_hidden: list[Tensor] = field(default_factory=list)
     text_attn: dict[int, Tensor] = field(default_factory=dict)
+    probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
 
@@ -159,8 +160,9 @@ class Runtime:
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
             for s in self.inllm:
                 if "text_attn" in s.needs:
-                    attn = self.adapter.self_attention(layers[s.layer - 1])
-                    _attention.watch(attn, self._make_attn_capture(s.layer))
+                    own = self._own_attention(s)
+                    attn = self.adapter.self_attention(layers[s.layer if own else s.layer - 1])
+                    _attention.watch(attn, self._make_attn_capture(s.layer, probe_only=own))
                     self._undo.append(lambda attn=attn: _attention.unwatch(attn))
 
     def remove(self) -> None:
@@ -393,14 +395,43 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ in-LLM stages
-    def _make_attn_capture(self, layer: int):
+    def _make_attn_capture(self, layer: int, probe_only: bool = False):
         def cb(query, key, mask, scaling, module):
             st = self.state
-            if st is None or st.phase != "prefill" or query.shape[2] < 2:
+            if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
                 return
             st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
 
         return cb
+
+    @staticmethod
+    def _own_attention(stage: Stage) -> bool:
+        from vtok.pruners import get
+
+        return getattr(get(stage.method).placement, "attn_layer", "previous") == "own"
+
+    def _probe_own_attention(self, i: int, j: int, hidden: Tensor, kw: dict[str, Any]) -> None:
+        """PyramidDrop-style ``text_attn`` of layer ``i`` itself: its attention module run once on
+        ``input_layernorm(hidden)`` (the sequence entering the layer, so with the previous stage's mask and positions)
+        without a KV cache; the capture callback reads the last query row. Costs one extra attention of that layer."""
+        layer = self.adapter.decoder_layers(self.model)[i]
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise NotImplementedError(f"vtok: {type(layer).__name__} has no input_layernorm; methods reading a "
+                                      "layer's own attention need one")
+        no_cache = ("cache", "past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
+        probe_kw = {k: v for k, v in kw.items() if k not in no_cache}  # never writes the KV cache
+        if j > 0:
+            self._adjust_kwargs(j - 1, self.state, probe_kw, hidden)
+        st = self.state
+        st.probing = True
+        try:
+            # the class's forward, not the instance's __call__ / forward: transformers' output_attentions recorder
+            # (module hooks in 5.x, an instance-level forward wrapper in 4.x) must not see the probe
+            attn = self.adapter.self_attention(layer)
+            type(attn).forward(attn, hidden_states=norm(hidden), **probe_kw)
+        finally:
+            st.probing = False
 
     def _stage_at(self, i: int) -> int | None:
         k = None
@@ -425,6 +456,8 @@ class Runtime:
                     st.prev_hidden.append(hidden)
                 if j is not None and self.inllm[j].layer == i:
                     t0 = time.perf_counter()
+                    if "text_attn" in self.inllm[j].needs and self._own_attention(self.inllm[j]):
+                        self._probe_own_attention(i, j, hidden, kw)
                     hidden = self._apply_stage(j, hidden)
                     self.wrapper_s += time.perf_counter() - t0
                     st.prev_hidden = []
