@@ -214,3 +214,32 @@ def _frame_scores(value: Any, tokens: Tensor) -> Tensor:
         raise ValueError(f"context 'frame_scores' must have shape [B, T] with B={b} and T dividing N={n}; "
                          f"got {list(value.shape)}")
     return value
+
+
+@register_context("features", "the tokens' features for similarity where they differ from the token values (an LLM's "
+                  "normalised hidden states: DART), [B, N, Df]")
+def _features(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("features", value)
+    b, n = tokens.shape[:2]
+    if value.dim() != 3 or value.shape[:2] != (b, n):
+        raise ValueError(f"context 'features' must have shape [B, N, Df] with B={b}, N={n}; got {list(value.shape)}")
+    return value
+
+
+@register_context("text_features", "features of the instruction tokens after the image, in the space of 'features' "
+                  "(or of the tokens), [B, T, Df] (DART's text pivots)")
+def _text_features(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("text_features", value)
+    if value.dim() != 3 or value.shape[0] != tokens.shape[0]:
+        raise ValueError(f"context 'text_features' must have shape [B, T, Df] with B={tokens.shape[0]}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+@register_context("text_keys", "attention keys of the same instruction tokens, [B, T, Dk] or per head [B, H, T, dh]")
+def _text_keys(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("text_keys", value)
+    if value.dim() not in (3, 4) or value.shape[0] != tokens.shape[0]:
+        raise ValueError(f"context 'text_keys' must have shape [B, T, Dk] or [B, H, T, dh] with B={tokens.shape[0]}; "
+                         f"got {list(value.shape)}")
+    return value

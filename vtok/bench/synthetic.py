@@ -130,6 +130,24 @@ def _frame_scores(s: _Gen) -> Tensor:
     return s.out(torch.nn.functional.cosine_similarity(means, s.randn(b, 1, d), dim=-1))
 
 
+def _features(s: _Gen) -> Tensor:
+    """``[B, N, D]``: the tokens through a random linear map (similarity features that differ from the values)."""
+    d = s.tokens.shape[-1]
+    return s.out(s.tokens.float() @ (torch.eye(d, device=s.tokens.device) + 0.3 * s.randn(d, d) / math.sqrt(d)))
+
+
+def _text_features(s: _Gen) -> Tensor:
+    """``[B, 8, D]``: "instruction tokens" near the mean token (the ``query`` generator's recipe, 8 of them)."""
+    b, _, d = s.tokens.shape
+    t = s.tokens.float()
+    return s.out(t.mean(1, keepdim=True) + t.std(1, unbiased=False, keepdim=True) * s.randn(b, TEXT_TOKENS, d))
+
+
+def _text_keys(s: _Gen) -> Tensor:
+    b, _, d = s.tokens.shape
+    return s.out(s.randn(b, TEXT_TOKENS, d))
+
+
 def _sizes(s: _Gen) -> Tensor:
     return torch.ones(s.tokens.shape[:2], device=s.tokens.device, dtype=s.tokens.dtype)
 
@@ -146,10 +164,14 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "attn": _attn,
     "sizes": _sizes,
     "frame_scores": _frame_scores,
+    "features": _features,
+    "text_features": _text_features,
+    "text_keys": _text_keys,
 }
 """Context key → generator. Shapes: ``cls_attn`` / ``mid_attn`` ``[B, N]``; ``text_attn`` ``[B, 8, N]``;
 ``prev_hidden`` ``[B, N, D]`` (tokens + 10 % noise); ``keys`` ``[B, N, D]``; ``attn`` ``[B, N, N]``; ``query``
-``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``. Attention
+``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``;
+``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``. Attention
 rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
 
 

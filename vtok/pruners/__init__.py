@@ -6,6 +6,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     cls_methods,
     clustering,
     coverage,
+    dart,
     diversity,
     dpp,
     graph,

@@ -42,7 +42,7 @@ def register_adapter(adapter: Any) -> Any:
 
 register_adapter(LlavaAdapter())
 
-_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid"}
+_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys"}
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
@@ -113,8 +113,9 @@ def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, option
     stages = []
     for ly, ks in zip(layers, keeps, strict=True):
         avail = adapter.provides(model) if ly is None else set(_LLM_CONTEXT) | ({"frames"} & adapter.provides(model))
-        if ly is not None and ly == 0:
-            avail -= {"text_attn", "prev_hidden"}
+        if ly is not None and ly == 0:  # nothing ran before layer 0 (a method reading its own layer still can)
+            own = getattr(info.placement, "attn_layer", "previous") == "own"
+            avail -= {"prev_hidden", "keys", "text_keys"} | (set() if own else {"text_attn"})
         missing = sorted(set(info.needs) - avail)
         if missing:
             where = "before the language model" if ly is None else f"at language-model layer {ly}"

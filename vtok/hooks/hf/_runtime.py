@@ -119,6 +119,7 @@ class _CallState:
     pre: bool = False
     prev_hidden: list[Tensor] = field(default_factory=list)
     text_attn: dict[int, Tensor] = field(default_factory=dict)
+    keys: dict[int, Tensor] = field(default_factory=dict)  # per in-LLM stage layer: the keys its attention layer saw
     probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
@@ -159,10 +160,13 @@ class Runtime:
                     layer.forward = self._make_layer_forward(i, orig)
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
             for s in self.inllm:
-                if "text_attn" in s.needs:
+                info = s.needs | self._uses(s)
+                if "text_attn" in info or "keys" in info:
                     own = self._own_attention(s)
                     attn = self.adapter.self_attention(layers[s.layer if own else s.layer - 1])
-                    _attention.watch(attn, self._make_attn_capture(s.layer, probe_only=own))
+                    cb = self._make_attn_capture(s.layer, probe_only=own, text_attn="text_attn" in info,
+                                                 keys="keys" in info)
+                    _attention.watch(attn, cb)
                     self._undo.append(lambda attn=attn: _attention.unwatch(attn))
 
     def remove(self) -> None:
@@ -395,12 +399,15 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ in-LLM stages
-    def _make_attn_capture(self, layer: int, probe_only: bool = False):
+    def _make_attn_capture(self, layer: int, probe_only: bool = False, text_attn: bool = True, keys: bool = False):
         def cb(query, key, mask, scaling, module):
             st = self.state
             if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
                 return
-            st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
+            if text_attn:
+                st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
+            if keys:
+                st.keys[layer] = key  # [B, Hk, L, dh], RoPE applied (DART's key norms)
 
         return cb
 
@@ -482,13 +489,31 @@ class Runtime:
         if "text_attn" in stage.needs and att is None:
             raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
                                f"implementation must be 'sdpa' or 'eager'")
+        info = stage.needs | self._uses(stage)
+        keys = st.keys.get(stage.layer)
+        if "keys" in stage.needs and keys is None:
+            raise RuntimeError(f"vtok: no attention keys were captured before layer {stage.layer}; the attention "
+                               f"implementation must be 'sdpa' or 'eager'")
+        norm = getattr(self.lm, "norm", None) if info & {"features", "text_features"} else None
         for b, row in enumerate(slots):
+            image_pos = torch.cat([s.positions for s in row]) if row else None
             for s in row:
                 e: dict[str, Tensor] = {}
                 if att is not None:
                     e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
                 if st.prev_hidden:
                     e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
+                if keys is not None and "keys" in info:
+                    e["keys"] = keys[b, :, -hidden.shape[1]:][:, s.positions]  # [Hk, n, dh]
+                if norm is not None and "features" in info:
+                    e["features"] = norm(hidden[b, s.positions])
+                if keys is not None and norm is not None and {"text_features", "text_keys"} <= info:
+                    after = valid[b].clone()
+                    after[: int(s.positions.max()) + 1] = False
+                    after[image_pos] = False
+                    text = after.nonzero().squeeze(1)  # the instruction after this image (DART's query tokens)
+                    e["text_features"] = norm(hidden[b, text])
+                    e["text_keys"] = keys[b, :, -hidden.shape[1]:][:, text]
                 extra[s.record] = e
         picked = select_slots(hidden, slots, ks, stage.method, stage.options,
                               self._ctx(stage, hidden, valid, slots, extra))
