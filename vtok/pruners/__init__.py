@@ -9,6 +9,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     dart,
     diversity,
     dpp,
+    evs,
     graph,
     temporal,
     tome,
