@@ -14,6 +14,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     temporal,
     tome,
     transition,
+    vidcom2,
 )
 from vtok.pruners.registry import FAMILIES, Method, Placement, get, methods, register
 
