@@ -51,7 +51,12 @@ def test_command_line_overrides_and_comma_lists(ckpt, tmp_path):
     ({"keeps": [0]}, r"keeps: 0 is out of range"),
     ({"keeps": ["half"]}, r"keeps: 'half' is not a number"),
     ({"tasks": ["nope"]}, r"tasks: unknown task 'nope'"),
-    ({"tasks": ["real_vlm"]}, r"tasks: 'real_vlm' is not available yet: .*issue #17"),
+    ({"tasks": ["real_vlm"], "placements": ["pre_llm"], "task_options": {}},
+     r"models: '.*' is not a model of task 'real_vlm'"),
+    ({"tasks": ["real_vlm"], "models": ["real_vlm"], "placements": ["llm:2"], "methods": ["dart"],
+      "task_options": {"real_vlm": {"n": 0}}}, r"task_options.real_vlm: n >= 1"),
+    ({"tasks": ["real_vlm"], "models": ["real_vlm"], "placements": ["llm:0"], "methods": ["dart"], "task_options": {}},
+     r"methods: 'dart' needs context \['keys'\].*placement 'llm:0'"),
     ({"models": ["/no/such/model.safetensors"]}, r"models: '/no/such/model.safetensors' is not a model of task"),
     ({"methods": ["fastv"]}, r"methods: 'fastv' needs context \['text_attn'\].*placement 'inside'"),
     ({"placements": ["middle"]}, r"placements: 'middle' is not a placement of task 'eval_vit'"),
@@ -101,3 +106,12 @@ def test_cli_refuses_bad_config_before_any_cell(ckpt, tmp_path):
     res = CliRunner().invoke(app, ["sweep", str(good), "--methods", "random,bogus", "--results", str(out)])
     assert res.exit_code == 2 and "unknown method 'bogus'" in res.output
     assert not out.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["vlm_accuracy", "vlm_accuracy_llm"])
+def test_vlm_accuracy_configs_are_valid(name):
+    """Every method / placement pair of the small VLM's accuracy sweeps passes the checks (no cell runs here)."""
+    from scripts import ROOT
+
+    cfg = load_config(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    assert cfg.tasks == ["real_vlm"] and len(cfg.cells()) == len(cfg.methods) * 4

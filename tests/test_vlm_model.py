@@ -157,3 +157,20 @@ def test_multi_turn_training_text_is_the_chat_template(tokenizer):
     want = tokenizer(text.removesuffix("\n"), add_special_tokens=True)["input_ids"]
     assert ids[0].tolist() == want and bool(mask.all())
     assert tokenizer.decode(targets[0][targets[0] != -100]) == "".join(a + "<|im_end|>" for _, a in conv)
+
+
+def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path):
+    """The ``real_vlm`` sweep task: held-out scene questions through the wrapped model, accuracy beside keep=1.0."""
+    from vtok.sweep import load_config
+    from vtok.sweep.tasks import get_task
+
+    tiny.save_pretrained(tmp_path / "vlm")
+    vlm.build_processor(tokenizer).save_pretrained(tmp_path / "vlm")
+    cfg = load_config({"tasks": ["real_vlm"], "models": [str(tmp_path / "vlm")], "methods": ["random", "pool2d"],
+                       "keeps": [0.25], "placements": ["pre_llm"], "task_options": {"real_vlm": {"n": 4, "batch": 2}}})
+    rows = dict((c.method, part) for c, part in get_task("real_vlm").run(cfg.cells(), lambda *a: None))
+    for part in rows.values():
+        m = part["metrics"]
+        assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ref_accuracy"] <= 1.0
+        assert m["kept_tokens"] == 16 and m["tokens"] == 64
+        assert any(k.startswith("accuracy_") for k in m)

@@ -110,7 +110,3 @@ def file_digest(path: Path, limit: int | None = None) -> str:
             h.update(f.read(limit))
             h.update(str(path.stat().st_size).encode())
     return h.hexdigest()[:16]
-
-
-register_task(Unavailable("real_vlm", "the real small VLM (issue #17) is being built; until it lands, use the "
-                          "`hf_vlm` task with a model folder and a prompts file"))

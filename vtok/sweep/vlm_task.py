@@ -23,7 +23,15 @@ import vtok
 from vtok.hooks._encoder_state import ENCODER_CONTEXT
 from vtok.sweep.tasks import Task, file_digest, register_task
 
-LLM_CONTEXT = frozenset({"text_attn", "prev_hidden", "query", "grid"})  # what an in-LLM stage can give
+
+def _llm_context(layer: int, method: str) -> frozenset[str]:
+    """What an in-LLM stage entering decoder layer ``layer`` can give ``method`` (the wrapper's own rule)."""
+    from vtok.hooks.hf import _LLM_CONTEXT
+
+    if layer > 0:
+        return frozenset(_LLM_CONTEXT)
+    own = getattr(vtok.get_method(method).placement, "attn_layer", "previous") == "own"
+    return frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys"} - (set() if own else {"text_attn"})
 
 
 def parse_placement(placement: str) -> int | None:
@@ -74,21 +82,25 @@ def load_image(spec: str, base: Path):
     return im[..., :3]
 
 
-class _VlmTask(Task):
+class _Placements(Task):
+    """``pre_llm`` / ``llm:K`` placements, checked against what the wrapper can feed a method there."""
+
     placements = ("pre_llm",)
-    required = ("prompts",)
 
     def check_placement(self, placement: str) -> None:
         parse_placement(placement)
 
     def check_method(self, method: str, placement: str) -> None:
         layer = parse_placement(placement)
-        avail = ENCODER_CONTEXT if layer is None else LLM_CONTEXT - ({"text_attn", "prev_hidden"} if layer == 0
-                                                                    else set())
+        avail = ENCODER_CONTEXT if layer is None else _llm_context(layer, method)
         missing = sorted(vtok.get_method(method).needs - avail)
         if missing:
             raise ValueError(f"methods: {method!r} needs context {missing}, which placement {placement!r} cannot give "
                              f"(it gives {sorted(avail)})")
+
+
+class _VlmTask(_Placements):
+    required = ("prompts",)
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         opts = super().resolve_options(given)
@@ -229,5 +241,82 @@ class HfVlmTiming(_VlmTask):
                 progress(i + 1, len(cells))
 
 
+class RealVlm(_Placements):
+    """The small LLaVA trained here (``vtok.bench.vlm``) on its Fashion-MNIST scene questions: exact-match accuracy
+    of the wrapped model on held-out scenes, overall and per question type, beside keep = 1.0.
+
+    Model: ``real_vlm`` (``vtok.bench.load_vlm()``: the committed weights, assembled once) or a folder holding such a
+    model (``config.json`` + processor). Options: ``n`` held-out scenes from ``start``, ``batch`` per generate call.
+    """
+
+    name = "real_vlm"
+    description = "the small VLM trained here: exact-match accuracy on held-out Fashion-MNIST scenes (issue #17)"
+    defaults = {"n": 2000, "start": 0, "batch": 16}
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        opts = super().resolve_options(given)
+        if opts["n"] < 1 or opts["start"] < 0 or opts["batch"] < 1:
+            raise ValueError(f"task_options.real_vlm: n >= 1, start >= 0 and batch >= 1 expected, got {opts}")
+        return opts
+
+    def check_model(self, model: str, options: dict[str, Any]) -> None:
+        if model != "real_vlm" and not (Path(model) / "config.json").is_file():
+            raise ValueError(f"models: {model!r} is not a model of task 'real_vlm' (expected 'real_vlm' or a folder "
+                             f"holding the assembled VLM's config.json)")
+
+    def fingerprint(self, model: str) -> str:
+        if model == "real_vlm":
+            from vtok.bench.vlm import CHECKPOINT
+
+            return file_digest(CHECKPOINT) if CHECKPOINT.exists() else "untrained"
+        files = sorted(p for p in Path(model).iterdir() if p.suffix in (".json", ".safetensors"))
+        return "".join(file_digest(p, limit=1 << 20)[:4] for p in files)
+
+    def run(self, cells, progress):
+        from vtok.bench import vlm
+        from vtok.bench import vlm_task as scenes_mod
+
+        c0 = cells[0]
+        if c0.model == "real_vlm":
+            model, processor = vlm.load_vlm()
+        else:
+            from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+            model = LlavaForConditionalGeneration.from_pretrained(c0.model).eval()
+            processor = AutoProcessor.from_pretrained(c0.model)
+        opts = c0.task_options
+        scenes = scenes_mod.heldout(opts["n"], opts["start"])
+
+        def score():
+            hits: dict[str, list[int]] = {}
+            kept = tokens = 0
+            for s in range(0, len(scenes), opts["batch"]):
+                chunk = scenes[s:s + opts["batch"]]
+                out = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
+                for c, a in zip(chunk, out, strict=True):
+                    hits.setdefault(c.qtype, []).append(int(scenes_mod.exact_match(a, c.answer)))
+                st = getattr(model, "_vtok_runtime", None) and vtok.stats(model)
+                if st:
+                    kept += sum(d["visual_after"] for d in st["per_sample"])
+                    tokens += sum(d["visual_before"] for d in st["per_sample"])
+            every = [h for v in hits.values() for h in v]
+            per = {f"accuracy_{k}": statistics.fmean(v) for k, v in sorted(hits.items())}
+            return {"accuracy": statistics.fmean(every), **per, "n": len(every)}, kept, tokens
+
+        ref, _, _ = score()
+        for i, c in enumerate(cells):
+            try:
+                with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
+                    m, kept, tokens = score()
+            except ValueError as e:
+                yield c, {"error": str(e)}
+                progress(i + 1, len(cells))
+                continue
+            yield c, {"metrics": {**m, "ref_accuracy": ref["accuracy"], "kept_tokens": kept / len(scenes),
+                                  "tokens": tokens / len(scenes)}}
+            progress(i + 1, len(cells))
+
+
 register_task(HfVlm())
 register_task(HfVlmTiming())
+register_task(RealVlm())
