@@ -134,6 +134,14 @@ class _VlmTask(_Placements):
         return model, processor, samples
 
 
+def _visual_counts(model) -> tuple[int, int]:
+    """``(before, after)``: visual tokens of the wrapped model's last call, summed over its samples (0, 0 unwrapped)."""
+    if getattr(model, "_vtok_runtime", None) is None:
+        return 0, 0
+    per = vtok.stats(model)["per_sample"]
+    return sum(d["visual_before"] for d in per), sum(d["visual_after"] for d in per)
+
+
 def _wrap_kwargs(cell) -> dict[str, Any]:
     return {"layer": parse_placement(cell.placement), **cell.options}
 
@@ -165,9 +173,8 @@ class HfVlm(_VlmTask):
                     with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
                         for s, (ref_logits, ref_out) in zip(samples, refs, strict=True):
                             logits, out = once(s)
-                            st = vtok.stats(model)
-                            before += sum(d["visual_before"] for d in st["per_sample"])
-                            after += sum(d["visual_after"] for d in st["per_sample"])
+                            b, a = _visual_counts(model)
+                            before, after = before + b, after + a
                             m = min(out.shape[1], ref_out.shape[1])
                             same = (out[:, :m] == ref_out[:, :m]).sum().item()
                             agree.append(same / max(out.shape[1], ref_out.shape[1], 1))
@@ -229,9 +236,8 @@ class HfVlmTiming(_VlmTask):
                             kept = tokens = 0
                             for s in samples:  # visual tokens before / after, over every sample
                                 model(**s)
-                                per = vtok.stats(model)["per_sample"]
-                                kept += sum(d["visual_after"] for d in per)
-                                tokens += sum(d["visual_before"] for d in per)
+                                b, a = _visual_counts(model)
+                                tokens, kept = tokens + b, kept + a
                     if rnd:
                         ratios.append(t_cell / t_ref)
                 ratio = statistics.median(ratios)
@@ -295,10 +301,8 @@ class RealVlm(_Placements):
                 out = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
                 for c, a in zip(chunk, out, strict=True):
                     hits.setdefault(c.qtype, []).append(int(scenes_mod.exact_match(a, c.answer)))
-                st = getattr(model, "_vtok_runtime", None) and vtok.stats(model)
-                if st:
-                    kept += sum(d["visual_after"] for d in st["per_sample"])
-                    tokens += sum(d["visual_before"] for d in st["per_sample"])
+                b, a = _visual_counts(model)
+                tokens, kept = tokens + b, kept + a
             every = [h for v in hits.values() for h in v]
             per = {f"accuracy_{k}": statistics.fmean(v) for k, v in sorted(hits.items())}
             return {"accuracy": statistics.fmean(every), **per, "n": len(every)}, kept, tokens

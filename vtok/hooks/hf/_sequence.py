@@ -194,7 +194,7 @@ def reindex_1d(valid: Tensor) -> Tensor:
 
 
 def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[Slot]],
-                  starts: list[dict[int, int]] | None = None) -> Tensor:
+                  starts: list[dict[int, int]]) -> Tensor:
     """Qwen-style 3-D positions for a pruned prompt, as ``get_rope_index`` gives a prompt whose images (videos) hold
     only the kept tokens at their grid cells: text tokens count up by one; an image keeps each token's ``(t, h, w)``
     offset from the image's start and spans ``max kept offset + 1`` positions; padding gets 0.
@@ -202,8 +202,7 @@ def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[S
     Args:
         orig: ``[3, B, L]`` 3-D position ids of the unpruned prompt; ``index [B, L']`` into it.
         starts: per sample, ``{record: start}``, the position value of each image's first token in ``orig`` (its
-            offset origin); ``None``: the smallest value among its kept tokens (the same for an image, whose
-            temporal ids all equal the start; a video whose first frame lost every token needs ``starts``).
+            offset origin; needed because a video whose first frame lost every token has no kept token there).
     """
     src = gather_positions(orig, index)  # [3, B, L']
     out = torch.zeros_like(src)
@@ -226,7 +225,7 @@ def reindex_mrope(orig: Tensor, index: Tensor, valid: Tensor, slots: list[list[S
             j = so[i]
             pos = slots[b][j].positions
             start_vals = src[:, b, pos]
-            base = start_vals.min() if starts is None else starts[b][slots[b][j].record]
+            base = starts[b][slots[b][j].record]
             off = start_vals - base
             out[:, b, pos] = off + cur
             cur += int(off.max()) + 1
