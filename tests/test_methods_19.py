@@ -379,3 +379,21 @@ def test_prumerge_per_head_keys_are_concatenated():
     a = _select("prumerge", tokens, 4, cls_attn=cls, keys=heads)
     b = _select("prumerge", tokens, 4, cls_attn=cls, keys=flat)
     assert torch.equal(a.assign, b.assign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cdpruner_gram_path_equals_streaming_path(dtype, monkeypatch):
+    """Kernel rows read from one cosine GEMM (the batch's N x N fits) pick exactly what the per-step products do."""
+    from vtok.kernels import reference as ref
+
+    for n, seed in ((17, 0), (196, 1), (577, 2)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, n, 48, generator=g)
+        x[:, ::3] += 2 * torch.randn(3, 1, 48, generator=g)
+        x, q = x.to(dtype), torch.randn(3, 48, generator=g).to(dtype)
+        for keep in (0.1, 0.25, 0.5):
+            a = vtok.compress(x, "cdpruner", keep=keep, query=q)[1].keep
+            with monkeypatch.context() as m:
+                m.setattr(ref, "GRAM_MAX_ELEMENTS", 0)
+                b = vtok.compress(x, "cdpruner", keep=keep, query=q)[1].keep
+            assert torch.equal(a, b), (n, keep)
