@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.vtok-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm
+.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm vlm-accuracy
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ eval-vit: $(STAMP) $(FMNIST)
 # stages (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
 vlm: $(STAMP) $(FMNIST)
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python benchmarks/train_vlm.py --work outputs/vlm/train
+
+vlm-accuracy: $(STAMP) $(FMNIST)
+	$(BIN)/python benchmarks/vlm_accuracy.py
 
 encoder-accuracy: $(STAMP) $(FMNIST)
 	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2

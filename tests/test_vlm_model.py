@@ -174,3 +174,25 @@ def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path):
         assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ref_accuracy"] <= 1.0
         assert m["kept_tokens"] == 16 and m["tokens"] == 64
         assert any(k.startswith("accuracy_") for k in m)
+
+
+def test_vlm_accuracy_benchmark_on_a_tiny_folder(tiny, tokenizer, tmp_path):
+    """benchmarks/vlm_accuracy.py end to end at tiny settings: both sweeps, timing, the attention-mass figure; a
+    re-run resumes (nothing is measured twice)."""
+    bench = load_benchmark("vlm_accuracy")
+    folder = tmp_path / "vlm"
+    tiny.save_pretrained(folder)
+    vlm.build_processor(tokenizer).save_pretrained(folder)
+    argv = ["--model", str(folder), "--n", "2", "--methods", "random", "pool2d", "pdrop", "--keeps", "0.25",
+            "--timing-scenes", "1", "--rounds", "1", "--attention-scenes", "2", "--out", str(tmp_path / "out")]
+    res = bench.main(argv)
+    acc = res["reports"]["accuracy"]["markdown"]
+    assert "| random |" in acc and "| pool2d |" in acc and "| pdrop |" in acc and "llm:2" in acc
+    assert "speedup" in res["reports"]["timing"]["markdown"]
+    mass = res["attention"]["image_attention_mass"]
+    assert len(mass) == tiny.config.text_config.num_hidden_layers and all(0.0 <= m <= 1.0 + 1e-6 for m in mass)
+    assert 0.5 < res["attention"]["image_token_share"] < 1.0  # 64 image tokens in a short prompt
+    assert (tmp_path / "out" / "attention_mass.png").exists()
+    lines = (tmp_path / "out" / "accuracy.jsonl").read_text().splitlines()
+    bench.main(argv)
+    assert (tmp_path / "out" / "accuracy.jsonl").read_text().splitlines() == lines

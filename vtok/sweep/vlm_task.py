@@ -76,7 +76,7 @@ def load_image(spec: str, base: Path):
     else:
         from PIL import Image
 
-        im = np.asarray(Image.open(base / spec).convert("RGB"))
+        im = np.array(Image.open(base / spec).convert("RGB"))
     if im.ndim == 2:
         im = np.stack([im] * 3, -1)
     return im[..., :3]
