@@ -397,3 +397,25 @@ def test_cdpruner_gram_path_equals_streaming_path(dtype, monkeypatch):
                 m.setattr(ref, "GRAM_MAX_ELEMENTS", 0)
                 b = vtok.compress(x, "cdpruner", keep=keep, query=q)[1].keep
             assert torch.equal(a, b), (n, keep)
+
+
+@pytest.mark.parametrize("method", ["scope", "gprune"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bounded_memory_path_equals_the_cached_matrix(method, dtype, monkeypatch):
+    """Above ``GRAM_MAX_ELEMENTS`` (lowered here) SCOPE and G-Prune recompute their similarity rows block by block
+    instead of keeping one N x N matrix: the same picks."""
+    from vtok.kernels import reference as ref
+
+    for n, seed in ((17, 0), (300, 1), (577, 2)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, n, 32, generator=g)
+        x[:, ::3] += 2 * torch.randn(2, 1, 32, generator=g)
+        x = x.to(dtype)
+        ctx = {k: v for k, v in example_context(method, x, seed=1).items()
+               if k in vtok.get_method(method).needs | vtok.get_method(method).uses}
+        for keep in (0.1, 0.25, 0.5):
+            a = vtok.compress(x, method, keep=keep, **ctx)[1].keep
+            with monkeypatch.context() as m:
+                m.setattr(ref, "GRAM_MAX_ELEMENTS", 16)
+                b = vtok.compress(x, method, keep=keep, **ctx)[1].keep
+            assert torch.equal(a, b), (n, keep)

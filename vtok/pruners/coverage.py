@@ -2,8 +2,9 @@
 
 The coverage of a kept set ``S`` is ``Σ_v max_{s ∈ S} max(0, cos(x_v, x_s))`` (how well every token is represented
 by its most similar kept token); the greedy adds the token whose coverage gain, weighted by its saliency, is
-largest. The sample's ``N × N`` cosine matrix is built once per sample (memory ``O(N^2)`` for one sample at a time);
-each step costs ``O(N)`` plus ``O(N)`` per token whose coverage rose.
+largest. The sample's ``N × N`` cosine matrix is built once per sample, in row blocks of ``reference.DEFAULT_CHUNK``,
+while it fits ``reference.GRAM_MAX_ELEMENTS``; above it the rows a step needs are recomputed block by block (memory
+``O(chunk · N)``, the same values, slower). Each step costs ``O(N)`` plus ``O(N)`` per token whose coverage rose.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels import reference as ref
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -38,25 +40,59 @@ def scope_greedy(tokens: Tensor, saliency: Tensor, k: int, *, alpha: float = 1.0
     b, n = x.shape[:2]
     sal = saliency.double().clamp_min(0) ** alpha
     out = torch.empty(b, k, dtype=torch.long, device=x.device)
+    chunk = ref.DEFAULT_CHUNK
     for i in range(b):
         xn = F.normalize(x[i], dim=-1)
-        sim = xn @ xn.T  # [N, N], symmetric: column u = row u
+        sim = _Rows(xn, chunk, cache=ref.gram_groups(1, n) is not None)  # symmetric: column u = row u
         cover = torch.zeros(n, dtype=x.dtype, device=x.device)
         picked = torch.zeros(n, dtype=torch.bool, device=x.device)
-        gain = sim.clamp_min(0).sum(0, dtype=torch.float64)  # [N]: Σ_v max(0, S_vu − m_v) with m = 0
+        gain = torch.zeros(n, dtype=torch.float64, device=x.device)  # Σ_v max(0, S_vu − m_v) with m = 0
+        for a in range(0, n, chunk):
+            gain += sim.block(a).clamp_min(0).sum(0, dtype=torch.float64)
         for t in range(k):
             score = gain * sal[i] if combine == "multi" else gain + sal[i]
             u = int(score.masked_fill(picked, float("-inf")).argmax())
             out[i, t] = u
             picked[u] = True
-            new = torch.maximum(cover, sim[u])
+            new = torch.maximum(cover, sim.row(u))
             rows = (new > cover).nonzero()[:, 0]  # only tokens whose coverage rose change any gain
             if rows.numel():
-                block = sim.index_select(0, rows)
+                block = sim.rows(rows)
                 gain -= ((block - cover[rows, None]).clamp_min(0) - (block - new[rows, None]).clamp_min(0)).sum(
                     0, dtype=torch.float64)
             cover = new
     return out
+
+
+class _Rows:
+    """Rows of the cosine matrix ``xn xnᵀ`` as row blocks of ``chunk`` compute them: kept (one ``N × N``) when
+    ``cache``, else recomputed block by block on demand (memory ``O(chunk · N)``); the same values either way."""
+
+    def __init__(self, xn: Tensor, chunk: int, cache: bool):
+        self.xn, self.chunk = xn, chunk
+        self.full = torch.cat([self._compute(a) for a in range(0, xn.shape[0], chunk)]) if cache else None
+
+    def _compute(self, a: int) -> Tensor:
+        return self.xn[a:a + self.chunk] @ self.xn.T
+
+    def block(self, a: int) -> Tensor:
+        return self.full[a:a + self.chunk] if self.full is not None else self._compute(a)
+
+    def row(self, u: int) -> Tensor:
+        if self.full is not None:
+            return self.full[u]
+        a = u // self.chunk * self.chunk
+        return self._compute(a)[u - a]
+
+    def rows(self, idx: Tensor) -> Tensor:
+        if self.full is not None:
+            return self.full.index_select(0, idx)
+        out = torch.empty(idx.numel(), self.xn.shape[0], dtype=self.xn.dtype, device=self.xn.device)
+        blk = torch.div(idx, self.chunk, rounding_mode="floor")
+        for q in torch.unique(blk).tolist():
+            sel = (blk == q).nonzero()[:, 0]
+            out[sel] = self._compute(q * self.chunk).index_select(0, idx[sel] - q * self.chunk)
+        return out
 
 
 @register("scope", family="diversity", needs=("cls_attn",), placement=Placement(layer=-2, at="output", prop_attn=False),

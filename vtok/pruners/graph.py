@@ -1,9 +1,10 @@
 """Graph-propagation strategies: G-Prune (importance propagated over a token-similarity graph, then top-k).
 
-The graph is the thresholded, temperature-softmaxed cosine-similarity matrix of one sample's tokens, ``N × N``:
-built per sample (memory ``O(N^2)`` for one sample at a time), propagated with ``iters`` vector–matrix products
-(``O(iters · N^2)``) instead of the authors' matrix power (``O(log(iters) · N^3)``), the same product by
-associativity.
+The graph is the thresholded, temperature-softmaxed cosine-similarity matrix of one sample's tokens, ``N × N``, in
+row blocks of ``reference.DEFAULT_CHUNK``: kept for all ``iters`` propagation steps while one sample's matrix fits
+``reference.GRAM_MAX_ELEMENTS``, recomputed block by block at every step above it (memory ``O(chunk · N)``, the same
+blocks and summation order, so the same scores). ``iters`` vector–matrix products (``O(iters · N^2)``) replace the
+authors' matrix power (``O(log(iters) · N^3)``), the same product by associativity.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels import reference as ref
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -35,19 +37,32 @@ def gprune_scores(tokens: Tensor, *, threshold: float = 0.5, temperature: float 
     score is ``s_j / deg_j``.
     """
     x = _acc(tokens)
+    n = x.shape[1]
     out = torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
+    cache = ref.gram_groups(1, n) is not None  # one sample's N x N fits: transition blocks built once
     for b in range(x.shape[0]):
         xn = F.normalize(x[b], dim=-1)
-        sim = xn @ xn.T
-        linked = sim >= threshold
-        logits = torch.where(linked, sim / temperature, torch.full_like(sim, float("-inf")))
-        rows_empty = ~linked.any(1, keepdim=True)  # only a zero vector (cos 0 with itself) has no link
-        logits = torch.where(rows_empty, torch.zeros_like(logits), logits)
-        p = torch.softmax(logits, dim=1)
-        deg = torch.where(rows_empty[:, 0], torch.full_like(p[:, 0], p.shape[0]), linked.sum(1).to(x.dtype))
+        blocks = range(0, n, ref.DEFAULT_CHUNK)
+
+        def transition(a: int, xn: Tensor = xn) -> tuple[Tensor, Tensor]:
+            """Rows ``[a, a + chunk)`` of ``P`` and their degrees (the same block GEMM on both paths)."""
+            sim = xn[a:a + ref.DEFAULT_CHUNK] @ xn.T
+            linked = sim >= threshold
+            logits = torch.where(linked, sim / temperature, torch.full_like(sim, float("-inf")))
+            empty = ~linked.any(1, keepdim=True)  # only a zero vector (cos 0 with itself) has no link
+            p = torch.softmax(torch.where(empty, torch.zeros_like(logits), logits), dim=1)
+            deg = torch.where(empty[:, 0], torch.full_like(p[:, 0], n), linked.sum(1).to(x.dtype))
+            return p, deg
+
+        kept = [transition(a) for a in blocks] if cache else None
+        deg = torch.cat([blk[1] for blk in kept]) if cache else torch.cat([transition(a)[1] for a in blocks])
         s = x[b].norm(dim=-1)
-        for _ in range(iters):
-            s = s @ p
+        for _ in range(iters):  # s P = Σ over row blocks of s[block] P[block], in block order on both paths
+            acc = torch.zeros_like(s)
+            for i, a in enumerate(blocks):
+                p = kept[i][0] if cache else transition(a)[0]
+                acc = acc + s[a:a + ref.DEFAULT_CHUNK] @ p
+            s = acc
         out[b] = s / deg
     return out
 
