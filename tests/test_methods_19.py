@@ -419,3 +419,20 @@ def test_bounded_memory_path_equals_the_cached_matrix(method, dtype, monkeypatch
                 m.setattr(ref, "GRAM_MAX_ELEMENTS", 16)
                 b = vtok.compress(x, method, keep=keep, **ctx)[1].keep
             assert torch.equal(a, b), (n, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vispruner_streaming_path_equals_the_gram_path(dtype, monkeypatch):
+    from vtok.kernels import reference as ref
+
+    for n, seed in ((40, 0), (577, 1)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, n, 32, generator=g)
+        x[:, ::3] += 2 * torch.randn(2, 1, 32, generator=g)
+        x, cls = x.to(dtype), torch.rand(2, n, generator=g)
+        for keep in (0.1, 0.25, 0.5):
+            a = vtok.compress(x, "vispruner", keep=keep, cls_attn=cls)[1].keep
+            with monkeypatch.context() as m:
+                m.setattr(ref, "GRAM_MAX_ELEMENTS", 16)
+                b = vtok.compress(x, "vispruner", keep=keep, cls_attn=cls)[1].keep
+            assert torch.equal(a, b), (n, keep)

@@ -79,7 +79,8 @@ def vispruner_diverse(xn: Tensor, residual: Tensor, count: int, per_step: int = 
     ``[kept a in descending similarity, b]`` (the authors' order, which the next round's split depends on).
     Ties: among equally similar ``a`` tokens the earlier one in the list is dropped first. Where one sample's
     ``N × N`` matrix fits ``reference.GRAM_MAX_ELEMENTS``, its cosine matrix is computed once (one GEMM) and each
-    round reads its ``|a| × |b|`` block; otherwise each round is one ``bmm`` over the batch.
+    round reads its ``|a| × |b|`` block; otherwise each round runs ``bmm`` over the batch in column blocks of
+    ``reference.DEFAULT_CHUNK`` (memory ``O(B · |a| · chunk)``).
     """
     b, n = xn.shape[:2]
     if ref.gram_groups(1, n) is not None:  # per sample: one GEMM, then each round reads an |a| x |b| block
@@ -94,10 +95,13 @@ def vispruner_diverse(xn: Tensor, residual: Tensor, count: int, per_step: int = 
                 res = torch.cat([a_idx[keep_a], b_idx])
             out.append(res)
         return torch.stack(out)
+    chunk = ref.DEFAULT_CHUNK
     while residual.shape[1] > count:
         a_idx, b_idx = residual[:, ::2], residual[:, 1::2]
         r = min(per_step, residual.shape[1] - count, a_idx.shape[1])
-        sim = torch.bmm(gather_tokens(xn, a_idx), gather_tokens(xn, b_idx).transpose(1, 2)).amax(-1)  # [B, |a|]
+        xa = gather_tokens(xn, a_idx)
+        sim = torch.stack([torch.bmm(xa, gather_tokens(xn, b_idx[:, c:c + chunk]).transpose(1, 2)).amax(-1)
+                           for c in range(0, b_idx.shape[1], chunk)]).amax(0)  # [B, |a|], O(B·|a|·chunk) memory
         keep_a = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, r:]
         residual = torch.cat([a_idx.gather(1, keep_a), b_idx], 1)
     return residual
