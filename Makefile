@@ -67,6 +67,7 @@ demo: $(STAMP) $(FMNIST)
 	$(BIN)/vtok methods
 	$(BIN)/vtok demo --out outputs/demo
 	$(BIN)/vtok sweep configs/sweeps/demo.yaml --results outputs/sweeps/demo.jsonl
+	$(BIN)/python demos/ask_vlm.py --out outputs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

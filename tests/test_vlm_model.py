@@ -196,3 +196,23 @@ def test_vlm_accuracy_benchmark_on_a_tiny_folder(tiny, tokenizer, tmp_path):
     lines = (tmp_path / "out" / "accuracy.jsonl").read_text().splitlines()
     bench.main(argv)
     assert (tmp_path / "out" / "accuracy.jsonl").read_text().splitlines() == lines
+
+
+def test_ask_vlm_demo_on_a_tiny_folder(tiny, tokenizer, tmp_path):
+    """demos/ask_vlm.py at tiny settings: every method x keep answers, counts its tokens, and the PNG is written."""
+    import importlib.util as iu
+
+    from scripts import ROOT
+
+    spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
+    demo = iu.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    folder = tmp_path / "vlm"
+    tiny.save_pretrained(folder)
+    vlm.build_processor(tokenizer).save_pretrained(folder)
+    rows = demo.main(["--model", str(folder), "--methods", "random,fastv", "--keeps", "1.0,0.25",
+                      "--out", str(tmp_path / "out")])
+    assert [(r["method"], r["keep"], r["kept"]) for r in rows] == [("random", 1.0, 64), ("random", 0.25, 16),
+                                                                    ("fastv", 1.0, 64), ("fastv", 0.25, 16)]
+    assert all(r["prefill_ms"] > 0 for r in rows)
+    assert (tmp_path / "out" / "vlm_kept_patches.png").exists()
