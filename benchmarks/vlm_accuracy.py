@@ -129,15 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     configs = _configs(args)
     for cfg in configs:
         run_sweep(cfg, str(args.out / "accuracy.jsonl"))
-    if args.model == "real_vlm":
-        model, processor = vlm.load_vlm()
-        folder = vlm.VLM_FOLDER
-    else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        folder = Path(args.model)
-        model = LlavaForConditionalGeneration.from_pretrained(str(folder)).eval()
-        processor = AutoProcessor.from_pretrained(str(folder))
+    model, processor = vlm.open_vlm(args.model)
+    folder = vlm.VLM_FOLDER if args.model == "real_vlm" else Path(args.model)
     if not args.no_timing:
         prompts = _timing_prompts(processor, task.heldout(args.timing_scenes), args.out / "timing")
         for cfg in configs:

@@ -76,17 +76,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from vtok.bench import vlm
     from vtok.bench import vlm_task as task
 
-    if args.model is None:
-        try:
-            model, processor = vlm.load_vlm()
-        except FileNotFoundError as e:
-            print(f"ask_vlm: skipped — {e}")
-            return []
-    else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
+    try:
+        model, processor = vlm.open_vlm(args.model or "real_vlm")
+    except FileNotFoundError as e:  # no committed weights yet
+        print(f"ask_vlm: skipped — {e}")
+        return []
     scene = task.heldout(1, start=args.scene)[0]
     text = processor.apply_chat_template(vlm.prompt(scene.question), add_generation_prompt=True)
     inputs = processor(images=[task.to_rgb(scene.image)], text=[text], return_tensors="pt")

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from hf_tiny_qwen import IMAGE_TOKEN, MERGE, images, left_pad, n_tokens, qwen_prompt, tiny_qwen2_5_vl, tiny_qwen2_vl  # noqa: E402
+import test_hf_qwen  # noqa: E402
+from hf_tiny_qwen import IMAGE_TOKEN, MERGE, PATCH, images, left_pad, n_tokens, qwen_prompt  # noqa: E402
+from hf_tiny_qwen import TEMPORAL as TP  # noqa: E402
 from test_hf_qwen import _greedy_reference, _lm_logits, _reindex_reference  # noqa: E402
 
 import vtok  # noqa: E402
@@ -16,21 +18,8 @@ from tests.hf_tiny import image_features  # noqa: E402
 from vtok.hooks.hf import _resize, stats, unwrap, wrap  # noqa: E402
 from vtok.pruners.baselines import _bins, pool_grid  # noqa: E402
 
-FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
-PATCH, TP = 14, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def model(request):
-    return FAMILIES[request.param]()
+# the Qwen tests' fixtures: both tiny families (module scope), one intra-op thread
+model, _one_thread = test_hf_qwen.model, test_hf_qwen._one_thread
 
 
 def _inputs(grids, seed=1, before=(1, 5), after=(11, 12, 13)):

@@ -381,58 +381,24 @@ def test_prumerge_per_head_keys_are_concatenated():
     assert torch.equal(a.assign, b.assign)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cdpruner_gram_path_equals_streaming_path(dtype, monkeypatch):
-    """Kernel rows read from one cosine GEMM (the batch's N x N fits) pick exactly what the per-step products do."""
-    from vtok.kernels import reference as ref
-
-    for n, seed in ((17, 0), (196, 1), (577, 2)):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(3, n, 48, generator=g)
-        x[:, ::3] += 2 * torch.randn(3, 1, 48, generator=g)
-        x, q = x.to(dtype), torch.randn(3, 48, generator=g).to(dtype)
-        for keep in (0.1, 0.25, 0.5):
-            a = vtok.compress(x, "cdpruner", keep=keep, query=q)[1].keep
-            with monkeypatch.context() as m:
-                m.setattr(ref, "GRAM_MAX_ELEMENTS", 0)
-                b = vtok.compress(x, "cdpruner", keep=keep, query=q)[1].keep
-            assert torch.equal(a, b), (n, keep)
-
-
-@pytest.mark.parametrize("method", ["scope", "gprune"])
+@pytest.mark.parametrize("method", ["cdpruner", "scope", "gprune", "vispruner"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_bounded_memory_path_equals_the_cached_matrix(method, dtype, monkeypatch):
-    """Above ``GRAM_MAX_ELEMENTS`` (lowered here) SCOPE and G-Prune recompute their similarity rows block by block
-    instead of keeping one N x N matrix: the same picks."""
+    """Above ``GRAM_MAX_ELEMENTS`` (lowered here) these methods stop keeping one sample's N x N similarity (CDPruner:
+    one [N, D] x [D] product per greedy step; SCOPE / G-Prune: row blocks recomputed on demand; VisPruner: each
+    round in column blocks): the same picks as with the cached matrix."""
     from vtok.kernels import reference as ref
 
+    info = vtok.get_method(method)
     for n, seed in ((17, 0), (300, 1), (577, 2)):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(2, n, 32, generator=g)
         x[:, ::3] += 2 * torch.randn(2, 1, 32, generator=g)
         x = x.to(dtype)
-        ctx = {k: v for k, v in example_context(method, x, seed=1).items()
-               if k in vtok.get_method(method).needs | vtok.get_method(method).uses}
+        ctx = {k: v for k, v in example_context(method, x, seed=1).items() if k in info.needs | info.uses}
         for keep in (0.1, 0.25, 0.5):
             a = vtok.compress(x, method, keep=keep, **ctx)[1].keep
             with monkeypatch.context() as m:
                 m.setattr(ref, "GRAM_MAX_ELEMENTS", 16)
                 b = vtok.compress(x, method, keep=keep, **ctx)[1].keep
-            assert torch.equal(a, b), (n, keep)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vispruner_streaming_path_equals_the_gram_path(dtype, monkeypatch):
-    from vtok.kernels import reference as ref
-
-    for n, seed in ((40, 0), (577, 1)):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, n, 32, generator=g)
-        x[:, ::3] += 2 * torch.randn(2, 1, 32, generator=g)
-        x, cls = x.to(dtype), torch.rand(2, n, generator=g)
-        for keep in (0.1, 0.25, 0.5):
-            a = vtok.compress(x, "vispruner", keep=keep, cls_attn=cls)[1].keep
-            with monkeypatch.context() as m:
-                m.setattr(ref, "GRAM_MAX_ELEMENTS", 16)
-                b = vtok.compress(x, "vispruner", keep=keep, cls_attn=cls)[1].keep
             assert torch.equal(a, b), (n, keep)

@@ -302,6 +302,17 @@ def load_vlm(path: str | Path | None = None, weights: str | Path | None = None):
     return model, AutoProcessor.from_pretrained(str(path))
 
 
+def open_vlm(model: str | Path = "real_vlm"):
+    """``(model, processor)``: ``"real_vlm"`` is :func:`load_vlm` (the committed weights, assembled once); anything else
+    is a folder already holding such a VLM, loaded as it is with ``from_pretrained``."""
+    if str(model) == "real_vlm":
+        return load_vlm()
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return (LlavaForConditionalGeneration.from_pretrained(str(model)).eval(),
+            AutoProcessor.from_pretrained(str(model)))
+
+
 def prompt(question: str) -> list[dict]:
     """The chat messages of one question about one image."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

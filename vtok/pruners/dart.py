@@ -18,14 +18,9 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.pruners.clustering import _check_int
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
 
 
 def _ranked(scores: Tensor, k: int) -> Tensor:
@@ -57,7 +52,7 @@ def dart_select(tokens: Tensor, k: int, ctx: Context, *, pivot_image: int = 4, p
     pivots are visited in Python ``set`` order. Defaults: 4 + 4 pivots (their scripts). Returns ``keep [B, k]``.
     """
     b, n = tokens.shape[:2]
-    pivot_image, pivot_text = _check_count("pivot_image", pivot_image), _check_count("pivot_text", pivot_text)
+    pivot_image, pivot_text = _check_int("pivot_image", pivot_image, 0), _check_int("pivot_text", pivot_text, 0)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     has_text = "text_features" in ctx and "text_keys" in ctx

@@ -21,17 +21,8 @@ from typing import Any
 
 import vtok
 from vtok.hooks._encoder_state import ENCODER_CONTEXT
+from vtok.hooks.hf import llm_context
 from vtok.sweep.tasks import Task, file_digest, register_task
-
-
-def _llm_context(layer: int, method: str) -> frozenset[str]:
-    """What an in-LLM stage entering decoder layer ``layer`` can give ``method`` (the wrapper's own rule)."""
-    from vtok.hooks.hf import _LLM_CONTEXT
-
-    if layer > 0:
-        return frozenset(_LLM_CONTEXT)
-    own = getattr(vtok.get_method(method).placement, "attn_layer", "previous") == "own"
-    return frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys"} - (set() if own else {"text_attn"})
 
 
 def parse_placement(placement: str) -> int | None:
@@ -92,7 +83,7 @@ class _Placements(Task):
 
     def check_method(self, method: str, placement: str) -> None:
         layer = parse_placement(placement)
-        avail = ENCODER_CONTEXT if layer is None else _llm_context(layer, method)
+        avail = ENCODER_CONTEXT if layer is None else llm_context(layer, method)
         missing = sorted(vtok.get_method(method).needs - avail)
         if missing:
             raise ValueError(f"methods: {method!r} needs context {missing}, which placement {placement!r} cannot give "
@@ -283,13 +274,7 @@ class RealVlm(_Placements):
         from vtok.bench import vlm_task as scenes_mod
 
         c0 = cells[0]
-        if c0.model == "real_vlm":
-            model, processor = vlm.load_vlm()
-        else:
-            from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-            model = LlavaForConditionalGeneration.from_pretrained(c0.model).eval()
-            processor = AutoProcessor.from_pretrained(c0.model)
+        model, processor = vlm.open_vlm(c0.model)
         opts = c0.task_options
         scenes = scenes_mod.heldout(opts["n"], opts["start"])
 

@@ -43,6 +43,16 @@ def register_adapter(adapter: Any) -> Any:
 register_adapter(LlavaAdapter())
 
 _LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys"}
+
+
+def llm_context(layer: int, method: str) -> frozenset[str]:
+    """The context keys an in-LLM stage entering decoder layer ``layer`` can give ``method`` (besides ``frames``).
+    Nothing ran before layer 0, so it has no earlier hidden states, keys or attention, unless the method reads its
+    own layer's attention (``Placement.attn_layer="own"``)."""
+    if layer > 0:
+        return frozenset(_LLM_CONTEXT)
+    own = get(method).placement.attn_layer == "own"
+    return frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys"} - (set() if own else {"text_attn"})
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
@@ -112,10 +122,8 @@ def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, option
         raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
     stages = []
     for ly, ks in zip(layers, keeps, strict=True):
-        avail = adapter.provides(model) if ly is None else set(_LLM_CONTEXT) | ({"frames"} & adapter.provides(model))
-        if ly is not None and ly == 0:  # nothing ran before layer 0 (a method reading its own layer still can)
-            own = getattr(info.placement, "attn_layer", "previous") == "own"
-            avail -= {"prev_hidden", "keys", "text_keys"} | (set() if own else {"text_attn"})
+        provided = adapter.provides(model)
+        avail = provided if ly is None else llm_context(ly, method) | ({"frames"} & provided)
         missing = sorted(set(info.needs) - avail)
         if missing:
             where = "before the language model" if ly is None else f"at language-model layer {ly}"

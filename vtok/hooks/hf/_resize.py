@@ -38,8 +38,7 @@ def resize_rows(rows: Tensor, thw: tuple[int, int, int], out_hw: tuple[int, int]
     anti-aliasing (as PIL's bicubic, which Qwen's processors use), in fp32. Returns the new rows and ``(t, h', w')``."""
     pix = unflatten(rows, thw, p, m, tp).float()
     out = F.interpolate(pix, size=(out_hw[0] * p, out_hw[1] * p), mode="bicubic", antialias=True, align_corners=False)
-    new, grid = flatten(out.to(rows.dtype), p, m, tp)
-    return new, grid
+    return flatten(out.to(rows.dtype), p, m, tp)
 
 
 def spread(small: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:

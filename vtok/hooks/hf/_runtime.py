@@ -415,7 +415,7 @@ class Runtime:
     def _own_attention(stage: Stage) -> bool:
         from vtok.pruners import get
 
-        return getattr(get(stage.method).placement, "attn_layer", "previous") == "own"
+        return get(stage.method).placement.attn_layer == "own"
 
     def _probe_own_attention(self, i: int, j: int, hidden: Tensor, kw: dict[str, Any]) -> None:
         """PyramidDrop-style ``text_attn`` of layer ``i`` itself: its attention module run once on

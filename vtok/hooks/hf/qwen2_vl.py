@@ -121,7 +121,7 @@ class QwenVLAdapter:
         block = tower.blocks[bi]
         merge = self._merge(model)
         captured: list[dict[str, Any]] = []
-        resize = rt.pre is not None and bool(getattr(get_method(rt.pre.method).placement, "resize_input", False))
+        resize = rt.pre is not None and get_method(rt.pre.method).placement.resize_input
 
         def pre_hook(module, args, kwargs):
             names = ("hidden_states", "cu_seqlens", "position_embeddings")
