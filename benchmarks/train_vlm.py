@@ -8,7 +8,7 @@ cell's row and column, and from the CLS token the count of every class. Stage 2:
 q/k/v/o projections of all 30 SmolLM2 layers) through the frozen LLM and the frozen tower, loss on the answer tokens
 (one word + ``<|im_end|>``) of one question per scene. The projector starts from the stage-1 cell classifier mapped
 onto the LLM's embeddings of the class words (so the visual tokens read as words from step 0); the rest of it and
-LoRA are learned. Batches are functions of the step index (scene ``step·batch + i`` of a seeded stream), the
+LoRA are learned. Batches are functions of the step index (scene ``offset + step·batch + i`` of a seeded stream), the
 training state is saved atomically to ``--work`` every ``--save-every`` steps: stopping and rerunning the same
 command continues to the same weights. To train stage 2 further with a new schedule, copy ``stage1.pt`` into a new
 ``--work`` and pass ``--init <old work>/stage2_last.pt``. The end product: ``--out`` (fp16 tower + projector + LoRA,
@@ -55,6 +55,7 @@ class Config:
     warmup: int = 50
     vision: dict | None = None
     init: str | None = None  # stage 2 starts from this run's projector + LoRA (a stage2_last.pt or --out file)
+    offset: int | None = None  # stage 2 reads scenes from this index of the stream on (a continuation sees new ones)
     work: str = "outputs/vlm/train"
     out: str = str(vlm.CHECKPOINT)
     save_every: int = 50
@@ -358,7 +359,7 @@ def train_stage2(cfg: Config, stage1: Stage1, llm, tokenizer, log: Log, budget: 
         f = lr_factor(step, cfg.steps2, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        index = [step * cfg.batch2 + i for i in range(cfg.batch2)]
+        index = [(cfg.offset or 0) + step * cfg.batch2 + i for i in range(cfg.batch2)]
         scenes = [task.make_scene("train", seed2, i) for i in index]
         convs = [scene_questions(s, seed2, i, cfg.questions) for s, i in zip(scenes, index, strict=True)]
         loss = stage2_loss(model, tokenizer, scenes, convs)

@@ -196,7 +196,7 @@ def _layerwise_logits(model, ids, pix, layer, kept_prompt, n_prompt):
         return model.lm_head(lm.norm(h))
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "random", "divprune"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "fitprune", "random", "divprune"])
 def test_in_llm_cached_generate_equals_layerwise_recompute(model, method):
     ids, am = left_pad([PROMPTS[0]])
     pix = _pix(1)

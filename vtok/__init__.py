@@ -13,16 +13,16 @@ from vtok.selection import Selection
 from vtok.tokenizers_img import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Context", "Selection", "capture", "compress", "get_method", "load_tokenizer", "methods", "patch",
-           "register", "resolve_k", "retained_count", "stats", "unpatch", "unwrap", "wrap", "wrapped",
+__all__ = ["Context", "Selection", "capture", "compress", "fit_fitprune", "get_method", "load_tokenizer", "methods",
+           "patch", "register", "resolve_k", "retained_count", "stats", "unpatch", "unwrap", "wrap", "wrapped",
            "__version__"]
 
-_HF = ("wrap", "unwrap", "wrapped", "stats")
+_HF = ("wrap", "unwrap", "wrapped", "stats", "fit_fitprune")
 
 
 def __getattr__(name: str):
-    """``vtok.wrap`` / ``unwrap`` / ``wrapped`` / ``stats`` and ``vtok.bench`` on first use (they import transformers
-    and the eval model's dependencies only when asked for)."""
+    """``vtok.wrap`` / ``unwrap`` / ``wrapped`` / ``stats`` / ``fit_fitprune`` and ``vtok.bench`` on first use (they
+    import transformers and the eval model's dependencies only when asked for)."""
     if name in _HF:  # the VLM wrapper imports transformers only when asked for
         import vtok.hooks.hf as hf
 

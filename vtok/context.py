@@ -243,3 +243,14 @@ def _text_keys(value: Any, tokens: Tensor) -> Tensor:
         raise ValueError(f"context 'text_keys' must have shape [B, T, Dk] or [B, H, T, dh] with B={tokens.shape[0]}; "
                          f"got {list(value.shape)}")
     return value
+
+
+@register_context("self_cross_attn", "attention each visual token receives in an LLM layer, heads max-reduced: row 0 "
+                  "the mean over the image's own query tokens, row 1 the sum over the (text) queries after the image, "
+                  "[B, 2, N]")
+def _self_cross_attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("self_cross_attn", value)
+    _check_shape("self_cross_attn", value, tokens, {3: "[B, 2, N]"})
+    if value.shape[1] != 2:
+        raise ValueError(f"context 'self_cross_attn' must have shape [B, 2, N]; got {list(value.shape)}")
+    return value

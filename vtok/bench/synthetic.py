@@ -148,6 +148,13 @@ def _text_keys(s: _Gen) -> Tensor:
     return s.out(s.randn(b, TEXT_TOKENS, d))
 
 
+def _self_cross_attn(s: _Gen) -> Tensor:
+    """``[B, 2, N]``: attention received from the image's own tokens (row 0, mean over N query rows) and from 8 text
+    rows (row 1, summed), as FitPrune reads them."""
+    n = s.tokens.shape[1]
+    return s.out(torch.stack([s.attention(n).mean(1), s.attention(TEXT_TOKENS).sum(1)], 1))
+
+
 def _sizes(s: _Gen) -> Tensor:
     return torch.ones(s.tokens.shape[:2], device=s.tokens.device, dtype=s.tokens.dtype)
 
@@ -167,12 +174,13 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "features": _features,
     "text_features": _text_features,
     "text_keys": _text_keys,
+    "self_cross_attn": _self_cross_attn,
 }
 """Context key → generator. Shapes: ``cls_attn`` / ``mid_attn`` ``[B, N]``; ``text_attn`` ``[B, 8, N]``;
 ``prev_hidden`` ``[B, N, D]`` (tokens + 10 % noise); ``keys`` ``[B, N, D]``; ``attn`` ``[B, N, N]``; ``query``
 ``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``;
-``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``. Attention
-rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
+``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``; ``self_cross_attn`` ``[B, 2, N]``.
+Attention rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
 
 
 def example_context(method: str | Method, tokens: Tensor, *, seed: int = 0, heads: int = 4) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     diversity,
     dpp,
     evs,
+    fitprune,
     graph,
     temporal,
     tome,

@@ -42,7 +42,8 @@ def register_adapter(adapter: Any) -> Any:
 
 register_adapter(LlavaAdapter())
 
-_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys"}
+_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys",
+                "self_cross_attn"}
 
 
 def llm_context(layer: int, method: str) -> frozenset[str]:
@@ -52,7 +53,8 @@ def llm_context(layer: int, method: str) -> frozenset[str]:
     if layer > 0:
         return frozenset(_LLM_CONTEXT)
     own = get(method).placement.attn_layer == "own"
-    return frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys"} - (set() if own else {"text_attn"})
+    return (frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys", "self_cross_attn"}
+            - (set() if own else {"text_attn"}))
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
@@ -172,7 +174,7 @@ def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | 
         raise ValueError("positions='reindex' applies to the pre-LLM stage; in-LLM stages keep the positions the "
                          "language model was given (add layer=None as a first stage, or use 'original')")
     impl = adapter.attn_implementation(model)
-    if any("text_attn" in s.needs for s in stages) and impl not in ("sdpa", "eager"):
+    if any(s.needs & {"text_attn", "self_cross_attn"} for s in stages) and impl not in ("sdpa", "eager"):
         raise NotImplementedError(f"in-LLM attention scores need attn_implementation 'sdpa' or 'eager', "
                                   f"the language model uses {impl!r}")
     rt = Runtime(model, adapter, stages, positions, method, keep)
@@ -229,4 +231,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     return rt.stats.as_dict()
 
 
-__all__ = ["ADAPTERS", "register_adapter", "stats", "supported", "unwrap", "wrap", "wrapped"]
+from vtok.hooks.hf.fitprune import FitSchedule, fit_fitprune  # noqa: E402  (uses wrap / unwrap above)
+
+__all__ = ["ADAPTERS", "FitSchedule", "fit_fitprune", "register_adapter", "stats", "supported", "unwrap", "wrap",
+           "wrapped"]

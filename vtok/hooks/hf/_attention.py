@@ -102,3 +102,26 @@ def last_row_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling:
         m = mask[:, :, -1:, -k.shape[2]:]
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
     return logits.softmax(-1).mean(1)[:, 0]
+
+
+def head_max_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
+    """Softmax attention of every query row, max over heads: ``[B, Q, K]`` (fp32), one head at a time (no
+    ``[B, H, Q, K]`` tensor). Arguments as :func:`last_row_attention`; ``mask=None`` means causal (query ``q`` sees
+    keys up to ``K − Q + q``). Rows that see no key (padding) are 0."""
+    b, h, q_len, _ = query.shape
+    k_len = key.shape[2]
+    rep = h // key.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if mask is None:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        mask = causal.expand(b, 1, q_len, k_len)
+    elif isinstance(mask, Tensor):
+        mask = mask[:, :, -q_len:, -k_len:]
+    out = None
+    for i in range(h):
+        logits = (query[:, i].float() @ key[:, i // rep].float().transpose(-1, -2)) * scale  # [B, Q, K]
+        m = mask[:, i if mask.shape[1] > 1 else 0]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        a = logits.softmax(-1).nan_to_num(0.0)
+        out = a if out is None else torch.maximum(out, a)
+    return out

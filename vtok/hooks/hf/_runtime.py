@@ -120,9 +120,25 @@ class _CallState:
     prev_hidden: list[Tensor] = field(default_factory=list)
     text_attn: dict[int, Tensor] = field(default_factory=dict)
     keys: dict[int, Tensor] = field(default_factory=dict)  # per in-LLM stage layer: the keys its attention layer saw
+    attn_max: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-max (FitPrune)
     probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
+
+
+def _after(valid: Tensor, positions: Tensor, image_pos: Tensor) -> Tensor:
+    """Positions of the valid non-image tokens after an image (its last token at ``positions.max()``)."""
+    after = valid.clone()
+    after[: int(positions.max()) + 1] = False
+    after[image_pos] = False
+    return after.nonzero().squeeze(1)
+
+
+def _self_cross(attn: Tensor, image: Tensor, text: Tensor) -> Tensor:
+    """FitPrune's two scores ``[2, n]`` from a head-max attention matrix ``attn [L, L]``: the attention each image token
+    receives from the image's own tokens (summed, divided by their count) and from ``text`` (summed)."""
+    cols = attn[:, image]
+    return torch.stack([cols[image].sum(0) / len(image), cols[text].sum(0)])
 
 
 class Runtime:
@@ -161,11 +177,11 @@ class Runtime:
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
             for s in self.inllm:
                 info = s.needs | self._uses(s)
-                if "text_attn" in info or "keys" in info:
+                if info & {"text_attn", "keys", "self_cross_attn"}:
                     own = self._own_attention(s)
                     attn = self.adapter.self_attention(layers[s.layer if own else s.layer - 1])
                     cb = self._make_attn_capture(s.layer, probe_only=own, text_attn="text_attn" in info,
-                                                 keys="keys" in info)
+                                                 keys="keys" in info, attn_max="self_cross_attn" in info)
                     _attention.watch(attn, cb)
                     self._undo.append(lambda attn=attn: _attention.unwatch(attn))
 
@@ -399,13 +415,16 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ in-LLM stages
-    def _make_attn_capture(self, layer: int, probe_only: bool = False, text_attn: bool = True, keys: bool = False):
+    def _make_attn_capture(self, layer: int, probe_only: bool = False, text_attn: bool = True, keys: bool = False,
+                           attn_max: bool = False):
         def cb(query, key, mask, scaling, module):
             st = self.state
             if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
                 return
             if text_attn:
                 st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
+            if attn_max:
+                st.attn_max[layer] = _attention.head_max_attention(query, key, mask, scaling)
             if keys:
                 st.keys[layer] = key  # [B, Hk, L, dh], RoPE applied (DART's key norms)
 
@@ -495,12 +514,19 @@ class Runtime:
             raise RuntimeError(f"vtok: no attention keys were captured before layer {stage.layer}; the attention "
                                f"implementation must be 'sdpa' or 'eager'")
         norm = getattr(self.lm, "norm", None) if info & {"features", "text_features"} else None
+        amax = st.attn_max.get(stage.layer)
+        if "self_cross_attn" in stage.needs and amax is None:
+            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
+                               f"implementation must be 'sdpa' or 'eager'")
         for b, row in enumerate(slots):
             image_pos = torch.cat([s.positions for s in row]) if row else None
             for s in row:
                 e: dict[str, Tensor] = {}
                 if att is not None:
                     e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
+                if amax is not None:
+                    e["self_cross_attn"] = _self_cross(amax[b, -hidden.shape[1]:, -hidden.shape[1]:], s.positions,
+                                                       _after(valid[b], s.positions, image_pos))
                 if st.prev_hidden:
                     e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
                 if keys is not None and "keys" in info:
@@ -508,10 +534,7 @@ class Runtime:
                 if norm is not None and "features" in info:
                     e["features"] = norm(hidden[b, s.positions])
                 if keys is not None and norm is not None and {"text_features", "text_keys"} <= info:
-                    after = valid[b].clone()
-                    after[: int(s.positions.max()) + 1] = False
-                    after[image_pos] = False
-                    text = after.nonzero().squeeze(1)  # the instruction after this image (DART's query tokens)
+                    text = _after(valid[b], s.positions, image_pos)  # the instruction after this image (DART's query)
                     e["text_features"] = norm(hidden[b, text])
                     e["text_keys"] = keys[b, :, -hidden.shape[1]:][:, text]
                 extra[s.record] = e
