@@ -19,7 +19,13 @@ BUDGETS = [1, 5, 24, 47]
 # pool2d (and downsample) need k = oh * ow with oh <= h, ow <= w: 47 is prime and larger than both sides of the
 # 6 x 8 grid.
 # temporal_pool needs k = ot * oh * ow with ot <= 8 frames of a 2 x 3 grid: 47 is prime and larger than 8.
-BUDGET_LIMITS = {"pool2d": {47}, "downsample": {47}, "temporal_pool": {47}}
+BUDGET_LIMITS = {"pool2d": {47}, "downsample": {47}, "temporal_pool": {47},
+                 "mustdrop": {1, 5}}  # 12 blocks of 2 x 2 merged leave 12 tokens at the fewest
+MIN_K = {"mustdrop": 12}  # fixed budgets below a method's fewest tokens are raised to it
+
+
+def _k(name: str, k: int) -> int:
+    return max(k, MIN_K.get(name, 0))
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +106,8 @@ def test_batch_matches_one_by_one(name, tokens):
 @pytest.mark.parametrize("name", METHODS)
 def test_deterministic(name, tokens):
     _, ctx = _setup(name, tokens)
-    s1, o1 = _run(name, tokens, 10, ctx)
-    s2, o2 = _run(name, tokens, 10, ctx)
+    s1, o1 = _run(name, tokens, _k(name, 10), ctx)
+    s2, o2 = _run(name, tokens, _k(name, 10), ctx)
     assert torch.equal(s1.keep, s2.keep) and torch.equal(o1, o2)
     assert (s1.assign is None) == (s2.assign is None)
     if s1.assign is not None:
@@ -158,7 +164,7 @@ def test_inputs_that_require_grad(name, tokens):
     every method runs on them, picks what it picks on detached features, and keeps the graph of the kept tokens."""
     x = tokens.clone().requires_grad_()
     m, ctx = _setup(name, tokens)
-    k = 5
+    k = _k(name, 5)
     with torch.no_grad():
         ref_sel, ref_out = _run(name, tokens, k, ctx)
     sel, out = _run(name, x, k, ctx)

@@ -1,0 +1,70 @@
+"""MustDrop's local spatial merging against a plain-loop reference of the authors' / LightCompress's block merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vtok
+from vtok.pruners.mustdrop import mustdrop_budget
+
+
+def _reference(x: torch.Tensor, h: int, w: int, r: int) -> torch.Tensor:
+    """One sample ``x [N, D]``: 2 × 2 blocks, mean pairwise cosine (self excluded) per block, the ``r`` most similar
+    blocks (ties: lower block first) merged into their mean, emitted first in that order, then the rest by position."""
+    blocks = []
+    for i in range(0, h - h % 2, 2):
+        for j in range(0, w - w % 2, 2):
+            blocks.append([i * w + j, i * w + j + 1, (i + 1) * w + j, (i + 1) * w + j + 1])
+    sims = []
+    for blk in blocks:
+        total = 0.0
+        for a in blk:
+            for c in blk:
+                if a != c:
+                    total += float(torch.nn.functional.cosine_similarity(x[a].double(), x[c].double(), dim=0))
+        sims.append(total / 12)
+    ranked = sorted(range(len(blocks)), key=lambda q: (-sims[q], q))[:r]
+    merged = {t for q in ranked for t in blocks[q]}
+    out = [x[blocks[q]].double().mean(0) for q in ranked]
+    out += [x[t].double() for t in range(h * w) if t not in merged]
+    return torch.stack(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(2, 7), st.integers(0, 10_000), st.data())
+def test_equals_the_block_merge_reference(h, w, seed, data):
+    n = h * w
+    n_win = (h // 2) * (w // 2)
+    r = data.draw(st.integers(0, n_win))
+    x = torch.randn(2, n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[:, 1] = x[:, 0] + 0.01  # some similar neighbours
+    out, sel = vtok.compress(x, "mustdrop", keep=n - 3 * r, grid=(h, w))
+    assert out.shape == (2, n - 3 * r, 6)
+    for b in range(2):
+        torch.testing.assert_close(out[b], _reference(x[b], h, w, r), rtol=0, atol=1e-12)
+
+
+def test_partial_block_makes_the_budget_exact():
+    x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    for k in range(4, 16):
+        out, sel = vtok.compress(x, "mustdrop", keep=k, grid=(4, 4))
+        assert out.shape[1] == k
+        sizes = sel.token_sizes()[0]
+        assert sizes.sum() == 16 and sizes.max() <= 4
+    with pytest.raises(ValueError, match="below the fewest"):
+        vtok.compress(x, "mustdrop", keep=3, grid=(4, 4))
+
+
+def test_identical_block_merges_first_and_budget_helper():
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(1))
+    x[0, [10, 11, 14, 15]] = x[0, 10].clone()  # the bottom-right block is one token repeated
+    out, sel = vtok.compress(x, "mustdrop", keep=13, grid=(4, 4))
+    assert sel.emitted_keep()[0, 0] == 15 and torch.allclose(out[0, 0], x[0, 10])
+    assert mustdrop_budget(x, (4, 4), threshold=0.999) == 13  # only that block reaches the threshold
+    _, pos = vtok.compress(x, "mustdrop", keep=13, grid=(4, 4), order="position")
+    assert pos.order is None and pos.keep[0].tolist() == [t for t in range(16) if t not in (10, 11, 14)]
+    with pytest.raises(ValueError, match="window"):
+        vtok.compress(x, "mustdrop", keep=13, grid=(4, 4), window=1)
