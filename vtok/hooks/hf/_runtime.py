@@ -121,6 +121,7 @@ class _CallState:
     text_attn: dict[int, Tensor] = field(default_factory=dict)
     keys: dict[int, Tensor] = field(default_factory=dict)  # per in-LLM stage layer: the keys its attention layer saw
     attn_max: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-max (FitPrune)
+    self_cross: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # per stage layer, per record: [2, n]
     probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
@@ -514,7 +515,7 @@ class Runtime:
             raise RuntimeError(f"vtok: no attention keys were captured before layer {stage.layer}; the attention "
                                f"implementation must be 'sdpa' or 'eager'")
         norm = getattr(self.lm, "norm", None) if info & {"features", "text_features"} else None
-        amax = st.attn_max.get(stage.layer)
+        amax = st.attn_max.pop(stage.layer, None)  # [B, L, L]: read once, freed with this stage
         if "self_cross_attn" in stage.needs and amax is None:
             raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
                                f"implementation must be 'sdpa' or 'eager'")
@@ -527,6 +528,7 @@ class Runtime:
                 if amax is not None:
                     e["self_cross_attn"] = _self_cross(amax[b, -hidden.shape[1]:, -hidden.shape[1]:], s.positions,
                                                        _after(valid[b], s.positions, image_pos))
+                    st.self_cross.setdefault(stage.layer, {})[s.record] = e["self_cross_attn"]
                 if st.prev_hidden:
                     e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
                 if keys is not None and "keys" in info:

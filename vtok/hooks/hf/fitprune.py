@@ -55,7 +55,6 @@ def _scores(model: Any, inputs: Mapping[str, Any], schedule: list[tuple[int, int
     """``[2, n]`` self / cross attention mass of the sample's image tokens in decoder layer ``layer`` after the
     sample's own ``schedule`` (``(stage layer, tokens left)`` pairs up to ``layer``)."""
     from vtok.hooks.hf import unwrap, wrap
-    from vtok.hooks.hf._runtime import _after, _self_cross
 
     layers = [ly for ly, _ in schedule] + [layer + 1]
     keep = [k for _, k in schedule] + [n]
@@ -63,13 +62,8 @@ def _scores(model: Any, inputs: Mapping[str, Any], schedule: list[tuple[int, int
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
-        st = model._vtok_runtime.state
-        attn = st.attn_max[layer + 1][0]
-        j = max(st.inllm)
-        valid = st.inllm[j - 1].valid[0] if j > 0 else st.valid[0]
-        (slot,) = st.slots[0]
-        return _self_cross(attn[-len(valid):, -len(valid):], slot.positions,
-                           _after(valid, slot.positions, slot.positions))
+        (scores,) = model._vtok_runtime.state.self_cross[layer + 1].values()  # the one image's [2, n]
+        return scores
     finally:
         unwrap(model)
 
