@@ -52,10 +52,15 @@ eval-vit: $(STAMP) $(FMNIST)
 	$(EVT) --init outputs/train_eval_vit_stage4/last.pt --seed 4 --epochs 0.3 --low-res-epochs 0 --lr 2e-4 \
 	  --warmup-epochs 0.02 --work outputs/train_eval_vit_stage5
 
-# the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): two resumable
-# stages (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
+# the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): stage 1 + stage 2
+# (1,000 steps, 4 questions per scene), then stage 2 continued on new scenes (600 steps, 6 questions, lower rates);
+# each run resumable (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
+VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python benchmarks/train_vlm.py
 vlm: $(STAMP) $(FMNIST)
-	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python benchmarks/train_vlm.py --work outputs/vlm/train
+	$(VLM_TRAIN) --work outputs/vlm/train --out outputs/vlm/train/vlm.safetensors
+	mkdir -p outputs/vlm/train_b && cp -n outputs/vlm/train/stage1.pt outputs/vlm/train_b/
+	$(VLM_TRAIN) --work outputs/vlm/train_b --init outputs/vlm/train/stage2_last.pt --offset 8000 --steps2 600 \
+		--questions 6 --lr-proj 1e-3 --lr-lora 7e-4 --eval-every 300
 
 vlm-accuracy: $(STAMP) $(FMNIST)
 	$(BIN)/python benchmarks/vlm_accuracy.py
