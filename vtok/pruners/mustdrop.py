@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.pruners.attention import _check_choice, _check_k
+from vtok.pruners.clustering import _check_int
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -68,8 +69,7 @@ def mustdrop_select(tokens: Tensor, k: int, ctx: Context, *, window: int = 2, or
     b, n = tokens.shape[:2]
     _check_k(k, n)
     _check_choice("order", order, ("reference", "position"))
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    window = _check_int("window", window, 2)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     sim, win = window_similarity(tokens, ctx["grid"], window)
