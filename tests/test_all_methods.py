@@ -20,8 +20,9 @@ BUDGETS = [1, 5, 24, 47]
 # 6 x 8 grid.
 # temporal_pool needs k = ot * oh * ow with ot <= 8 frames of a 2 x 3 grid: 47 is prime and larger than 8.
 BUDGET_LIMITS = {"pool2d": {47}, "downsample": {47}, "temporal_pool": {47},
-                 "mustdrop": {1, 5}}  # 12 blocks of 2 x 2 merged leave 12 tokens at the fewest
-MIN_K = {"mustdrop": 12}  # fixed budgets below a method's fewest tokens are raised to it
+                 "mustdrop": {1, 5},  # 12 blocks of 2 x 2 merged leave 12 tokens at the fewest
+                 "sparsevlm": {1}}  # recycling: 15 of 48 deleted tokens merge into at least 2 clusters
+MIN_K = {"mustdrop": 12, "sparsevlm": 2}  # fixed budgets below a method's fewest tokens are raised to it
 
 
 def _k(name: str, k: int) -> int:

@@ -311,7 +311,8 @@ def test_in_llm_cached_equals_no_cache(models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method,keep,layer", [("divprune", 0.3, None), ("visionzip", 0.4, None),
                                                ("random", 0.3, 1), ("random", [0.5, 0.25], [None, 2]),
-                                               ("fitprune", [0.5, 0.25], [1, 2]), ("mustdrop", 0.5, None)])
+                                               ("fitprune", [0.5, 0.25], [1, 2]), ("mustdrop", 0.5, None),
+                                               ("sparsevlm", [0.5, 0.25], [1, 2])])
 def test_batch_equals_one_by_one(models, family, method, keep, layer):
     model = models[family]
     sizes = [(10, 56), (50, 50)]  # different tile counts (3 / 5 crops) and unpadding

@@ -276,7 +276,7 @@ def test_in_llm_cached_equals_uncached(model, method, options):
 
 @pytest.mark.parametrize("method,layer,keep", [("visionzip", None, 0.5), ("fastv", 2, 0.5),
                                                 ("pdrop", [1, 3], [0.5, 0.25]), ("divprune", [None, 2], [0.5, 0.25]),
-                                                ("fitprune", [1, 3], [0.5, 0.25])])
+                                                ("fitprune", [1, 3], [0.5, 0.25]), ("sparsevlm", [1, 3], [0.5, 0.25])])
 def test_batch_equals_one_by_one(model, method, layer, keep):
     rows, inp = _batch()
     wrap(model, method, keep, layer=layer)

@@ -245,7 +245,7 @@ def test_in_llm_cached_equals_no_cache(model, method, layer):
 
 # ---------------------------------------------------------------------------------------------------- batches
 @pytest.mark.parametrize("method,layer", [("divprune", None), ("visionzip", None), ("fastv", 2), ("pdrop", [1, 3]),
-                                          ("random", [None, 2])])
+                                          ("random", [None, 2]), ("sparsevlm", [1, 3])])
 def test_batch_equals_one_by_one(model, method, layer):
     ids, am, pix = _batch()
     keep = [0.5, 0.25] if isinstance(layer, list) else 0.5
@@ -348,7 +348,7 @@ def test_every_method_through_the_wrapper(model, name):
         one = _gen(model, ids1, am1, n=6, **extra)
     # methods scoring by the text (last-row attention, mean text embedding) re-score every no-cache step on a
     # sequence that ends in the generated tokens: only the first token is the same computation
-    n_same = 1 if (m.needs | m.uses) & {"text_attn", "query"} else a.shape[1]
+    n_same = 1 if (m.needs | m.uses) & {"text_attn", "query", "text_rows_attn", "text_relevance"} else a.shape[1]
     assert torch.equal(a[:, :n_same], b[:, :n_same])
     assert one[0].tolist() == a[1].tolist()
 

@@ -254,3 +254,21 @@ def _self_cross_attn(value: Any, tokens: Tensor) -> Tensor:
     if value.shape[1] != 2:
         raise ValueError(f"context 'self_cross_attn' must have shape [B, 2, N]; got {list(value.shape)}")
     return value
+
+
+@register_context("text_rows_attn", "attention rows of the text tokens after the image to each visual token in an LLM "
+                  "layer, heads averaged, [B, T, N] (SparseVLM's rater attention)")
+def _text_rows_attn(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("text_rows_attn", value)
+    _check_shape("text_rows_attn", value, tokens, {3: "[B, T, N]"})
+    return value
+
+
+@register_context("text_relevance", "relevance of each text token after the image to the image, from the language "
+                  "model's input embeddings, [B, T] (SparseVLM's raters: the entries above the mean)")
+def _text_relevance(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("text_relevance", value)
+    if value.dim() != 2 or value.shape[0] != tokens.shape[0]:
+        raise ValueError(f"context 'text_relevance' must have shape [B, T] with B={tokens.shape[0]}; "
+                         f"got {list(value.shape)}")
+    return value

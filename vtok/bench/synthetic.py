@@ -155,6 +155,17 @@ def _self_cross_attn(s: _Gen) -> Tensor:
     return s.out(torch.stack([s.attention(n).mean(1), s.attention(TEXT_TOKENS).sum(1)], 1))
 
 
+def _text_rows_attn(s: _Gen) -> Tensor:
+    """``[B, 8, N]``: the attention rows of 8 text tokens over the visual tokens (SparseVLM's rater rows)."""
+    return s.out(s.attention(TEXT_TOKENS))
+
+
+def _text_relevance(s: _Gen) -> Tensor:
+    """``[B, 8]``: the 8 text tokens' relevance, a softmax over them averaged over the visual tokens (rows sum to 1)."""
+    b = s.tokens.shape[0]
+    return s.out(torch.softmax(s.randn(b, TEXT_TOKENS), dim=-1))
+
+
 def _sizes(s: _Gen) -> Tensor:
     return torch.ones(s.tokens.shape[:2], device=s.tokens.device, dtype=s.tokens.dtype)
 
@@ -175,11 +186,14 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "text_features": _text_features,
     "text_keys": _text_keys,
     "self_cross_attn": _self_cross_attn,
+    "text_rows_attn": _text_rows_attn,
+    "text_relevance": _text_relevance,
 }
 """Context key → generator. Shapes: ``cls_attn`` / ``mid_attn`` ``[B, N]``; ``text_attn`` ``[B, 8, N]``;
 ``prev_hidden`` ``[B, N, D]`` (tokens + 10 % noise); ``keys`` ``[B, N, D]``; ``attn`` ``[B, N, N]``; ``query``
 ``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``;
-``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``; ``self_cross_attn`` ``[B, 2, N]``.
+``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``; ``self_cross_attn`` ``[B, 2, N]``;
+``text_rows_attn`` ``[B, 8, N]``; ``text_relevance`` ``[B, 8]``.
 Attention rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
 
 

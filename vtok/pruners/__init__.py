@@ -13,6 +13,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     fitprune,
     graph,
     mustdrop,
+    sparsevlm,
     temporal,
     tome,
     transition,

@@ -43,7 +43,7 @@ def register_adapter(adapter: Any) -> Any:
 register_adapter(LlavaAdapter())
 
 _LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys",
-                "self_cross_attn"}
+                "self_cross_attn", "text_rows_attn", "text_relevance"}
 
 
 def llm_context(layer: int, method: str) -> frozenset[str]:
@@ -53,7 +53,7 @@ def llm_context(layer: int, method: str) -> frozenset[str]:
     if layer > 0:
         return frozenset(_LLM_CONTEXT)
     own = get(method).placement.attn_layer == "own"
-    return (frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys", "self_cross_attn"}
+    return (frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys", "self_cross_attn", "text_rows_attn"}
             - (set() if own else {"text_attn"}))
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 

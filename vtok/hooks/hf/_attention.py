@@ -104,10 +104,14 @@ def last_row_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling:
     return logits.softmax(-1).mean(1)[:, 0]
 
 
-def head_max_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
-    """Softmax attention of every query row, max over heads: ``[B, Q, K]`` (fp32), one head at a time (no
-    ``[B, H, Q, K]`` tensor). Arguments as :func:`last_row_attention`; ``mask=None`` means causal (query ``q`` sees
-    keys up to ``K − Q + q``). Rows that see no key (padding) are 0."""
+def head_reduced_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None,
+                           reduce: str = "max") -> Tensor:
+    """Softmax attention of every query row, max (``reduce="max"``, FitPrune) or mean (``"mean"``, SparseVLM) over
+    heads: ``[B, Q, K]`` (fp32), one head at a time (no ``[B, H, Q, K]`` tensor). Arguments as
+    :func:`last_row_attention`; ``mask=None`` means causal (query ``q`` sees keys up to ``K − Q + q``). Rows that see
+    no key (padding) are 0."""
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     b, h, q_len, _ = query.shape
     k_len = key.shape[2]
     rep = h // key.shape[1]
@@ -123,5 +127,8 @@ def head_max_attention(query: Tensor, key: Tensor, mask: Tensor | None, scaling:
         m = mask[:, i if mask.shape[1] > 1 else 0]
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
         a = logits.softmax(-1).nan_to_num(0.0)
-        out = a if out is None else torch.maximum(out, a)
-    return out
+        if out is None:
+            out = a
+        else:
+            out = torch.maximum(out, a) if reduce == "max" else out.add_(a)
+    return out / h if reduce == "mean" else out

@@ -121,6 +121,8 @@ class _CallState:
     text_attn: dict[int, Tensor] = field(default_factory=dict)
     keys: dict[int, Tensor] = field(default_factory=dict)  # per in-LLM stage layer: the keys its attention layer saw
     attn_max: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-max (FitPrune)
+    attn_mean: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-mean (SparseVLM)
+    relevance: dict[int, Tensor] = field(default_factory=dict)  # per record: [T] text relevance (SparseVLM)
     self_cross: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # per stage layer, per record: [2, n]
     probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
@@ -178,11 +180,12 @@ class Runtime:
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
             for s in self.inllm:
                 info = s.needs | self._uses(s)
-                if info & {"text_attn", "keys", "self_cross_attn"}:
+                if info & {"text_attn", "keys", "self_cross_attn", "text_rows_attn"}:
                     own = self._own_attention(s)
                     attn = self.adapter.self_attention(layers[s.layer if own else s.layer - 1])
                     cb = self._make_attn_capture(s.layer, probe_only=own, text_attn="text_attn" in info,
-                                                 keys="keys" in info, attn_max="self_cross_attn" in info)
+                                                 keys="keys" in info, attn_max="self_cross_attn" in info,
+                                                 attn_mean="text_rows_attn" in info)
                     _attention.watch(attn, cb)
                     self._undo.append(lambda attn=attn: _attention.unwatch(attn))
 
@@ -382,8 +385,22 @@ class Runtime:
                     pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
                     st.next_pos = pos3.masked_fill(~res.valid, -1).amax(-1) + 1
         st.slots_in, st.valid_in = slots, valid
+        if any("text_relevance" in s.needs | self._uses(s) for s in self.inllm):
+            self._relevance(st, kw["inputs_embeds"])
         self.state = st
         return kw
+
+    @staticmethod
+    def _relevance(st: _CallState, x: Tensor) -> None:
+        """SparseVLM's per-image text relevance from the language model's input embeddings ``x [B, L, D]``, once per
+        prompt (the text after each image keeps its order through every later stage)."""
+        from vtok.pruners.sparsevlm import text_relevance
+
+        for b, row in enumerate(st.slots):
+            image_pos = torch.cat([s.positions for s in row]) if row else None
+            for s in row:
+                text = _after(st.valid[b], s.positions, image_pos)
+                st.relevance[s.record] = text_relevance(x[b, s.positions], x[b, text])
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict[str, Any]):
@@ -417,7 +434,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ in-LLM stages
     def _make_attn_capture(self, layer: int, probe_only: bool = False, text_attn: bool = True, keys: bool = False,
-                           attn_max: bool = False):
+                           attn_max: bool = False, attn_mean: bool = False):
         def cb(query, key, mask, scaling, module):
             st = self.state
             if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
@@ -425,7 +442,9 @@ class Runtime:
             if text_attn:
                 st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
             if attn_max:
-                st.attn_max[layer] = _attention.head_max_attention(query, key, mask, scaling)
+                st.attn_max[layer] = _attention.head_reduced_attention(query, key, mask, scaling)
+            if attn_mean:
+                st.attn_mean[layer] = _attention.head_reduced_attention(query, key, mask, scaling, "mean")
             if keys:
                 st.keys[layer] = key  # [B, Hk, L, dh], RoPE applied (DART's key norms)
 
@@ -516,6 +535,10 @@ class Runtime:
                                f"implementation must be 'sdpa' or 'eager'")
         norm = getattr(self.lm, "norm", None) if info & {"features", "text_features"} else None
         amax = st.attn_max.pop(stage.layer, None)  # [B, L, L]: read once, freed with this stage
+        amean = st.attn_mean.pop(stage.layer, None)
+        if "text_rows_attn" in stage.needs and amean is None:
+            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
+                               f"implementation must be 'sdpa' or 'eager'")
         if "self_cross_attn" in stage.needs and amax is None:
             raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
                                f"implementation must be 'sdpa' or 'eager'")
@@ -529,6 +552,11 @@ class Runtime:
                     e["self_cross_attn"] = _self_cross(amax[b, -hidden.shape[1]:, -hidden.shape[1]:], s.positions,
                                                        _after(valid[b], s.positions, image_pos))
                     st.self_cross.setdefault(stage.layer, {})[s.record] = e["self_cross_attn"]
+                if amean is not None:
+                    text = _after(valid[b], s.positions, image_pos)
+                    e["text_rows_attn"] = amean[b, -hidden.shape[1]:, -hidden.shape[1]:][text][:, s.positions]
+                if s.record in st.relevance and "text_relevance" in info:
+                    e["text_relevance"] = st.relevance[s.record]
                 if st.prev_hidden:
                     e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
                 if keys is not None and "keys" in info:
