@@ -374,7 +374,8 @@ def test_onevision_video_keep_all_is_identity(models, layer):
             assert (model(input_ids=ids, attention_mask=am, **extra).logits - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("method,keep", [("frame_merge", 0.5), ("temporal_pool", 0.5), ("uniform", 0.25)])
+@pytest.mark.parametrize("method,keep", [("frame_merge", 0.5), ("temporal_pool", 0.5), ("uniform", 0.25),
+                                         ("holitom", 0.5)])
 @pytest.mark.parametrize("positions", ["original", "reindex"])
 def test_onevision_video_pre_llm_equals_manual(models, method, keep, positions):
     """A video alone: its frames through ``vtok.compress`` by hand (``frames=4``, pooled grid 2 x 2 for a temporal

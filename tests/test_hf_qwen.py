@@ -381,7 +381,7 @@ def _video_reference(m, ids, inp, method, keep, positions, options):
 
 @pytest.mark.parametrize("method,keep,options", [("frame_merge", 0.4, {}), ("random", 0.3, {"seed": 2}),
                                                  ("temporal_pool", 0.5, {}), ("evs", 0.4, {}),
-                                                 ("vidcom2", 0.5, {})])
+                                                 ("vidcom2", 0.5, {}), ("holitom", 0.4, {"dominant": 0.0})])
 @pytest.mark.parametrize("positions", ["original", "reindex"])
 def test_video_pre_llm_equals_manual_reference(model, method, keep, options, positions):
     """Pre-LLM pruning of a video (frames=3, per-frame grid 4 x 6) and an image equals the hand-built pruned prompt:

@@ -25,7 +25,8 @@ UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hipru
              "frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame",
              # issue #19 strategies, likewise written after the speed-ups
              "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope", "downsample",
-             "pdrop", "dart", "evs", "vidcom2", "fitprune", "mustdrop", "sparsevlm"}
+             "pdrop", "dart", "evs", "vidcom2", "fitprune", "mustdrop", "sparsevlm",
+             "holitom"}
 
 VARIANTS = {
     "divprune": [{}],

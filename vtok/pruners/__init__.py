@@ -12,6 +12,7 @@ from vtok.pruners import (  # noqa: F401  (registration)
     evs,
     fitprune,
     graph,
+    holitom,
     mustdrop,
     sparsevlm,
     temporal,
