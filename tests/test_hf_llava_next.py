@@ -413,8 +413,11 @@ def test_onevision_video_pre_llm_equals_manual(models, method, keep, positions):
     assert gen == toks
 
 
-def test_onevision_video_batch_equals_one_by_one(models):
-    """A video + image prompt and a video-only prompt (left-padded) equal each prompt run alone."""
+@pytest.mark.parametrize("method,keep,layer", [("frame_merge", 0.5, None),
+                                               (["holitom", "holitom_llm"], [0.5, 0.25], [None, 1])])
+def test_onevision_video_batch_equals_one_by_one(models, method, keep, layer):
+    """A video + image prompt and a video-only prompt (left-padded) equal each prompt run alone (HoliTom: its outer
+    merge before the LLM and its inner merge at layer 1, one method per stage)."""
     model = models["onevision"]
     ids1, _, ex1 = _video_inputs(model, with_image=True, seed=5)
     ids2, _, ex2 = _video_inputs(model, with_image=False, seed=6)
@@ -422,7 +425,7 @@ def test_onevision_video_batch_equals_one_by_one(models):
     ids, am = left_pad(rows)
     extra = {"pixel_values": ex1["pixel_values"], "image_sizes": ex1["image_sizes"],
              "pixel_values_videos": torch.cat([ex1["pixel_values_videos"], ex2["pixel_values_videos"]])}
-    with torch.no_grad(), vtok.wrapped(model, "frame_merge", 0.5):
+    with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         last = model(input_ids=ids, attention_mask=am, **extra).logits[:, -1]
         gen = _gen(model, ids, am, n=6, **extra)
         for i, (r, ex) in enumerate(zip(rows, [ex1, ex2], strict=True)):

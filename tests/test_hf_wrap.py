@@ -364,3 +364,30 @@ def test_eager_attention_language_model():
             ids1, am1, extra = _one(i)
             assert _gen(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
     assert torch.equal(a[:, :1], b[:, :1])  # FastV re-scores every no-cache step from the last generated token
+
+
+def test_one_method_per_stage(model):
+    """``method`` as a list: each stage runs its own method with its own options; a repeated name equals the name."""
+    ids, am, pix = _batch()
+    with torch.no_grad():
+        with vtok.wrapped(model, "random", [0.5, 0.25], layer=[None, 2], seed=3):
+            a = model(input_ids=ids, attention_mask=am, pixel_values=pix).logits
+        with vtok.wrapped(model, ["random", "random"], [0.5, 0.25], layer=[None, 2], seed=3):
+            assert torch.equal(model(input_ids=ids, attention_mask=am, pixel_values=pix).logits, a)
+        with vtok.wrapped(model, "divprune", 0.5):
+            model(input_ids=ids, attention_mask=am, pixel_values=pix)
+            pre = [set(d["kept"]) for d in vtok.stats(model)["per_sample"]]
+        with vtok.wrapped(model, ["divprune", "fastv"], [0.5, 0.25], layer=[None, 2], query_source="last"):
+            model(input_ids=ids, attention_mask=am, pixel_values=pix)
+            st = vtok.stats(model)
+    assert [d["after"] for d in st["per_image"]] == [4, 4, 4]
+    # the second stage picks among the first one's tokens (kept columns index the unpruned prompt)
+    assert all(set(d["kept"]) <= p for d, p in zip(st["per_sample"], pre, strict=True))
+    with pytest.raises(ValueError, match="2 names but there are 3 stages"):
+        vtok.wrap(model, ["divprune", "fastv"], [0.5, 0.25, 0.1], layer=[None, 2, 3])
+    with pytest.raises(TypeError, match="method must be"):
+        vtok.wrap(model, ["divprune", 3], [0.5, 0.25], layer=[None, 2])
+    with pytest.raises(TypeError, match="unknown option"):
+        vtok.wrap(model, ["divprune", "fastv"], [0.5, 0.25], layer=[None, 2], sead=1)
+    with pytest.raises(ValueError, match="method 'fastv' needs context"):
+        vtok.wrap(model, ["fastv", "random"], [0.5, 0.25], layer=[None, 2])

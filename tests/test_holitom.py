@@ -94,3 +94,26 @@ def test_budget_split_and_errors():
             vtok.compress(x, "holitom", 5, frames=3, **bad)
     with pytest.raises(ValueError, match="frames"):
         vtok.compress(x, "holitom", 5)
+
+
+# ---------------------------------------------------------------------------------------------------- inner-LLM
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 30), st.data())
+def test_llm_merge_is_their_running_average(seed, n, data):
+    """The authors' loop: top-k of the last row's attention, then each dropped token in position order averaged into
+    its most similar kept token (similarities from the unmerged states)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, 6, generator=g, dtype=torch.float64)
+    att = torch.rand(2, 3, n, generator=g, dtype=torch.float64)  # [B, T, N]: the last row is what counts
+    k = data.draw(st.integers(1, n))
+    out, sel = vtok.compress(x, "holitom_llm", k, text_attn=att)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    for b in range(2):
+        top = sorted(att[b, -1].topk(k).indices.tolist())
+        h = x[b].clone()
+        for i in range(n):
+            if i not in top:
+                j = top[int((xn[b, i] @ xn[b, top].T).argmax())]
+                h[j] = (h[j] + h[i]) / 2
+        assert sel.keep[b].tolist() == top
+        assert torch.allclose(out[b], h[top], atol=1e-12)

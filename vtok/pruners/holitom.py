@@ -16,8 +16,8 @@ Written from the paper (Sec. 3.2 "Outer-LLM holistic token merging") and the aut
    DPC-kNN clusters of the rest instead (their ``D``, default 0: attention only).
 
 The per-pool counts are the authors' ratio ``k / (N − saved)`` applied to every static pool and every frame's dynamic
-pool, split exactly (largest remainders) so the total is ``k``. Not here: HoliTom's inner-LLM merge (at layer ``K``
-each pruned token is merged into its most similar kept one), which is not an exact-budget selection of one stage.
+pool, split exactly (largest remainders) so the total is ``k``. HoliTom's inner-LLM merge (Sec. 3.3) is the separate
+strategy ``holitom_llm`` (an in-LLM stage); both together: ``vtok.wrap(model, ["holitom", "holitom_llm"], ...)``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
-from vtok.pruners.attention import _check_k
+from vtok.pruners.attention import _check_k, fastv_select
 from vtok.pruners.clustering import _check_int, dpc_knn
-from vtok.pruners.registry import register
+from vtok.pruners.registry import Placement, register
 from vtok.pruners.temporal import _check_real, allocate, frame_layout
-from vtok.selection import Selection
+from vtok.selection import Selection, gather_tokens
 
 HOLITOM = "HoliTom: Holistic Token Merging for Fast Video Large Language Models (arXiv 2505.21334)"
 
@@ -184,3 +184,42 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
         assign[i] = torch.where(assign[i] >= 0, remap[assign[i].clamp_min(0)], assign[i])
     dev = tokens.device
     return Selection(positions.to(dev), n, assign.to(dev), coef=coef.to(dev, torch.float32))
+
+
+@register("holitom_llm", family="attention", needs=("text_attn",), merges=True,
+          placement=Placement(positions="original"), paper=HOLITOM)
+def holitom_llm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
+    """HoliTom inner-LLM merging (Sec. 3.3; the authors' ``Qwen2Model_holitom.forward``): keep the ``k`` image tokens
+    the last prompt token attends to most in layer ``K − 1`` (heads averaged: FastV's score, ``text_attn``) and merge
+    every other one into its most cosine-similar kept token.
+
+    The merge is their running average in position order: a kept token ``j`` receiving ``x_{i_1}, …, x_{i_m}``
+    (``i_1 < … < i_m``) becomes ``h ← (h + x_i) / 2`` for each in turn, i.e. ``2^{−m} x_j + Σ_t 2^{−(m−t+1)} x_{i_t}``
+    (later tokens weigh more; similarities are taken before any merge). Positions stay the original ones (their
+    ``position_ids = keep_indexs``). Their defaults: ``K = HOLITOM_k``, ``k = round(N · (1 − HOLITOM_r))``, e.g.
+    ``layer=18, keep=0.5`` on LLaVA-OneVision-7B; with the outer stage: ``vtok.wrap(model, ["holitom",
+    "holitom_llm"], [0.15, 0.5], layer=[None, 18])`` (the in-LLM keep is of the original count: 0.075 of it).
+    Ties → lowest index (attention) and the earlier kept token (similarity).
+    """
+    b, n, _ = tokens.shape
+    sel = fastv_select(tokens, k, ctx, query_source="last")
+    if k == n:
+        return sel
+    kept = sel.keep  # [B, k] ascending
+    dropped = torch.ones(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, kept, False)
+    drop = torch.sort(dropped.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n - k]
+    drop = drop.sort(1).values  # [B, n − k] ascending positions (their merge order)
+    x = F.normalize(tokens.float(), dim=-1)
+    sim = torch.einsum("bid,bjd->bij", gather_tokens(x, drop), gather_tokens(x, kept))  # [B, n − k, k]
+    target = sim.argmax(-1)  # first maximum → the earlier kept token
+    # merges received after each dropped token (same target, later position): its weight is 2^-(1 + later)
+    same = target[:, :, None] == target[:, None, :]  # [B, n − k, n − k]
+    later = (same & torch.ones(n - k, n - k, dtype=torch.bool, device=tokens.device).triu(1)).sum(-1)
+    total = torch.zeros(b, k, dtype=torch.long, device=tokens.device).scatter_add_(1, target, torch.ones_like(target))
+    assign = torch.empty(b, n, dtype=torch.long, device=tokens.device)
+    assign.scatter_(1, kept, torch.arange(k, device=tokens.device).expand(b, k).contiguous())
+    assign.scatter_(1, drop, target)
+    coef = torch.empty(b, n, dtype=torch.float64, device=tokens.device)
+    coef.scatter_(1, kept, torch.pow(0.5, total.double()))
+    coef.scatter_(1, drop, torch.pow(0.5, 1.0 + later.double()))
+    return Selection(kept, n, assign, coef=coef.float())

@@ -90,11 +90,23 @@ def _check_keep(keep: Any, name: str) -> None:
         raise ValueError(f"{name} as a ratio must be in (0, 1] (0 would leave zero image tokens), got {keep}")
 
 
-def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, options: dict[str, Any]) -> list[Stage]:
-    info = get(method)
+def _stage_methods(method: Any, n: int) -> list[str]:
+    """One method name per stage: a name for every stage, or a list with one per stage."""
+    if isinstance(method, str):
+        return [method] * n
+    if not isinstance(method, (list, tuple)) or not all(isinstance(m, str) for m in method):
+        raise TypeError(f"method must be a method name or a list of names (one per stage), got {method!r}")
+    if len(method) != n:
+        raise ValueError(f"method lists {len(method)} names but there are {n} stages (layer=...)")
+    return list(method)
+
+
+def _stages(adapter: Any, model: Any, method: Any, keep: Any, layer: Any, options: dict[str, Any]) -> list[Stage]:
     layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
         raise ValueError("layer must be None, an int or a non-empty list")
+    names = _stage_methods(method, len(layers))
+    infos = [get(m) for m in names]
     if len(layers) > 1:
         if not isinstance(keep, (list, tuple)) or len(keep) != len(layers):
             raise ValueError(f"with {len(layers)} stages (layer={layers}) keep must be a list of {len(layers)} "
@@ -123,33 +135,38 @@ def _stages(adapter: Any, model: Any, method: str, keep: Any, layer: Any, option
     if len(ratios) == len(keeps) and any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
         raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
     stages = []
-    for ly, ks in zip(layers, keeps, strict=True):
+    for ly, ks, name, info in zip(layers, keeps, names, infos, strict=True):
         provided = adapter.provides(model)
-        avail = provided if ly is None else llm_context(ly, method) | ({"frames"} & provided)
+        avail = provided if ly is None else llm_context(ly, name) | ({"frames"} & provided)
         missing = sorted(set(info.needs) - avail)
         if missing:
             where = "before the language model" if ly is None else f"at language-model layer {ly}"
-            raise ValueError(f"method '{method}' needs context {missing}, which the wrapper cannot give {where} "
+            raise ValueError(f"method '{name}' needs context {missing}, which the wrapper cannot give {where} "
                              f"for {type(model).__name__} (it gives {sorted(avail)})")
-        stages.append(Stage(ly, method, ks, dict(options), frozenset(info.needs)))
-    bad = sorted(set(options) - set(info.options))
+        own = {k: v for k, v in options.items() if k in info.options}
+        stages.append(Stage(ly, name, ks, own, frozenset(info.needs)))
+    known = set().union(*(i.options for i in infos))
+    bad = sorted(set(options) - known)
     if bad:
-        raise TypeError(f"method '{method}' got unknown option(s) {bad}; its options: {sorted(info.options)}")
+        what = f"method '{names[0]}'" if len(set(names)) == 1 else f"methods {sorted(set(names))}"
+        raise TypeError(f"{what} got unknown option(s) {bad}; options: {sorted(known)}")
     return stages
 
 
-def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | Sequence[int | None] = None,
+def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
+         layer: int | None | Sequence[int | None] = None,
          positions: str | None = None, **options: Any) -> torch.nn.Module:
     """Make ``model`` (a supported Hugging Face VLM) prune visual tokens in its own ``forward`` / ``generate``.
 
     Args:
         model: e.g. ``LlavaForConditionalGeneration`` (``vtok.hooks.hf.supported()`` lists them), wrapped in place.
-        method: a registered strategy (``vtok.methods()``).
+        method: a registered strategy (``vtok.methods()``), or one per stage for a method whose stages differ
+            (HoliTom: ``["holitom", "holitom_llm"]`` with ``layer=[None, K]``).
         keep: per image, a ratio in ``(0, 1]`` or an int count; for one stage a list gives one per sample; for
             several stages one per stage (each may itself be a per-sample list).
         layer: ``None`` (pre-LLM), a decoder layer ``K``, or a list of stages (``[None, 8]``, ``[2, 8, 16]``).
         positions: ``"original"`` or ``"reindex"`` for the pre-LLM stage; default: the method's declaration.
-        **options: the method's own options.
+        **options: the method's own options (with several methods, each stage gets the ones its method has).
 
     Returns:
         ``model`` itself. Its ``forward`` returns logits for the *pruned* sequence (``vtok.stats(model)`` says how
@@ -166,7 +183,7 @@ def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | 
         raise ValueError("model is already wrapped by vtok; call vtok.unwrap(model) first")
     stages = _stages(adapter, model, method, keep, layer, options)
     has_pre = any(s.layer is None for s in stages)
-    default = get(method).placement.positions if has_pre else "original"
+    default = get(stages[0].method).placement.positions if has_pre else "original"
     positions = default if positions is None else positions
     if positions not in ("original", "reindex"):
         raise ValueError(f"positions must be 'original' or 'reindex', got {positions!r}")
@@ -174,7 +191,8 @@ def wrap(model: torch.nn.Module, method: str, keep: Any, *, layer: int | None | 
         raise ValueError("positions='reindex' applies to the pre-LLM stage; in-LLM stages keep the positions the "
                          "language model was given (add layer=None as a first stage, or use 'original')")
     impl = adapter.attn_implementation(model)
-    if any(s.needs & {"text_attn", "self_cross_attn"} for s in stages) and impl not in ("sdpa", "eager"):
+    if any(s.needs & {"text_attn", "self_cross_attn", "text_rows_attn"} for s in stages) \
+            and impl not in ("sdpa", "eager"):
         raise NotImplementedError(f"in-LLM attention scores need attn_implementation 'sdpa' or 'eager', "
                                   f"the language model uses {impl!r}")
     rt = Runtime(model, adapter, stages, positions, method, keep)
@@ -213,7 +231,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def wrapped(model: torch.nn.Module, method: str, keep: Any, **kwargs: Any) -> Iterator[torch.nn.Module]:
+def wrapped(model: torch.nn.Module, method: str | Sequence[str], keep: Any, **kwargs: Any
+            ) -> Iterator[torch.nn.Module]:
     """``with vtok.wrapped(model, "divprune", 0.25): model.generate(...)`` — unwrapped again on exit."""
     wrap(model, method, keep, **kwargs)
     try:
