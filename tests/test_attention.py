@@ -56,7 +56,7 @@ def test_all_registered_as_attention_family():
     names = {m.name for m in vtok.methods("attention")}
     assert names == {"cls_attn", "fopru", "hiprune", "visionzip", "zero_tprune", "fastv",
                      "fastervlm", "vispruner", "prumerge", "prumerge_plus", "pdrop", "fitprune",
-                     "sparsevlm", "holitom_llm"}
+                     "sparsevlm", "holitom_llm", "mustdrop_llm"}
     assert vtok.get_method("visionzip").merges and not vtok.get_method("fastv").merges
     assert vtok.get_method("fopru").options == {"mode": "rank"}
     assert "2411.14164" in vtok.get_method("fopru").paper

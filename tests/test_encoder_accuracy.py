@@ -20,7 +20,7 @@ def tiny_vit() -> VisionTransformer:
 def test_image_methods_are_every_strategy_but_llm_attention_and_video():
     bench = load_benchmark("encoder_accuracy")
     video = {m.name for m in vtok.methods("temporal")}  # they need frames (several images), not one encoder pass
-    in_llm = {"fastv", "pdrop", "fitprune", "sparsevlm", "holitom_llm"}
+    in_llm = {"fastv", "pdrop", "fitprune", "sparsevlm", "holitom_llm", "mustdrop_llm"}
     assert set(bench.image_methods()) == {m.name for m in vtok.methods()} - in_llm - video
 
 

@@ -105,3 +105,30 @@ def test_multi_stage_counts(model):
         assert vtok.stats(model)["per_sample"][0]["visual_after"] == 4
     with pytest.raises(ValueError, match="needs context"):
         vtok.wrap(model, "sparsevlm", 0.5, layer=0)  # nothing ran before layer 0: no attention to read
+
+
+def test_mustdrop_prefill_stage_equals_their_filter_by_hand(model):
+    """MustDrop's prefill stage reads the same ``text_rows_attn``: at their count it keeps exactly their set."""
+    from vtok.pruners.mustdrop import mustdrop_llm_budget
+
+    inp = _sample(5)
+    cfg = model.config.text_config
+    with torch.no_grad():
+        cfg._attn_implementation = "eager"
+        try:
+            att = model(**inp, output_attentions=True).attentions
+        finally:
+            cfg._attn_implementation = "sdpa"
+    ids = inp["input_ids"][0]
+    img = (ids == IMAGE_TOKEN).nonzero().squeeze(1)
+    text = torch.arange(int(img.max()) + 1, len(ids))
+    rows = att[2][0].mean(0)[text][:, img]  # layer K-1 = 2, heads averaged
+    share, peak = rows.sum(0) / rows.sum(), rows.max(0).values
+    # thresholds between the 8th and 9th smallest values (random weights spread attention evenly; their 0.001 keeps all)
+    g, i = (float(v.sort().values[7:9].mean()) for v in (share, peak))
+    want = img[(share >= g) | (peak >= i)].tolist()
+    assert mustdrop_llm_budget(rows[None], g, i) == len(want) and 0 < len(want) < 16
+    with torch.no_grad(), vtok.wrapped(model, "mustdrop_llm", len(want), layer=3, global_thr=g, individual_thr=i):
+        model(**inp)
+        kept = vtok.stats(model)["per_sample"][0]["kept"]
+    assert [p for p in kept if p in set(img.tolist())] == want

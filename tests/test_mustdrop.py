@@ -68,3 +68,40 @@ def test_identical_block_merges_first_and_budget_helper():
     assert pos.order is None and pos.keep[0].tolist() == [t for t in range(16) if t not in (10, 11, 14)]
     with pytest.raises(ValueError, match="window"):
         vtok.compress(x, "mustdrop", keep=13, grid=(4, 4), window=1)
+
+
+# ---------------------------------------------------------------------------------------------------- prefill stage
+def _their_filter(att, global_thr, individual_thr):
+    """The authors' ``dual_attention_filter`` on one sample ``[T, N]``: the kept token indices."""
+    s = att.sum(0)
+    drop = (s < s.sum() * global_thr) & (att.max(0).values < individual_thr)
+    return (~drop).nonzero().squeeze(1).tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 40), st.integers(1, 6), st.floats(0.005, 0.2), st.floats(0.005, 0.5))
+def test_prefill_stage_at_their_count_is_their_set(seed, n, t, g_thr, i_thr):
+    from vtok.pruners.mustdrop import mustdrop_llm_budget
+
+    att = torch.rand(1, t, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) ** 4
+    att = att / att.sum(-1, keepdim=True) * 0.5  # rows: half their mass on the image
+    k = mustdrop_llm_budget(att, g_thr, i_thr)
+    want = _their_filter(att[0], g_thr, i_thr)
+    assert k == len(want)
+    if k:
+        tokens = torch.zeros(1, n, 2)
+        _, sel = vtok.compress(tokens, "mustdrop_llm", k, text_rows_attn=att, global_thr=g_thr, individual_thr=i_thr)
+        assert sel.keep[0].tolist() == want
+
+
+def test_prefill_stage_by_hand():
+    # shares 0.5 / 0.3 / 0.05 / 0.15, maxima 0.6 / 0.4 / 0.05 / 0.15: margins with thresholds 0.2 / 0.1 are
+    # max(2.5, 6) / max(1.5, 4) / max(0.25, 0.5) / max(0.75, 1.5) = 6 / 4 / 0.5 / 1.5
+    att = torch.tensor([[[0.6, 0.2, 0.05, 0.15], [0.4, 0.4, 0.05, 0.15]]])
+    tokens = torch.zeros(1, 4, 2)
+    _, sel = vtok.compress(tokens, "mustdrop_llm", 2, text_rows_attn=att, global_thr=0.2, individual_thr=0.1)
+    assert sel.keep.tolist() == [[0, 1]]
+    _, sel = vtok.compress(tokens, "mustdrop_llm", 3, text_rows_attn=att, global_thr=0.2, individual_thr=0.1)
+    assert sel.keep.tolist() == [[0, 1, 3]]
+    with pytest.raises(ValueError, match="global_thr"):
+        vtok.compress(tokens, "mustdrop_llm", 2, text_rows_attn=att, global_thr=0.0)

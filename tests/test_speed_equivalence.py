@@ -26,7 +26,7 @@ UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hipru
              # issue #19 strategies, likewise written after the speed-ups
              "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope", "downsample",
              "pdrop", "dart", "evs", "vidcom2", "fitprune", "mustdrop", "sparsevlm",
-             "holitom", "holitom_llm"}
+             "holitom", "holitom_llm", "mustdrop_llm"}
 
 VARIANTS = {
     "divprune": [{}],

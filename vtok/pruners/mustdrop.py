@@ -5,8 +5,8 @@ The patch grid is cut into ``window × window`` blocks; a block whose tokens are
 excluded) is merged into one token (the mean of the block, placed at its last, bottom-right, token). The most similar
 blocks merge first. This is the stage that LightCompress ships as "MustDrop" and that vtok places where the paper
 does: on the vision tower's feature layer (``Placement(layer=-2, at="output")``), i.e. pre-LLM in ``vtok.wrap``. The
-paper's two later stages (prefill dual-attention filtering and the decode-time KV policy) use thresholds with
-data-dependent counts and are not part of this strategy.
+paper's prefill stage (dual-attention filtering) is the in-LLM strategy ``mustdrop_llm`` below, with exact budgets; the
+decode-time KV policy is not in vtok.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels import ops
 from vtok.pruners.attention import _check_choice, _check_k
 from vtok.pruners.clustering import _check_int
 from vtok.pruners.registry import Placement, register
@@ -98,3 +99,52 @@ def mustdrop_select(tokens: Tensor, k: int, ctx: Context, *, window: int = 2, or
     out_of = torch.full((b, n), -1, dtype=torch.long, device=dev)
     out_of.scatter_(1, positions, torch.arange(k, device=dev).expand(b, k))
     return Selection.from_emitted(positions, n, assign=out_of.gather(1, target))
+
+
+def _margins(text_rows_attn: Tensor, global_thr: float, individual_thr: float) -> Tensor:
+    """``[B, N]``: how far each token is from MustDrop's drop rule, ``max(g / global_thr, m / individual_thr)`` with
+    ``g`` its share of the attention the text rows pay the image and ``m`` the largest single text row's attention."""
+    a = text_rows_attn.float()
+    got = a.sum(1)  # [B, N]
+    share = got / got.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.maximum(share / global_thr, a.amax(1) / individual_thr) if a.shape[1] else torch.zeros_like(got)
+
+
+def _check_thr(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    return float(value)
+
+
+def mustdrop_llm_budget(text_rows_attn: Tensor, global_thr: float = 0.001, individual_thr: float = 0.001) -> int:
+    """The authors' adaptive count at one prefill layer: the tokens their dual-attention filter keeps (share of the text
+    rows' attention ``>= global_thr`` or some row's attention ``>= individual_thr``), the fewest over the batch."""
+    m = _margins(text_rows_attn, _check_thr("global_thr", global_thr), _check_thr("individual_thr", individual_thr))
+    return int((m >= 1).sum(1).min()) if m.numel() else 0
+
+
+@register("mustdrop_llm", family="attention", needs=("text_rows_attn",), placement=Placement(positions="original"),
+          paper="Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model "
+                "(arXiv 2411.10803), prefill stage")
+def mustdrop_llm_select(tokens: Tensor, k: int, ctx: Context, *, global_thr: float = 0.001,
+                        individual_thr: float = 0.001) -> Selection:
+    """MustDrop's prefill stage (Sec. 3.3, "dual-attention filtering"): drop the image tokens that get little attention
+    from the text after the image both globally (their share of it) and individually (every text token's).
+
+    ``text_rows_attn [B, T, N]``: heads-averaged attention of the text tokens after the image (``vtok.wrap`` reads
+    layer ``K − 1``'s, as the authors' code prunes after layer ``l`` with its own attention; their layers
+    ``[2, 6, 10, 14]`` → ``layer=[3, 7, 11, 15]``). Their rule drops a token when ``share < global_thr`` *and*
+    ``max < individual_thr`` (both 0.001 in their scripts), i.e. when ``max(share / global_thr, max / individual_thr)
+    < 1``; vtok keeps the ``k`` tokens with the largest such margin (ties → lowest index), which at the authors' count
+    (:func:`mustdrop_llm_budget`) is exactly their set. With the vision stage: ``vtok.wrap(model, ["mustdrop",
+    "mustdrop_llm", ...], ...)``. Not here: their always-kept "key set" from the vision stage and the decode stage
+    (layers from the first pruning layer on drop every later-pruned token from their KV cache after prefill);
+    their code renumbers positions, vtok keeps the original ones.
+    """
+    b, n = tokens.shape[:2]
+    _check_k(k, n)
+    m = _margins(ctx["text_rows_attn"], _check_thr("global_thr", global_thr),
+                 _check_thr("individual_thr", individual_thr))
+    if k == n:
+        return Selection.identity(b, n, tokens.device)
+    return Selection(ops.stable_topk(m, k), n)
