@@ -123,7 +123,8 @@ def mustdrop_llm_budget(text_rows_attn: Tensor, global_thr: float = 0.001, indiv
     return int((m >= 1).sum(1).min()) if m.numel() else 0
 
 
-@register("mustdrop_llm", family="attention", needs=("text_rows_attn",), placement=Placement(positions="original"),
+@register("mustdrop_llm", family="attention", needs=("text_rows_attn",),
+          placement=Placement(positions="original", decode_kv="final"),
           paper="Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model "
                 "(arXiv 2411.10803), prefill stage")
 def mustdrop_llm_select(tokens: Tensor, k: int, ctx: Context, *, global_thr: float = 0.001,
@@ -137,9 +138,10 @@ def mustdrop_llm_select(tokens: Tensor, k: int, ctx: Context, *, global_thr: flo
     ``max < individual_thr`` (both 0.001 in their scripts), i.e. when ``max(share / global_thr, max / individual_thr)
     < 1``; vtok keeps the ``k`` tokens with the largest such margin (ties → lowest index), which at the authors' count
     (:func:`mustdrop_llm_budget`) is exactly their set. With the vision stage: ``vtok.wrap(model, ["mustdrop",
-    "mustdrop_llm", ...], ...)``. Not here: their always-kept "key set" from the vision stage and the decode stage
-    (layers from the first pruning layer on drop every later-pruned token from their KV cache after prefill);
-    their code renumbers positions, vtok keeps the original ones.
+    "mustdrop_llm", ...], ...)``. Its decode stage (after the prefill, the layers from the first pruning layer on
+    drop every later-pruned token from their KV cache) is the wrapper's ``decode_kv="final"``, this method's
+    default. Not here: their always-kept "key set" from the vision stage; their code renumbers positions, vtok keeps
+    the original ones.
     """
     b, n = tokens.shape[:2]
     _check_k(k, n)

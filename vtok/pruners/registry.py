@@ -39,6 +39,9 @@ class Placement:
         attn_layer: in a wrapped VLM, which decoder layer's attention an in-LLM stage at layer ``K`` reads as
             ``text_attn``: ``"previous"`` (layer ``K − 1``'s, captured while it ran: FastV) or ``"own"`` (layer ``K``'s
             own queries / keys on its input, computed before it runs: PyramidDrop).
+        decode_kv: in a wrapped VLM, what the KV cache of the layers between in-LLM stages holds while decoding:
+            ``"stage"`` (the tokens each layer computed on) or ``"final"`` (only the last stage's tokens from the first
+            stage's attention layer on: MustDrop's decode stage).
         resize_input: in a wrapped VLM whose vision tower takes any resolution (Qwen2-VL / Qwen2.5-VL), the image
             is resized *before* the tower so that the tower itself yields the method's pooled grid (``downsample``);
             towers of fixed resolution and plain tensors get the method's own (pooling) selection instead.
@@ -52,6 +55,7 @@ class Placement:
     positions: str = "reindex"
     attn_layer: str = "previous"
     resize_input: bool = False
+    decode_kv: str = "stage"
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def _stages(adapter: Any, model: Any, method: Any, keep: Any, layer: Any, option
 
 def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
          layer: int | None | Sequence[int | None] = None,
-         positions: str | None = None, **options: Any) -> torch.nn.Module:
+         positions: str | None = None, decode_kv: str | None = None, **options: Any) -> torch.nn.Module:
     """Make ``model`` (a supported Hugging Face VLM) prune visual tokens in its own ``forward`` / ``generate``.
 
     Args:
@@ -166,6 +166,9 @@ def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
             several stages one per stage (each may itself be a per-sample list).
         layer: ``None`` (pre-LLM), a decoder layer ``K``, or a list of stages (``[None, 8]``, ``[2, 8, 16]``).
         positions: ``"original"`` or ``"reindex"`` for the pre-LLM stage; default: the method's declaration.
+        decode_kv: ``"stage"`` (each layer's KV cache keeps the tokens its stage computed) or ``"final"`` (after the
+            prefill, layers from the first in-LLM stage's attention layer ``K₁ − 1`` up to the last stage keep only
+            the last stage's tokens: MustDrop's decode stage); default: the last stage's method's declaration.
         **options: the method's own options (with several methods, each stage gets the ones its method has).
 
     Returns:
@@ -195,7 +198,14 @@ def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
             and impl not in ("sdpa", "eager"):
         raise NotImplementedError(f"in-LLM attention scores need attn_implementation 'sdpa' or 'eager', "
                                   f"the language model uses {impl!r}")
-    rt = Runtime(model, adapter, stages, positions, method, keep)
+    inllm = [s for s in stages if s.layer is not None]
+    decode_kv = (get(inllm[-1].method).placement.decode_kv if inllm else "stage") if decode_kv is None else decode_kv
+    if decode_kv not in ("stage", "final"):
+        raise ValueError(f"decode_kv must be 'stage' or 'final', got {decode_kv!r}")
+    if decode_kv == "final" and not inllm:
+        raise ValueError("decode_kv='final' prunes the KV cache of the layers before the last in-LLM stage; this "
+                         "wrap has no in-LLM stage (layer=K)")
+    rt = Runtime(model, adapter, stages, positions, method, keep, decode_kv)
     rt.install()
     orig_generate = model.generate
 

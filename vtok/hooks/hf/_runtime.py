@@ -148,7 +148,7 @@ class Runtime:
     """Holds the overrides of one wrapped model; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, adapter: Any, stages: list[Stage], positions: str,
-                 method: str, keep: Any) -> None:
+                 method: Any, keep: Any, decode_kv: str = "stage") -> None:
         self.model, self.adapter, self.stages, self.positions = model, adapter, stages, positions
         self.method, self.keep = method, keep
         self.lm = adapter.language_model(model)
@@ -162,6 +162,10 @@ class Runtime:
         self._orig_lm_forward = self.lm.forward
         self.pre = next((s for s in stages if s.layer is None), None)
         self.inllm = [s for s in stages if s.layer is not None]
+        # MustDrop's decode stage: after the prefill, layers from the first stage's attention layer up to the last
+        # stage keep only the final visual tokens in their KV cache
+        self.retro = range(max(self.inllm[0].layer - 1, 0), self.inllm[-1].layer) \
+            if decode_kv == "final" and self.inllm else range(0)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -174,7 +178,7 @@ class Runtime:
             first = min(s.layer for s in self.inllm)
             want_prev = any("prev_hidden" in s.needs for s in self.inllm)
             for i, layer in enumerate(layers):
-                if i >= first or want_prev:
+                if i >= first or want_prev or i in self.retro:
                     orig = layer.forward
                     layer.forward = self._make_layer_forward(i, orig)
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
@@ -327,12 +331,36 @@ class Runtime:
         out = self._orig_lm_forward(**kw)
         t0 = time.perf_counter()
         st = self.state
+        if self.retro and st.inllm:
+            cache = kw.get("cache", kw.get("past_key_values"))
+            if cache is None and hasattr(out, "get"):  # created by the model (a forward with use_cache)
+                cache = out.get("cache", out.get("past_key_values"))
+            self._prune_cache(cache, st)
         self._record_stats(st.slots_in, st, st.valid_in)
         if self.state is st:
             st.phase = "decode"
         self.wrapper_s = 0.0
         self.stats.wrapper_seconds += time.perf_counter() - t0
         return out
+
+    def _prune_cache(self, cache: Any, st: _CallState) -> None:
+        """MustDrop's decode stage: the KV cache of every layer in ``self.retro`` (which holds the sequence of the
+        stage before it) keeps only the tokens the last stage kept, in the last stage's (left-padded) layout. For a
+        merging stage a merged token's place takes its representative's cached keys / values."""
+        if cache is None or not hasattr(cache, "layers"):
+            return
+        last = st.inllm[max(st.inllm)]
+        for i in self.retro:
+            j = self._stage_at(i)
+            src = st.inllm[j].index_lm if j is not None else torch.arange(st.valid.shape[1], device=st.valid.device
+                                                                          ).expand_as(st.valid)
+            # position in layer i's sequence of each final token: match their language-model input indices
+            hit = (last.index_lm[:, :, None] == src[:, None, :]) & (last.index_lm[:, :, None] >= 0)
+            idx = hit.float().argmax(-1)  # [B, L_final]; padding → 0 (masked in decode)
+            layer = cache.layers[i]
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                setattr(layer, name, t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
 
     def _prefill_inputs(self, kw: dict[str, Any]) -> dict[str, Any]:
         x = kw.get("inputs_embeds")
@@ -496,6 +524,8 @@ class Runtime:
             else:
                 hidden = kw.pop("hidden_states")
             j = self._stage_at(i)
+            if st.phase == "decode" and i in self.retro and st.inllm:
+                j = max(st.inllm)  # its cache now holds the final tokens
             if st.phase == "prefill":
                 nxt = [s.layer for s in self.inllm if s.layer > i]
                 if nxt and any("prev_hidden" in s.needs for s in self.inllm if s.layer > i):
