@@ -331,8 +331,9 @@ def _placement(model, m):
 
 @pytest.mark.parametrize("name", [m.name for m in vtok.methods()])
 def test_every_method_through_the_wrapper(model, name):
-    """Each registered method where the wrapper can place it: exact budgets, cached == no-cache generation, batch ==
-    one by one; methods needing context no placement gives (Zero-TPrune's full attention graph) are refused."""
+    """Each registered method where the wrapper can place it: keep-all identity, exact budgets, cached == no-cache
+    generation, batch == one by one; methods needing context no placement gives (Zero-TPrune's full attention graph)
+    are refused."""
     m = vtok.get_method(name)
     layer = _placement(model, m)
     if layer == "unsupported":
@@ -340,6 +341,10 @@ def test_every_method_through_the_wrapper(model, name):
             vtok.wrap(model, name, 0.5)
         return
     ids, am, pix = _batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am, pixel_values=pix).logits
+        with vtok.wrapped(model, name, 1.0, layer=layer):
+            assert (model(input_ids=ids, attention_mask=am, pixel_values=pix).logits - ref).abs().max() <= 1e-5
     with torch.no_grad(), vtok.wrapped(model, name, 0.5, layer=layer):
         a = _gen(model, ids, am, n=6, pixel_values=pix)
         assert [d["after"] for d in vtok.stats(model)["per_image"]] == [8, 8, 8]
