@@ -2,21 +2,22 @@
 arXiv 2505.21334): global temporal segmentation, static tokens merged across each segment's frames, then per-frame
 dominant tokens and density-peak merging.
 
-Written from the paper (Sec. 3.2 "Outer-LLM holistic token merging") and the authors' code (``cokeshao/HoliTom``,
-``holitom/llava_arch.py``), whose defaults it follows:
+Written from the paper (Sec. 3, Method: "Temporal Merging", "Spatial Merging", "Inner-LLM Merging") and the authors'
+code (``cokeshao/HoliTom``, ``holitom/llava_arch.py``), whose defaults it follows:
 
-1. **Segmentation** (Sec. 3.2.1): ``sim[t, p] = cos(x_{t,p}, x_{t+1,p})`` between consecutive frames; a token is
+1. **Segmentation** (temporal merging): ``sim[t, p] = cos(x_{t,p}, x_{t+1,p})`` between consecutive frames; a token is
    *static* over frames ``s..e`` when every consecutive pair in between is above ``τ``. Merging a segment's static
    tokens saves ``(e − s) · #static``; a dynamic programme over the frames picks the segmentation that saves the most
    (:func:`holitom_segments`, their ``select_static_windows``: a lone frame first, then shorter windows, on ties).
-2. **Static tokens** of a segment (Sec. 3.2.2): averaged over its frames, then clustered by DPC-kNN; each cluster is
-   ``β · centre + (1 − β) · mean(other members)`` (their default ``β = 0.6``), placed in the segment's first frame.
-3. **Dynamic tokens** of each frame (Sec. 3.2.3): the ones with the most attention (``cls_attn``: the attention each
-   token receives, their last-layer head and query mean) are kept; a ``1 − dominant`` share of a frame's count is
+2. **Static tokens** of a segment (temporal, then spatial merging): averaged over its frames, then clustered by
+   DPC-kNN; each cluster is ``β · centre + (1 − β) · mean(other members)`` (their default ``β = 0.6``), placed in the
+   segment's first frame.
+3. **Dynamic tokens** of each frame (spatial merging): the ones with the most attention (``cls_attn``: the attention
+   each token receives, their last-layer head and query mean) are kept; a ``1 − dominant`` share of a frame's count is
    DPC-kNN clusters of the rest instead (their ``D``, default 0: attention only).
 
 The per-pool counts are the authors' ratio ``k / (N − saved)`` applied to every static pool and every frame's dynamic
-pool, split exactly (largest remainders) so the total is ``k``. HoliTom's inner-LLM merge (Sec. 3.3) is the separate
+pool, split exactly (largest remainders) so the total is ``k``. HoliTom's inner-LLM merge is the separate
 strategy ``holitom_llm`` (an in-LLM stage); both together: ``vtok.wrap(model, ["holitom", "holitom_llm"], ...)``.
 """
 
@@ -100,8 +101,8 @@ def _check_fraction(name: str, value: object) -> float:
 @register("holitom", family="temporal", needs=("frames",), uses=("cls_attn", "grid"), merges=True, paper=HOLITOM)
 def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, max_window: int = 1024,
                    beta: float = 0.6, knn: int = 7, dominant: float = 1.0) -> Selection:
-    """HoliTom outer-LLM merging (Sec. 3.2): segment the video where tokens stay static, merge each segment's static
-    tokens across its frames and space, keep each frame's most attended dynamic tokens.
+    """HoliTom outer-LLM merging (Sec. 3, temporal and spatial merging): segment the video where tokens stay static,
+    merge each segment's static tokens across its frames and space, keep each frame's most attended dynamic tokens.
 
     ``tokens [B, T·P, D]`` (``frames=T``), ``cls_attn [B, T·P]`` optional. Per sample: :func:`holitom_segments` of
     ``cos(x_t, x_{t+1}) > tau`` (no segmentation when ``k`` exceeds what it leaves); pools = each segment's static
@@ -189,9 +190,9 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
 @register("holitom_llm", family="attention", needs=("text_attn",), merges=True,
           placement=Placement(positions="original"), paper=HOLITOM)
 def holitom_llm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
-    """HoliTom inner-LLM merging (Sec. 3.3; the authors' ``Qwen2Model_holitom.forward``): keep the ``k`` image tokens
-    the last prompt token attends to most in layer ``K − 1`` (heads averaged: FastV's score, ``text_attn``) and merge
-    every other one into its most cosine-similar kept token.
+    """HoliTom inner-LLM merging (Sec. 3, "Inner-LLM Merging"; the authors' ``Qwen2Model_holitom.forward``): keep the
+    ``k`` image tokens the last prompt token attends to most in layer ``K − 1`` (heads averaged: FastV's score,
+    ``text_attn``) and merge every other one into its most cosine-similar kept token.
 
     The merge is their running average in position order: a kept token ``j`` receiving ``x_{i_1}, …, x_{i_m}``
     (``i_1 < … < i_m``) becomes ``h ← (h + x_i) / 2`` for each in turn, i.e. ``2^{−m} x_j + Σ_t 2^{−(m−t+1)} x_{i_t}``

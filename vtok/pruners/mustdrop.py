@@ -129,8 +129,8 @@ def mustdrop_llm_budget(text_rows_attn: Tensor, global_thr: float = 0.001, indiv
                 "(arXiv 2411.10803), prefill stage")
 def mustdrop_llm_select(tokens: Tensor, k: int, ctx: Context, *, global_thr: float = 0.001,
                         individual_thr: float = 0.001) -> Selection:
-    """MustDrop's prefill stage (Sec. 3.3, "dual-attention filtering"): drop the image tokens that get little attention
-    from the text after the image both globally (their share of it) and individually (every text token's).
+    """MustDrop's prefilling stage (Sec. 3; the code's ``dual_attention_filter``): drop the image tokens that get little
+    attention from the text after the image both globally (their share of it) and individually (every text token's).
 
     ``text_rows_attn [B, T, N]``: heads-averaged attention of the text tokens after the image (``vtok.wrap`` reads
     layer ``K − 1``'s, as the authors' code prunes after layer ``l`` with its own attention; their layers

@@ -3,13 +3,14 @@ arXiv 2410.04417, ICML 2025).
 
 SparseVLM prunes inside the language model, guided by the instruction:
 
-* **Raters** (Sec. 3.2, Eq. 1–2): on the language model's *input* embeddings, ``R = softmax_T(V · Tᵀ)`` between the
-  image's tokens ``V [N, D]`` and the text tokens after it ``T [T, D]``, averaged over the image tokens; the text
-  tokens whose relevance is above the mean are the raters (:func:`text_relevance`; chosen once per prompt).
-* **Sparsification** (Sec. 3.3): at a sparse layer, each visual token's score is the attention the raters pay it
+* **Raters** (Sec. 3, relevant text tokens as raters): on the language model's *input* embeddings,
+  ``R = softmax_T(V · Tᵀ)`` between the image's tokens ``V [N, D]`` and the text tokens after it ``T [T, D]``,
+  averaged over the image tokens; the text tokens whose relevance is above the mean are the raters
+  (:func:`text_relevance`; chosen once per prompt).
+* **Sparsification** (Sec. 3): at a sparse layer, each visual token's score is the attention the raters pay it
   (heads averaged, rows averaged over the raters); the lowest-scored tokens are deleted.
-* **Recycling** (Sec. 3.4): the top 30 % of the deleted tokens by score are clustered with DPC-kNN and each cluster
-  merged into one token (their mean), placed after the kept visual tokens.
+* **Recycling** (Sec. 3, token recycling): the top 30 % of the deleted tokens by score are clustered with DPC-kNN and
+  each cluster merged into one token (their mean), placed after the kept visual tokens.
 
 What vtok reproduces is the authors' public code (``Gumpest/SparseVLMs``, ``USE_VERSION=1_0``, the paper's v1
 numbers): fixed counts per sparse layer (their ``sparse_token_dict``, e.g. 192 tokens on LLaVA-1.5 = keep
@@ -36,9 +37,9 @@ from vtok.selection import Selection
 
 
 def text_relevance(visual: Tensor, text: Tensor) -> Tensor:
-    """SparseVLM's rater relevance (Sec. 3.2, Eq. 1): ``softmax_T(V · Tᵀ)`` averaged over the visual tokens → ``[T]``
-    (fp32), from the language model's input embeddings ``visual [N, D]`` and ``text [T, D]`` (the authors' code: no
-    ``1/√D`` scale). The raters are the entries above their mean."""
+    """SparseVLM's rater relevance (Sec. 3, rater selection): ``softmax_T(V · Tᵀ)`` averaged over the visual tokens
+    → ``[T]`` (fp32), from the language model's input embeddings ``visual [N, D]`` and ``text [T, D]`` (the authors'
+    code: no ``1/√D`` scale). The raters are the entries above their mean."""
     if visual.dim() != 2 or text.dim() != 2 or visual.shape[1] != text.shape[1]:
         raise ValueError(f"visual and text must be [N, D] and [T, D] with the same D, got {list(visual.shape)} and "
                          f"{list(text.shape)}")
@@ -90,7 +91,7 @@ def _split(n: int, k: int, ratio: float, per_cluster: int) -> tuple[int, int, in
 
 
 def rater_scores(text_rows_attn: Tensor, relevance: Tensor) -> Tensor:
-    """``[B, N]`` fp32: the attention the raters pay each visual token, averaged over the raters (Sec. 3.3; the
+    """``[B, N]`` fp32: the attention the raters pay each visual token, averaged over the raters (Sec. 3; the
     authors' ``attn_postprocess_topk``). ``text_rows_attn [B, T, N]`` heads-averaged attention rows of the text tokens
     after the image; ``relevance [B, T]`` from :func:`text_relevance`; raters = relevance above its mean. A sample
     with no rater (every relevance equal, e.g. one text token) averages all its text rows (their code would average
@@ -108,7 +109,7 @@ def rater_scores(text_rows_attn: Tensor, relevance: Tensor) -> Tensor:
                 "(arXiv 2410.04417, ICML 2025)")
 def sparsevlm_select(tokens: Tensor, k: int, ctx: Context, *, recycle: bool = True, recycle_ratio: float = 0.3,
                      cluster_size: int = 10) -> Selection:
-    """SparseVLM (Sec. 3.2–3.4): keep the visual tokens the text raters attend to most; recycle the best of the
+    """SparseVLM (Sec. 3, Method): keep the visual tokens the text raters attend to most; recycle the best of the
     deleted ones as DPC-kNN cluster means.
 
     ``text_rows_attn [B, T, N]``: heads-averaged softmax attention of the ``T`` text tokens after the image to its
