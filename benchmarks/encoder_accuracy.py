@@ -297,13 +297,13 @@ def plot(state: dict, n_patches: int, out: Path) -> None:
 
     done, counts, keeps = state["done"], state["correct"], state["keeps"]
     ks = [resolve_k(kp, n_patches) for kp in keeps]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    cmap = plt.get_cmap("tab10")  # 10 colours × a marker per ten methods: every (colour, marker) pair is unique
     for ax, placement in zip(axes, ("inside", "after"), strict=True):
         for j, method in enumerate(state["methods"]):
             acc = [counts.get(_key(method, placement, kp), float("nan")) / done for kp in keeps]
             base = method in BASELINES
-            ax.plot(ks, acc, marker="o", ms=3, color="black" if base else cmap(j % 20),
+            ax.plot(ks, acc, marker="osD^v"[(j // 10) % 5], ms=3.5, color="black" if base else cmap(j % 10),
                     ls={"random": "--", "uniform": "-."}.get(method, "-"), lw=2 if base else 1.2, label=method)
         ax.axhline(counts["none"] / done, color="grey", lw=0.8, ls=":", label="unpruned")
         ax.set_xscale("log")
@@ -314,16 +314,21 @@ def plot(state: dict, n_patches: int, out: Path) -> None:
                       "after": "after the encoder (head pools the kept tokens)"}[placement])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"top-1 on {done} Fashion-MNIST test images")
-    axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+    axes[1].legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
+def _protocol(key: dict | None, without_methods: bool) -> dict | None:
+    return None if key is None else {k: v for k, v in key.items() if not (without_methods and k == "methods")}
+
+
 def merge_rows(state: dict, other: dict) -> None:
-    """Replace ``state``'s rows of ``other``'s methods by ``other``'s (accuracy, throughput, n/a notes). Both must
-    measure the same weights, keeps, test images and batches, and ``other`` must be complete."""
+    """Replace ``state``'s rows of ``other``'s methods by ``other``'s (accuracy, throughput, n/a notes); methods that
+    are not rows of ``state`` yet are added after its own. Both must measure the same weights, keeps, test images and
+    batches, and ``other`` must be complete."""
     same = ("checkpoint_sha256", "keeps", "n", "batch", "mid")
     diff = [f for f in same if state["key"].get(f) != other["key"].get(f)]
     if diff:
@@ -333,9 +338,9 @@ def merge_rows(state: dict, other: dict) -> None:
                          f"this run {state['done']}/{state['key']['n']} images); resume them first")
     if other["correct"]["none"] != state["correct"]["none"]:
         raise ValueError("--merge-from: the unpruned counts differ, so the two runs did not see the same model/data")
-    unknown = sorted(set(other["methods"]) - set(state["methods"]))
-    if unknown:
-        raise ValueError(f"--merge-from: methods {unknown} are not rows of this run")
+    new = [m for m in other["methods"] if m not in state["methods"]]
+    state["methods"] = state["methods"] + new
+    state["key"]["methods"] = state["key"]["methods"] + new
     for part in ("correct", "speed", "errors"):
         for key in [k for k in state[part] if k != "none" and k.split("|")[0] in other["methods"]]:
             del state[part][key]
@@ -431,7 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
         return state
     if args.remeasure_speed:
         return remeasure_speed(model, args, state, path, x_all, n_patches, argv)
-    if state is not None and state.get("key") != key:
+    # --report / --merge-from read or extend a saved run whatever its method list (methods registered since then
+    # are not rows of it); measuring needs the very same settings
+    lenient = args.report or args.merge_from is not None
+    if state is not None and _protocol(state.get("key"), lenient) != _protocol(key, lenient):
         raise ValueError(f"{path} holds a run with other settings ({state.get('key')}); use another --out")
     if args.merge_from is not None:
         if state is None:

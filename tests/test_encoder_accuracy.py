@@ -112,3 +112,17 @@ def test_jobs_and_resume_points_give_the_same_counts(tmp_path):
     assert not bench._WORK  # the workers' shared inputs are released on every exit path
     with pytest.raises(ValueError, match="--jobs"):
         bench.main([*argv, "--out", str(tmp_path / "bad"), "--jobs", "0"])
+
+
+def test_merge_rows_replaces_and_adds_methods():
+    bench = load_benchmark("encoder_accuracy")
+    proto = {"checkpoint_sha256": "x", "keeps": [0.5], "n": 4, "batch": 2, "mid": 2}
+    main = {"key": {**proto, "methods": ["random", "tome"]}, "methods": ["random", "tome"], "done": 4,
+            "correct": {"none": 3, "random|inside|0.5": 2, "tome|inside|0.5": 3}, "speed": {}, "errors": {}}
+    other = {"key": {**proto, "methods": ["tome", "dart"]}, "methods": ["tome", "dart"], "done": 4,
+             "correct": {"none": 3, "tome|inside|0.5": 1, "dart|inside|0.5": 2}, "speed": {}, "errors": {}}
+    bench.merge_rows(main, other)
+    assert main["methods"] == main["key"]["methods"] == ["random", "tome", "dart"]
+    assert main["correct"] == {"none": 3, "random|inside|0.5": 2, "tome|inside|0.5": 1, "dart|inside|0.5": 2}
+    with pytest.raises(ValueError, match="differ in"):
+        bench.merge_rows(main, {**other, "key": {**other["key"], "n": 5}})
