@@ -34,8 +34,9 @@ def test_raters_and_scores_by_hand():
     rel = torch.tensor([[0.1, 0.5, 0.4]])
     att = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.1, 0.3], [0.0, 0.4, 0.3, 0.3]]])
     assert torch.allclose(rater_scores(att, rel), torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
-    # no rater (all equal): every row counts
+    # no rater (all equal): every row counts; no text at all: zeros
     assert torch.allclose(rater_scores(att, torch.full((1, 3), 1 / 3)), att.mean(1))
+    assert torch.equal(rater_scores(torch.zeros(1, 0, 4), torch.zeros(1, 0)), torch.zeros(1, 4))
     tokens = torch.arange(8.0).reshape(1, 4, 2)
     assert _run(tokens, 2, att, rel, recycle=False).keep.tolist() == [[1, 3]]
     # with recycling k = 2 is 1 kept (token 1) + 1 cluster: the best deleted token (3) alone, after the kept one

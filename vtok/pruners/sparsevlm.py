@@ -95,12 +95,12 @@ def rater_scores(text_rows_attn: Tensor, relevance: Tensor) -> Tensor:
     authors' ``attn_postprocess_topk``). ``text_rows_attn [B, T, N]`` heads-averaged attention rows of the text tokens
     after the image; ``relevance [B, T]`` from :func:`text_relevance`; raters = relevance above its mean. A sample
     with no rater (every relevance equal, e.g. one text token) averages all its text rows (their code would average
-    an empty set)."""
+    an empty set); with no text after the image every score is 0 (the lowest indices win)."""
     rel = relevance.float()
     raters = rel > rel.mean(1, keepdim=True)
     raters = torch.where(raters.any(1, keepdim=True), raters, torch.ones_like(raters))
     w = raters.float()
-    return (text_rows_attn.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    return (text_rows_attn.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
 @register("sparsevlm", family="attention", needs=("text_rows_attn", "text_relevance"), merges=True,
