@@ -23,8 +23,6 @@ strategy ``holitom_llm`` (an in-LLM stage); both together: ``vtok.wrap(model, ["
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -92,12 +90,6 @@ def _cluster(x: Tensor, c: int, knn: int, beta: float) -> tuple[Tensor, Tensor, 
     return centres, label, coef
 
 
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
-    return float(value)
-
-
 @register("holitom", family="temporal", needs=("frames",), uses=("cls_attn", "grid"), merges=True, paper=HOLITOM)
 def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, max_window: int = 1024,
                    beta: float = 0.6, knn: int = 7, dominant: float = 1.0) -> Selection:
@@ -122,7 +114,7 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
     t, p, _ = frame_layout(tokens, ctx)
     tau = _check_real("tau", tau, -1.0, 1.0)
     max_window = _check_int("max_window", max_window, 1)
-    beta, dominant = _check_fraction("beta", beta), _check_fraction("dominant", dominant)
+    beta, dominant = _check_real("beta", beta, 0.0, 1.0), _check_real("dominant", dominant, 0.0, 1.0)
     knn = _check_int("knn", knn, 1)
     if k == n:
         return Selection.identity(b, n, tokens.device)

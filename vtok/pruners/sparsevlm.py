@@ -23,16 +23,15 @@ entering layer ``l + 1`` that reads layer ``l``'s attention, and ``int(0.3 · m)
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.pruners.attention import _check_k
-from vtok.pruners.clustering import dpc_knn
+from vtok.pruners.clustering import _check_int, dpc_knn
 from vtok.pruners.registry import Placement, register
+from vtok.pruners.temporal import _check_real
 from vtok.selection import Selection
 
 
@@ -67,15 +66,11 @@ def sparsevlm_budget(n: int, kept: int, *, recycle_ratio: float = 0.3, cluster_s
 
 
 def _check_ratio(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"recycle_ratio must be a float in [0, 1], got {value!r}")
-    return float(value)
+    return _check_real("recycle_ratio", value, 0.0, 1.0)
 
 
 def _check_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise ValueError(f"cluster_size must be an int >= 1, got {value!r}")
-    return int(value)
+    return _check_int("cluster_size", value, 1)
 
 
 def _split(n: int, k: int, ratio: float, per_cluster: int) -> tuple[int, int, int]:
