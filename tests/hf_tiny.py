@@ -48,3 +48,15 @@ def image_features(out):
     """The per-image features of ``get_image_features``: transformers 5 returns an output with ``pooler_output``,
     4.x the list itself."""
     return getattr(out, "pooler_output", out)
+
+
+def eager_forward(model, **inputs):
+    """``model(**inputs, output_attentions=True)`` without gradients, the language model's attention switched to eager
+    for the call (SDPA returns no attention weights) and back to SDPA after it."""
+    cfg = model.config.text_config
+    cfg._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True)
+    finally:
+        cfg._attn_implementation = "sdpa"

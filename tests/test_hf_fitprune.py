@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
 from vtok.pruners.fitprune import budget_reached, deletion_count, layer_flops
 
 
@@ -75,13 +75,7 @@ def _sample(seed: int):
 def test_self_cross_attn_is_layer_k_minus_1_head_max_attention(model):
     """The wrapper's scores equal eager attention of layer K−1 (heads max-reduced) summed by hand."""
     inp = _sample(4)
-    cfg = model.config.text_config
-    with torch.no_grad():
-        cfg._attn_implementation = "eager"
-        try:
-            att = model(**inp, output_attentions=True).attentions
-        finally:
-            cfg._attn_implementation = "sdpa"
+    att = eager_forward(model, **inp).attentions
     ids = inp["input_ids"][0]
     img = (ids == IMAGE_TOKEN).nonzero().squeeze(1)
     text = torch.arange(int(img.max()) + 1, len(ids))

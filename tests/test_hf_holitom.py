@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, tiny_llava
+from tests.hf_tiny import IMAGE_TOKEN, eager_forward, tiny_llava
 from tests.test_hf_sparsevlm import _layerwise_logits, _sample
 
 pytest.importorskip("transformers")
@@ -19,13 +19,7 @@ def model():
 
 
 def _by_hand(model, inp, k: int, layer: int):
-    cfg = model.config.text_config
-    with torch.no_grad():
-        cfg._attn_implementation = "eager"
-        try:
-            out = model(**inp, output_attentions=True, output_hidden_states=True)
-        finally:
-            cfg._attn_implementation = "sdpa"
+    out = eager_forward(model, **inp, output_hidden_states=True)
     img = (inp["input_ids"][0] == IMAGE_TOKEN).nonzero().squeeze(1)
     att = out.attentions[layer - 1][0].mean(0)[-1, img]  # the last token's row, heads averaged
     tokens = out.hidden_states[layer][0][img][None]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
 
@@ -21,16 +21,6 @@ def model():
 
 def _pix(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
-
-
-def _eager_attentions(model, **inputs):
-    cfg = model.config.text_config
-    cfg._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions
-    finally:
-        cfg._attn_implementation = "sdpa"
 
 
 def test_registered_with_own_layer_attention():
@@ -47,7 +37,7 @@ def test_one_stage_keeps_what_layer_k_itself_attends_to(model, layer):
     """Before layer K nothing is pruned, so layer K's own attention is the unpruned model's layer-K attention."""
     ids, am = left_pad([PROMPTS[0]])
     pix = _pix(1)
-    att = _eager_attentions(model, input_ids=ids, attention_mask=am, pixel_values=pix)
+    att = eager_forward(model, input_ids=ids, attention_mask=am, pixel_values=pix).attentions
     img = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
     scores = att[layer][0, :, -1, img].mean(0)
     want = sorted(img[scores.topk(4).indices].tolist())
@@ -66,7 +56,7 @@ def test_pyramid_second_stage_ranks_on_the_pruned_sequence(model):
     pix = _pix(1)
     inputs = dict(input_ids=ids, attention_mask=am, pixel_values=pix)
     with vtok.wrapped(model, "pdrop", 8, layer=1):
-        att = _eager_attentions(model, **inputs)
+        att = eager_forward(model, **inputs).attentions
         kept1 = vtok.stats(model)["per_sample"][0]["kept"]
     assert len(att) == len(model.model.language_model.layers)  # the probe of layer 1 leaves no trace in the output
     img = sorted(set(kept1) & set((ids[0] == IMAGE_TOKEN).nonzero().squeeze(1).tolist()))

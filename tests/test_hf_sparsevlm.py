@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, image_features, left_pad, llava_prompt, tiny_llava
+from tests.hf_tiny import IMAGE_TOKEN, eager_forward, image_features, left_pad, llava_prompt, tiny_llava
 from vtok.pruners.sparsevlm import text_relevance
 
 pytest.importorskip("transformers")
@@ -27,13 +27,7 @@ def _sample(seed: int = 0):
 
 def _by_hand(model, inp, k: int, layer: int):
     """The stage computed from an unwrapped eager forward: ``(selection, image positions)``."""
-    cfg = model.config.text_config
-    with torch.no_grad():
-        cfg._attn_implementation = "eager"
-        try:
-            out = model(**inp, output_attentions=True, output_hidden_states=True)
-        finally:
-            cfg._attn_implementation = "sdpa"
+    out = eager_forward(model, **inp, output_hidden_states=True)
     ids = inp["input_ids"][0]
     img = (ids == IMAGE_TOKEN).nonzero().squeeze(1)
     text = torch.arange(int(img.max()) + 1, len(ids))
@@ -112,13 +106,7 @@ def test_mustdrop_prefill_stage_equals_their_filter_by_hand(model):
     from vtok.pruners.mustdrop import mustdrop_llm_budget
 
     inp = _sample(5)
-    cfg = model.config.text_config
-    with torch.no_grad():
-        cfg._attn_implementation = "eager"
-        try:
-            att = model(**inp, output_attentions=True).attentions
-        finally:
-            cfg._attn_implementation = "sdpa"
+    att = eager_forward(model, **inp).attentions
     ids = inp["input_ids"][0]
     img = (ids == IMAGE_TOKEN).nonzero().squeeze(1)
     text = torch.arange(int(img.max()) + 1, len(ids))

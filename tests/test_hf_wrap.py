@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
 
@@ -217,13 +217,8 @@ def test_fastv_keeps_the_most_attended_tokens(model):
     """FastV's scores: the last prompt token's attention at layer K-1 (heads averaged), by eager attention."""
     ids, am = left_pad([PROMPTS[0]])
     pix = _pix(1)
-    lm_cfg = model.config.text_config
+    att = eager_forward(model, input_ids=ids, attention_mask=am, pixel_values=pix).attentions
     with torch.no_grad():
-        lm_cfg._attn_implementation = "eager"
-        try:
-            att = model(input_ids=ids, attention_mask=am, pixel_values=pix, output_attentions=True).attentions
-        finally:
-            lm_cfg._attn_implementation = "sdpa"
         img = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
         scores = att[1][0, :, -1, img].mean(0)
         want = sorted(img[scores.topk(4).indices].tolist())
