@@ -350,13 +350,16 @@ class Runtime:
         if cache is None or not hasattr(cache, "layers"):
             return
         last = st.inllm[max(st.inllm)]
+        index: dict[int | None, Tensor] = {}  # per source stage (layers of one stage share it)
         for i in self.retro:
             j = self._stage_at(i)
-            src = st.inllm[j].index_lm if j is not None else torch.arange(st.valid.shape[1], device=st.valid.device
-                                                                          ).expand_as(st.valid)
-            # position in layer i's sequence of each final token: match their language-model input indices
-            hit = (last.index_lm[:, :, None] == src[:, None, :]) & (last.index_lm[:, :, None] >= 0)
-            idx = hit.float().argmax(-1)  # [B, L_final]; padding → 0 (masked in decode)
+            if j not in index:
+                src = st.inllm[j].index_lm if j is not None else torch.arange(
+                    st.valid.shape[1], device=st.valid.device).expand_as(st.valid)
+                # position in layer i's sequence of each final token: match their language-model input indices
+                hit = (last.index_lm[:, :, None] == src[:, None, :]) & (last.index_lm[:, :, None] >= 0)
+                index[j] = hit.float().argmax(-1)  # [B, L_final]; padding → 0 (masked in decode)
+            idx = index[j]
             layer = cache.layers[i]
             for name in ("keys", "values"):
                 t = getattr(layer, name)
