@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 from memtools import max_alloc_bytes, nxn_bytes
 
@@ -141,7 +142,7 @@ def test_bad_options_are_clear(method, opts, match, tokens4, ctx4):
         _run(tokens4, method, 6, ctx4, **opts)
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(h=st.integers(1, 7), w=st.integers(1, 7), b=st.integers(1, 3), frac=st.floats(0.0, 1.0),
        cfg=st.sampled_from(CONFIGS), seed=st.integers(0, 3))
 def test_property_shapes_and_budget(h, w, b, frac, cfg, seed):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -93,7 +94,7 @@ def test_pool2d_impossible_budget_is_clear():
         vtok.compress(torch.randn(1, 16, 2), "pool2d", keep=7, grid=(4, 4))
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(n=st.integers(1, 64), b=st.integers(1, 3), r=st.floats(0.01, 1.0), method=st.sampled_from(["random", "uniform"]))
 def test_property_shapes_and_budget(n, b, r, method):
     x = torch.randn(b, n, 3)

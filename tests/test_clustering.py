@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 from memtools import max_alloc_bytes, nxn_bytes
 from sklearn.cluster import KMeans
@@ -383,7 +384,7 @@ def test_errors(tokens4):
 # ------------------------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(n=st.integers(1, 40), b=st.integers(1, 3), r=st.floats(0.01, 1.0), method=st.sampled_from(METHODS),
        seed=st.integers(0, 2**16))
 def test_property_shapes_and_budget(n, b, r, method, seed):

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -59,7 +60,7 @@ def test_methods_table():
     assert all(m.paper and m.summary for m in rows.values())
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 40), st.sampled_from(["nan", "inf", "-inf", None]),
        st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]), st.data())
 def test_all_finite_matches_isfinite(b, n, d, bad, dtype, data):

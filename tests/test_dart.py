@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -39,7 +40,7 @@ def test_hand_case_keeps_what_the_pivot_does_not_duplicate():
     assert sel.keep.tolist() == [[0, 3, 4]]
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(st.integers(2, 40), st.integers(1, 4), st.integers(0, 6), st.integers(0, 5), st.booleans(), st.data())
 def test_equals_the_loop_reference(n, d, pi, t, heads, data):
     k = data.draw(st.integers(1, n))

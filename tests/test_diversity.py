@@ -2,7 +2,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 from memtools import max_alloc_bytes, nxn_bytes
 
@@ -192,7 +193,7 @@ def test_errors(tokens4):
 # ------------------------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(n=st.integers(1, 48), b=st.integers(1, 3), r=st.floats(0.01, 1.0), method=st.sampled_from(METHODS),
        seed=st.integers(0, 2**16))
 def test_property_shapes_and_budget(n, b, r, method, seed):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -28,7 +29,7 @@ def test_static_video_keeps_the_first_frame_then_what_moved():
     assert sel.keep.tolist() == [[0, 1, 2, 3, 9]]
 
 
-@settings(max_examples=50, deadline=None)
+@examples(50)
 @given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1), st.data())
 def test_equals_the_serving_code(t, p, seed, data):
     n = t * p

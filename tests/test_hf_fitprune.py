@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -32,7 +33,7 @@ def _their_loop(scores: list[float], reference: float, alpha: float) -> int:
     return len(scores) - 1
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(st.lists(st.integers(1, 1000), min_size=2, max_size=30), st.integers(0, 20), st.floats(0.5, 1.5))
 def test_deletion_count_is_the_authors_loop(raw, alpha_twentieths, ref_scale):
     scores = [r / 1000 for r in raw]  # distinct sums are exact enough in float64

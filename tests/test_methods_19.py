@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -113,7 +114,7 @@ def test_vispruner_bad_options():
 METHODS_19 = ["fastervlm", "vispruner", "cdpruner", "prumerge", "prumerge_plus", "gprune", "scope"]
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(n=st.integers(2, 40), frac=st.floats(0.0, 1.0), b=st.integers(1, 3), seed=st.integers(0, 2**16),
        name=st.sampled_from(METHODS_19))
 def test_property_exact_budget(n, frac, b, seed, name):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -33,7 +34,7 @@ def _reference(x: torch.Tensor, h: int, w: int, r: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(st.integers(2, 6), st.integers(2, 7), st.integers(0, 10_000), st.data())
 def test_equals_the_block_merge_reference(h, w, seed, data):
     n = h * w
@@ -78,7 +79,7 @@ def _their_filter(att, global_thr, individual_thr):
     return (~drop).nonzero().squeeze(1).tolist()
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(st.integers(0, 10_000), st.integers(2, 40), st.integers(1, 6), st.floats(0.005, 0.2), st.floats(0.005, 0.5))
 def test_prefill_stage_at_their_count_is_their_set(seed, n, t, g_thr, i_thr):
     from vtok.pruners.mustdrop import mustdrop_llm_budget

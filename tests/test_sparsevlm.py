@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -63,7 +64,7 @@ def test_budget_arithmetic():
             vtok.compress(tokens, "sparsevlm", 100, **ctx, **bad)
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(st.integers(1, 700), st.data())
 def test_every_budget_from_the_minimum_is_exact(n, data):
     lo = sparsevlm_budget(n, 0)
@@ -106,7 +107,7 @@ def _reference(x, att, rel, kept, ratio=0.3, per=10):
     return [x[j] for j in keep] + merged, keep + [rec[ci] for ci in centres]
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(st.integers(0, 10_000), st.integers(2, 60), st.integers(1, 6), st.data())
 def test_stage_equals_the_reference(seed, n, t, data):
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -196,7 +197,7 @@ def test_query_budget_from_query_equals_explicit_scores():
         vtok.compress(x, "query_budget", keep=14, frames=4)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(st.lists(st.floats(0, 10), min_size=1, max_size=12), st.integers(1, 6), st.data())
 def test_allocate_properties(weights, cap, data):
     w = torch.tensor(weights, dtype=torch.float64)
@@ -345,7 +346,7 @@ def _frame_merge_reference(x, t, k, window):
     return kept, assign
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(st.integers(1, 6), st.integers(1, 5), st.sampled_from([None, 1, 2, 3]), st.integers(0, 2**31 - 1), st.data())
 def test_frame_merge_equals_loop_reference(t, p, window, seed, data):
     n = t * p
@@ -361,7 +362,7 @@ def test_frame_merge_equals_loop_reference(t, p, window, seed, data):
             assert sel.assign[b].tolist() == assign
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(st.integers(1, 7), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1), st.data())
 def test_temporal_pool_equals_loop_reference_uneven_bins(t, h, w, seed, data):
     """Bins ``[floor(i·S/o), floor((i+1)·S/o))`` on every axis, one output per (time, row, column) cell, its mean."""
@@ -429,7 +430,7 @@ def _segment_cluster_reference(x, t, k, threshold, static_threshold, knn):
     return kept, [kept.index(v) if v >= 0 else -1 for v in target]
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1), st.data())
 def test_segment_cluster_equals_loop_reference(t, p, seed, data):
     n = t * p

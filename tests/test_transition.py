@@ -2,7 +2,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 from memtools import max_alloc_bytes, nxn_bytes
 
@@ -170,7 +171,7 @@ def test_no_nxn_allocation():
     assert peak < nxn_bytes(1, n) // 64, peak  # O(N·D), far from a 64 MiB N×N matrix
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(n=st.integers(1, 40), b=st.integers(1, 3), layers=st.integers(0, 3), r=st.floats(0.01, 1.0),
        alpha=st.floats(0.0, 1.0), text=st.booleans(), seed=st.integers(0, 2**16))
 def test_property_budget_and_batch_consistency(n, b, layers, r, alpha, text, seed):

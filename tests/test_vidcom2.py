@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hyp_settings import examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
@@ -43,7 +44,7 @@ def _authors_pipeline(x, t, base):
     return sorted(kept), counts
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(st.integers(2, 6), st.integers(2, 12), st.sampled_from([0.25, 0.5]), st.integers(0, 2**31 - 1))
 def test_equals_the_authors_pipeline_when_their_counts_meet_the_budget(t, p, base, seed):
     g = torch.Generator().manual_seed(seed)
