@@ -159,7 +159,7 @@ class Selection:
         if self.coef is not None:
             c = (self.coef.to(acc) * (a >= 0))[..., None]
             return self.emit(num.scatter_add_(1, idx[..., None].expand(b, n, d), tokens.to(acc) * c).to(tokens.dtype))
-        w = torch.ones(b, n, device=tokens.device, dtype=torch.float32) if weights is None else weights.float()
+        w = torch.ones(b, n, device=tokens.device, dtype=acc) if weights is None else weights.to(acc)
         w = w * (a >= 0)
         num.scatter_add_(1, idx[..., None].expand(b, n, d), tokens.to(acc) * w[..., None].to(acc))
         den = torch.zeros(b, self.k, device=tokens.device, dtype=acc).scatter_add_(1, idx, w.to(acc))
@@ -192,7 +192,7 @@ class Selection:
     def _effective_coef(self) -> Tensor:
         """``[B, N]`` coefficients of the unweighted ``apply``: ``coef``, else ``1 / group size`` (1 for a gather)."""
         if self.coef is not None:
-            return self.coef.float()
+            return self.coef
         slot = self.assign if self.assign is not None else self._slot_of_each_token()
         valid = slot >= 0
         count = torch.zeros(self.batch, self.k, device=slot.device).scatter_add_(1, slot.clamp_min(0), valid.float())

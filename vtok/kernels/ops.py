@@ -32,8 +32,10 @@ FUSED_OPS = ("attention_received", "cosine_argmax", "farthest_point", "stable_to
 
 
 def use_triton(*tensors: Tensor) -> bool:
-    """Whether the Triton path runs for these tensors (CUDA, triton importable, not forced off)."""
-    return HAS_TRITON and os.environ.get("VTOK_KERNELS", "auto") != "reference" and all(t.is_cuda for t in tensors)
+    """Whether the Triton path runs for these tensors (CUDA, triton importable, not forced off, no fp64: the kernels
+    accumulate in fp32, so fp64 input runs the reference, which keeps fp64)."""
+    return (HAS_TRITON and os.environ.get("VTOK_KERNELS", "auto") != "reference"
+            and all(t.is_cuda and t.dtype != torch.float64 for t in tensors))
 
 
 def _triton(module: str):
@@ -57,7 +59,7 @@ def _attention_received(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | N
 @_attention_received.register_fake
 def _(q, k, scale, key_mask, q_pos, k_pos, head_mean):
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
-    return q.new_empty((b, n) if head_mean else (b, h, n), dtype=torch.float32)
+    return q.new_empty((b, n) if head_mean else (b, h, n), dtype=ref.acc_dtype(q))
 
 
 def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
@@ -82,7 +84,7 @@ def _cosine_argmax(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 @_cosine_argmax.register_fake
 def _(a, b):
-    return a.new_empty(a.shape[:2], dtype=torch.float32), a.new_empty(a.shape[:2], dtype=torch.long)
+    return a.new_empty(a.shape[:2], dtype=ref.acc_dtype(a)), a.new_empty(a.shape[:2], dtype=torch.long)
 
 
 def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int | None = None) -> tuple[Tensor, Tensor]:
@@ -94,7 +96,7 @@ def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int | None = None) -> tuple[Te
 
 @torch.library.custom_op("vtok::farthest_point", mutates_args=())
 def _farthest_point(x: Tensor, k: int, start: Tensor | None, metric: str) -> Tensor:
-    if use_triton(x) and x.dtype != torch.float64:  # the kernel accumulates in fp32; fp64 keeps fp64 (reference)
+    if use_triton(x):
         return _triton("triton_select").farthest_point_triton(x, k, start, metric)
     return ref.farthest_point(x, k, start=start, metric=metric)
 
@@ -158,8 +160,8 @@ def _segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
 @_segment_stats.register_fake
 def _(x, frames):
     b, n, d = x.shape
-    return x.new_empty((b, frames, d), dtype=torch.float32), x.new_empty((b, frames, n // frames),
-                                                                          dtype=torch.float32)
+    return (x.new_empty((b, frames, d), dtype=ref.acc_dtype(x)),
+            x.new_empty((b, frames, n // frames), dtype=ref.acc_dtype(x)))
 
 
 def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
@@ -178,7 +180,7 @@ def _kmeans_assign(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
 
 @_kmeans_assign.register_fake
 def _(x, centroids):
-    return x.new_empty(x.shape[:2], dtype=torch.long), x.new_empty(x.shape[:2], dtype=torch.float32)
+    return x.new_empty(x.shape[:2], dtype=torch.long), x.new_empty(x.shape[:2], dtype=ref.acc_dtype(x))
 
 
 def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int | None = None) -> tuple[Tensor, Tensor]:

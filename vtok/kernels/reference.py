@@ -33,9 +33,21 @@ def upcast_half(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype scores and distances are computed in: float64 stays float64 (ties then resolve on the exact
+    values), everything else (fp32, fp16, bf16, integers) computes in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def acc(x: Tensor) -> Tensor:
+    """``x`` in :func:`acc_dtype` (a no-op for fp32 and fp64)."""
+    return x.to(acc_dtype(x))
+
+
 def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
                    q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
-    """Softmax attention rows for a few queries: ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, H, M, N]`` (fp32).
+    """Softmax attention rows for a few queries: ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, H, M, N]``
+    (fp32; fp64 for fp64 input).
 
     ``key_mask [B, N]`` (True = may be attended) and causal positions ``q_pos [M]`` / ``k_pos [N]`` (a key is
     visible when ``k_pos <= q_pos``) are optional. Use for small ``M`` (CLS row, last token, instructions).
@@ -60,13 +72,13 @@ def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None, key_
                        chunk: int = DEFAULT_CHUNK) -> Tensor:
     """Attention each key receives, summed over the query rows: ``Σ_m softmax(q_m kᵀ · scale)``.
 
-    ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, N]`` (mean over heads) or ``[B, H, N]``; fp32. Queries are
-    processed ``chunk`` rows at a time, so peak memory is ``O(B·H·chunk·N)``, never ``M × N``. Fully masked
-    rows (a query that sees no key) contribute zero.
+    ``q [B, H, M, dh]``, ``k [B, H, N, dh]`` → ``[B, N]`` (mean over heads) or ``[B, H, N]``; fp32 (fp64 for fp64
+    input). Queries are processed ``chunk`` rows at a time, so peak memory is ``O(B·H·chunk·N)``, never ``M × N``.
+    Fully masked rows (a query that sees no key) contribute zero.
     """
     b, h, m, _ = q.shape
     n = k.shape[2]
-    out = torch.zeros(b, h, n, device=q.device, dtype=torch.float32)
+    out = torch.zeros(b, h, n, device=q.device, dtype=acc_dtype(q))
     for s in range(0, m, chunk):
         qp = q_pos[s:s + chunk] if q_pos is not None else None
         p = attention_rows(q[:, :, s:s + chunk], k, scale=scale, key_mask=key_mask, q_pos=qp, k_pos=k_pos)
@@ -77,7 +89,8 @@ def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None, key_
 def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """For each row of ``a [B, Na, D]``, its most cosine-similar row of ``b [B, Nb, D]``.
 
-    Returns ``(best_sim [B, Na] fp32, best_idx [B, Na] long)``; ties go to the lowest index. Chunked over ``Na``.
+    Returns ``(best_sim [B, Na] fp32 (fp64 for fp64 input), best_idx [B, Na] long)``; ties go to the lowest index.
+    Chunked over ``Na``.
     """
     an = torch.nn.functional.normalize(upcast_half(a), dim=-1)
     bn = torch.nn.functional.normalize(upcast_half(b), dim=-1)
@@ -87,16 +100,16 @@ def cosine_argmax(a: Tensor, b: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[
         v, i = sim.max(dim=-1)
         sims.append(v)
         idxs.append(i)
-    return torch.cat(sims, 1).float(), torch.cat(idxs, 1)
+    return acc(torch.cat(sims, 1)), torch.cat(idxs, 1)
 
 
 def pairwise_distance(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
-    """Distances ``[B, Na, Nb]`` between rows of ``a [B, Na, D]`` and ``b [B, Nb, D]`` (fp32; computed as
-    ``pairwise_distance_native``, then cast).
+    """Distances ``[B, Na, Nb]`` between rows of ``a [B, Na, D]`` and ``b [B, Nb, D]`` (fp32, fp64 for fp64 input;
+    computed as ``pairwise_distance_native``, then cast).
 
     ``metric``: ``"cosine"`` (1 − cos), ``"euclidean"`` or ``"sqeuclidean"``.
     """
-    return pairwise_distance_native(a, b, metric).float()
+    return acc(pairwise_distance_native(a, b, metric))
 
 
 def pairwise_distance_native(a: Tensor, b: Tensor, metric: str = "cosine") -> Tensor:
@@ -254,7 +267,7 @@ def greedy_max_sum(sim: Tensor, k: int, start: Tensor) -> Tensor:
 
 
 def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32).
+    """Distance from each token of ``x [B, N, D]`` to its nearest *other* token: ``[B, N]`` (fp32; fp64 for fp64 input).
 
     Rows are processed ``chunk`` at a time (``O(B·chunk·N)`` memory); features are normalised once."""
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
@@ -268,9 +281,9 @@ def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int =
     for s in range(0, n, chunk):
         dot = xa[:, s:s + chunk] @ xa.transpose(1, 2)
         if metric == "cosine":
-            d = (1.0 - dot).float()
+            d = acc(1.0 - dot)
         else:
-            d = (sq[:, s:s + chunk, None] + sq[:, None, :] - 2.0 * dot).clamp_min(0.0).float()
+            d = acc((sq[:, s:s + chunk, None] + sq[:, None, :] - 2.0 * dot).clamp_min(0.0))
             d = d.sqrt() if metric == "euclidean" else d
         rows = torch.arange(s, min(s + chunk, n), device=x.device)
         d[:, torch.arange(rows.numel(), device=x.device), rows] = float("inf")
@@ -333,7 +346,7 @@ def _farthest_point_streaming(x: Tensor, k: int, start: Tensor, metric: str) -> 
 def max_min_diverse(x: Tensor, k: int) -> Tensor:
     """DivPrune's greedy max–min on cosine distance over ``x [B, N, D]``: ``[B, k]`` in pick order.
 
-    The first pick is the most isolated token, ``argmax_i min_{j≠i} d(i, j)`` (compared in fp32, as
+    The first pick is the most isolated token, ``argmax_i min_{j≠i} d(i, j)`` (compared in fp32, fp64 for fp64 input, as
     ``nearest_neighbor_distance`` returns it), then ``farthest_point`` from it. Where the ``N × N`` matrices fit
     :data:`GRAM_MAX_ELEMENTS` both steps read one cosine-distance matrix (one GEMM: the nearest-neighbour distances are
     exactly ``nearest_neighbor_distance``'s, the greedy steps are row lookups); otherwise the streaming
@@ -348,7 +361,7 @@ def max_min_diverse(x: Tensor, k: int) -> Tensor:
     for g in groups:
         dist = pairwise_matrix(x[g], "cosine")
         dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # nearest *other* token; never read by the greedy steps
-        start = dist.min(-1).values.float().argmax(1)  # the fp32 cast is monotone: min then cast = cast then min
+        start = acc(dist.min(-1).values).argmax(1)  # a cast is monotone: min then cast = cast then min
         out.append(greedy_max_min(dist, k, start))
     return torch.cat(out)
 
@@ -362,7 +375,7 @@ def topk_gather(x: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def stable_topk(scores: Tensor, k: int) -> Tensor:
     """Indices ``[B, k]`` of the ``k`` largest ``scores [B, N]``, ties broken by lower index, sorted ascending."""
-    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    order = torch.sort(acc(scores), dim=1, descending=True, stable=True).indices
     return order[:, :k].sort(dim=1).values
 
 
@@ -370,11 +383,12 @@ def pagerank(attn: Tensor, *, iters: int = 30, damping: float | None = None, ini
     """Importance by power iteration on an attention graph ``attn [B, N, N]`` (row-stochastic, row = query).
 
     Iterates ``s ← Aᵀ s`` (a token is important when important tokens attend to it), normalised to sum 1; with
-    ``damping`` d, ``s ← d Aᵀ s + (1 − d)/N``. Returns ``[B, N]`` (fp32).
+    ``damping`` d, ``s ← d Aᵀ s + (1 − d)/N``. Returns ``[B, N]`` (fp32; fp64 for fp64 input).
     """
-    a = upcast_half(attn).float()
+    a = acc(attn)
     b, n, _ = a.shape
-    s = torch.full((b, n), 1.0 / n, device=a.device) if init is None else init.float() / init.float().sum(1, True)
+    s = torch.full((b, n), 1.0 / n, device=a.device, dtype=a.dtype) if init is None \
+        else init.to(a.dtype) / init.to(a.dtype).sum(1, True)
     for _ in range(iters):
         s = torch.einsum("bmn,bm->bn", a, s)
         if damping is not None:
@@ -385,15 +399,16 @@ def pagerank(attn: Tensor, *, iters: int = 30, damping: float | None = None, ini
 
 def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """Nearest centroid (squared Euclidean) for each token: ``x [B, N, D]``, ``centroids [B, C, D]`` →
-    ``(assign [B, N] long, dist [B, N] fp32)``; ties → lowest centroid index. Chunked over ``N``; each chunk's
-    distances are ``pairwise_distance(x[:, s:s + chunk], centroids, "sqeuclidean")``, with the squared norms taken
-    once for all chunks (the same per-row sums)."""
+    ``(assign [B, N] long, dist [B, N] fp32 / fp64 as the input)``; ties → lowest centroid index. Chunked over
+    ``N``; each chunk's distances are ``pairwise_distance(x[:, s:s + chunk], centroids, "sqeuclidean")``, with the
+    squared norms taken once for all chunks (the same per-row sums)."""
     xa, ca = upcast_half(x), upcast_half(centroids)
     sq_x, sq_c = (xa * xa).sum(-1), (ca * ca).sum(-1)[:, None, :]
     ct = ca.transpose(1, 2)
     idxs, ds = [], []
     for s in range(0, x.shape[1], chunk):
-        d = torch.sub(sq_x[:, s:s + chunk, None] + sq_c, xa[:, s:s + chunk] @ ct, alpha=2.0).clamp_min_(0.0).float()
+        d = torch.sub(sq_x[:, s:s + chunk, None] + sq_c, xa[:, s:s + chunk] @ ct, alpha=2.0).clamp_min_(0.0)
+        d = acc(d)
         v, i = d.min(-1)
         idxs.append(i)
         ds.append(v)
@@ -403,15 +418,15 @@ def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int = DEFAULT_CHUNK) -
 def segment_stats(x: Tensor, frames: int) -> tuple[Tensor, Tensor]:
     """Per-frame mean and same-position cosine similarity to the previous frame.
 
-    ``x [B, T*P, D]`` with ``T = frames`` → ``(mean [B, T, D] fp32, sim_prev [B, T, P] fp32)``; frame 0 has
-    similarity 0 (it has no predecessor).
+    ``x [B, T*P, D]`` with ``T = frames`` → ``(mean [B, T, D], sim_prev [B, T, P])`` in fp32 (fp64 for fp64
+    input); frame 0 has similarity 0 (it has no predecessor).
     """
     b, n, d = x.shape
     p = n // frames
-    xf = upcast_half(x).float().view(b, frames, p, d)
+    xf = acc(x).view(b, frames, p, d)
     mean = xf.mean(2)
     xn = torch.nn.functional.normalize(xf, dim=-1)
-    sim = torch.zeros(b, frames, p, device=x.device)
+    sim = torch.zeros(b, frames, p, device=x.device, dtype=xf.dtype)
     if frames > 1:
         sim[:, 1:] = (xn[:, 1:] * xn[:, :-1]).sum(-1)
     return mean, sim

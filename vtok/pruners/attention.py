@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc as _acc
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection, gather_tokens
 
@@ -27,11 +28,6 @@ from vtok.selection import Selection, gather_tokens
 def _check_k(k: int, n: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
         raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
-
-
-def _acc(x: Tensor) -> Tensor:
-    """float64 stays float64 (ties then resolve on the exact values); everything else computes in fp32."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _scores(x: Tensor) -> Tensor:
@@ -55,7 +51,7 @@ def _round_half_up(x: float) -> int:
 
 def _rank_order(scores: Tensor) -> Tensor:
     """``[B, N]`` indices by descending score, ties → lowest index."""
-    return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    return torch.sort(_acc(scores), dim=1, descending=True, stable=True).indices
 
 
 def _remaining(mask: Tensor, count: int) -> Tensor:
@@ -369,7 +365,7 @@ def fastv_select(tokens: Tensor, k: int, ctx: Context, *, query_source: str = "l
     _check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    att = ctx["text_attn"].float()
+    att = _acc(ctx["text_attn"])
     if att.dim() == 4:
         att = att.mean(1)
     if att.dim() == 3:

@@ -17,7 +17,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
-from vtok.kernels.reference import upcast_half
+from vtok.kernels.reference import acc, upcast_half
 from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
 
@@ -29,17 +29,20 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 def _slot_sizes(assign: Tensor, k: int, sizes: Tensor | None) -> Tensor:
-    """``[B, k]`` fp32: sum of the incoming ``sizes`` (or counts) of the tokens assigned to each slot."""
-    w = torch.ones(assign.shape, device=assign.device) if sizes is None else sizes.float()
-    return torch.zeros(assign.shape[0], k, device=assign.device).scatter_add_(1, assign, w)
+    """``[B, k]``: sum of the incoming ``sizes`` (or counts) of the tokens assigned to each slot (fp32; fp64 for fp64
+    ``sizes``)."""
+    w = torch.ones(assign.shape, device=assign.device) if sizes is None else acc(sizes)
+    return torch.zeros(assign.shape[0], k, device=assign.device, dtype=w.dtype).scatter_add_(1, assign, w)
 
 
 def _lowest_argmin_per_cluster(cost: Tensor, labels: Tensor, c: int) -> Tensor:
     """``[B, c]``: for each cluster, the member index with the smallest ``cost [B, N]`` (ties → lowest index)."""
     b, n = cost.shape
-    best = torch.full((b, c), float("inf"), device=cost.device).scatter_reduce(1, labels, cost.float(), "amin")
+    cost = acc(cost)
+    best = torch.full((b, c), float("inf"), device=cost.device, dtype=cost.dtype)
+    best = best.scatter_reduce(1, labels, cost, "amin")
     idx = torch.arange(n, device=cost.device).expand(b, n)
-    idx = torch.where(cost.float() == best.gather(1, labels), idx, torch.full_like(idx, n))
+    idx = torch.where(cost == best.gather(1, labels), idx, torch.full_like(idx, n))
     return torch.full((b, c), n, dtype=torch.long, device=cost.device).scatter_reduce(1, labels, idx, "amin")
 
 
@@ -77,7 +80,7 @@ def kmeans_pp_init(x: Tensor, k: int, seed: int) -> Tensor:
         return _kmeans_pp_draws(x, k, u, first, None)
     if x.device.type == "cpu":
         return torch.cat([_kmeans_pp_draws_gram(x[g], k, u, first) for g in groups])
-    return torch.cat([_kmeans_pp_draws(x[g], k, u, first, ref.pairwise_matrix(x[g], "sqeuclidean").float())
+    return torch.cat([_kmeans_pp_draws(x[g], k, u, first, acc(ref.pairwise_matrix(x[g], "sqeuclidean")))
                       for g in groups])
 
 

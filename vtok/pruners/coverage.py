@@ -17,14 +17,12 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import reference as ref
+from vtok.kernels.reference import acc as _acc
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
 _COMBINE = ("multi", "add")
 
-
-def _acc(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def scope_greedy(tokens: Tensor, saliency: Tensor, k: int, *, alpha: float = 1.0, combine: str = "multi") -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc
 from vtok.pruners.clustering import _check_int
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
@@ -30,7 +31,7 @@ def _ranked(scores: Tensor, k: int) -> Tensor:
 
 def _l1(keys: Tensor) -> Tensor:
     """``[B, N]`` L1 norm of each token's key over all heads: ``keys [B, N, Dk]`` or ``[B, H, N, dh]``."""
-    k = keys.float()
+    k = acc(keys)
     return k.abs().sum(-1) if k.dim() == 3 else k.abs().sum((1, 3))
 
 
@@ -58,7 +59,7 @@ def dart_select(tokens: Tensor, k: int, ctx: Context, *, pivot_image: int = 4, p
     has_text = "text_features" in ctx and "text_keys" in ctx
     if ("text_features" in ctx) != ("text_keys" in ctx):
         raise ValueError("dart: pass both 'text_features' and 'text_keys' (the instruction pivots), or neither")
-    feats = F.normalize(ctx.get("features", tokens).float(), dim=-1)  # [B, N, Df]
+    feats = F.normalize(acc(ctx.get("features", tokens)), dim=-1)  # [B, N, Df]
     p_img = min(pivot_image, k)
     img_piv = _ranked(_l1(ctx["keys"]), p_img) if p_img else None  # [B, p] by descending norm
     piv_vecs = [] if img_piv is None else [feats.gather(1, img_piv[..., None].expand(-1, -1, feats.shape[-1]))]
@@ -70,7 +71,7 @@ def dart_select(tokens: Tensor, k: int, ctx: Context, *, pivot_image: int = 4, p
         p_txt = min(pivot_text, tf.shape[1])
         if p_txt:
             t_idx = _ranked(_l1(tk), p_txt)
-            tfn = F.normalize(tf.float(), dim=-1)
+            tfn = F.normalize(acc(tf).to(feats.dtype), dim=-1)
             piv_vecs.append(tfn.gather(1, t_idx[..., None].expand(-1, -1, tfn.shape[-1])))
     pivots = torch.cat(piv_vecs, 1) if piv_vecs else feats[:, :0]  # [B, m, Df]
     m = pivots.shape[1]
@@ -81,7 +82,7 @@ def dart_select(tokens: Tensor, k: int, ctx: Context, *, pivot_image: int = 4, p
     if rest and m == 0:
         raise ValueError("dart: no pivot (pivot_image = 0 and no text pivots) to choose the other tokens by")
     sims = torch.einsum("bmd,bnd->bmn", pivots, feats) if m else None  # [B, m, N] cosine
-    big = torch.finfo(torch.float32).max
+    big = torch.finfo(feats.dtype).max
     for j in range(m):
         q = rest // m + (1 if j < rest % m else 0)
         if not q:

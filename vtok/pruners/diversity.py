@@ -19,6 +19,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
+from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners.registry import register
 from vtok.selection import Selection
 
@@ -63,34 +64,29 @@ def task_relevance(tokens: Tensor, ctx: Context) -> Tensor | None:
     """
     attn = ctx.get("text_attn")
     if attn is not None:
-        a = attn.float()
+        a = acc(attn)
         while a.dim() > 2:
             a = a.mean(1)
         return a
     query = ctx.get("query")
     if query is not None:
         q = query if query.dim() == 3 else query[:, None]
-        xn = F.normalize(tokens.float(), dim=-1)
-        qn = F.normalize(q.float(), dim=-1)
+        xn = F.normalize(acc(tokens), dim=-1)
+        qn = F.normalize(acc(q).to(xn.dtype), dim=-1)
         return torch.einsum("bnd,bqd->bn", xn, qn) / q.shape[1]
     return None
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp16 / bf16 (and anything narrower), else the input's own (fp32, fp64)."""
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _cls_scores(cls_attn: Tensor) -> Tensor:
     """``cls_attn`` ``[B, N]`` or per head ``[B, H, N]`` → ``[B, N]`` (head mean), in the accumulation dtype."""
-    a = cls_attn.to(_acc_dtype(cls_attn))
+    a = cls_attn.to(acc_dtype(cls_attn))
     return a.mean(1) if a.dim() == 3 else a
 
 
 def _central_token(tokens: Tensor) -> Tensor:
     """``[B]`` index of the most representative token: the largest ``x̂_i · mean_j x̂_j`` (cosine to the mean
     normalised feature), ``O(N·D)``; ties → lowest index."""
-    xn = F.normalize(tokens.to(_acc_dtype(tokens)), dim=-1)
+    xn = F.normalize(tokens.to(acc_dtype(tokens)), dim=-1)
     return (xn * xn.mean(1, keepdim=True)).sum(-1).argmax(1)
 
 
@@ -107,7 +103,7 @@ def max_sum_greedy(tokens: Tensor, k: int, start: Tensor) -> Tensor:
     """
     b, n, _ = tokens.shape
     rows = torch.arange(b, device=tokens.device)
-    xn = F.normalize(tokens.to(_acc_dtype(tokens)), dim=-1)
+    xn = F.normalize(tokens.to(acc_dtype(tokens)), dim=-1)
     groups = ref.gram_groups(b, n)
     if groups is not None:
         return torch.cat([ref.greedy_max_sum(xn[g] @ xn[g].transpose(1, 2), k, start[g]) for g in groups])

@@ -17,14 +17,12 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import reference as ref
+from vtok.kernels.reference import acc as _acc
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
 _SIGNS = ("negative", "positive")
 
-
-def _acc(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def cdpruner_relevance(tokens: Tensor, query: Tensor | None, *, sign: str = "negative",

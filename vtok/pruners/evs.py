@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels.reference import acc
 from vtok.pruners.registry import register
 from vtok.pruners.temporal import frame_layout
 from vtok.selection import Selection
@@ -29,8 +30,8 @@ def evs_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     t, p, _ = frame_layout(tokens, ctx)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    x = tokens.detach().float().reshape(b, t, p, -1)
-    score = torch.full((b, t, p), 255.0, device=tokens.device)
+    x = acc(tokens.detach()).reshape(b, t, p, -1)
+    score = torch.full((b, t, p), 255.0, device=tokens.device, dtype=x.dtype)
     if t > 1:
         score[:, 1:] = 1.0 - F.cosine_similarity(x[:, 1:], x[:, :-1], dim=-1)
     order = torch.sort(score.reshape(b, n), dim=1, descending=True, stable=True).indices

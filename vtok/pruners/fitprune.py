@@ -24,6 +24,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc
 from vtok.pruners.attention import _check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
@@ -45,7 +46,7 @@ def fitprune_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     _check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    a = ctx["self_cross_attn"].float()
+    a = acc(ctx["self_cross_attn"])
     return Selection(ops.stable_topk(a[:, 0] * a[:, 1], k), n)
 
 

@@ -18,12 +18,9 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
+from vtok.kernels.reference import acc as _acc
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
-
-
-def _acc(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def gprune_scores(tokens: Tensor, *, threshold: float = 0.5, temperature: float = 0.03, iters: int = 5) -> Tensor:

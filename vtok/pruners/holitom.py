@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners.attention import _check_k, fastv_select
 from vtok.pruners.clustering import _check_int, dpc_knn
 from vtok.pruners.registry import Placement, register
@@ -126,7 +127,7 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
     coef = torch.zeros(b, n, dtype=torch.float64)
     for i in range(b):
         x = tokens[i].detach().reshape(t, p, -1)
-        xn = F.normalize(x.float(), dim=-1)
+        xn = F.normalize(acc(x), dim=-1)
         static = ((xn[:-1] * xn[1:]).sum(-1) > tau).cpu()  # [T − 1, P]
         segs, saved = holitom_segments(static, max_window)
         if k > n - saved:
@@ -146,12 +147,12 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
             w = e - s + 1
             flat = [f * p + idx for f in range(s, e + 1)]  # [w] × [m] token indices
             if kind == "static":
-                feats, free, c_dom = x[s:e + 1, idx].float().mean(0), torch.arange(len(idx)), 0
+                feats, free, c_dom = acc(x[s:e + 1, idx]).mean(0), torch.arange(len(idx)), 0
             else:
                 c_dom = round(c * dominant) if att is not None else 0
-                feats, free = x[s, idx].float(), torch.arange(len(idx))
+                feats, free = acc(x[s, idx]), torch.arange(len(idx))
                 if c_dom:
-                    a = att[i, flat[0]].float().cpu()
+                    a = acc(att[i, flat[0]]).cpu()
                     top = torch.sort(-a, stable=True).indices[:c_dom]
                     for j in top.tolist():
                         tok = int(flat[0][j])
@@ -176,7 +177,7 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
         positions[i] = order.values
         assign[i] = torch.where(assign[i] >= 0, remap[assign[i].clamp_min(0)], assign[i])
     dev = tokens.device
-    return Selection(positions.to(dev), n, assign.to(dev), coef=coef.to(dev, torch.float32))
+    return Selection(positions.to(dev), n, assign.to(dev), coef=coef.to(dev, acc_dtype(tokens)))
 
 
 @register("holitom_llm", family="attention", needs=("text_attn",), merges=True,
@@ -202,7 +203,7 @@ def holitom_llm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     dropped = torch.ones(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, kept, False)
     drop = torch.sort(dropped.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n - k]
     drop = drop.sort(1).values  # [B, n − k] ascending positions (their merge order)
-    x = F.normalize(tokens.float(), dim=-1)
+    x = F.normalize(acc(tokens), dim=-1)
     sim = torch.einsum("bid,bjd->bij", gather_tokens(x, drop), gather_tokens(x, kept))  # [B, n − k, k]
     target = sim.argmax(-1)  # first maximum → the earlier kept token
     # merges received after each dropped token (same target, later position): its weight is 2^-(1 + later)
@@ -215,4 +216,4 @@ def holitom_llm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     coef = torch.empty(b, n, dtype=torch.float64, device=tokens.device)
     coef.scatter_(1, kept, torch.pow(0.5, total.double()))
     coef.scatter_(1, drop, torch.pow(0.5, 1.0 + later.double()))
-    return Selection(kept, n, assign, coef=coef.float())
+    return Selection(kept, n, assign, coef=coef.to(acc_dtype(tokens)))

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc
 from vtok.pruners.attention import _check_choice, _check_k
 from vtok.pruners.clustering import _check_int
 from vtok.pruners.registry import Placement, register
@@ -36,7 +37,7 @@ def window_similarity(tokens: Tensor, grid: tuple[int, int], window: int = 2) ->
     tokens, the ``m`` self-similarities excluded (MustDrop's block similarity)."""
     win = _windows(grid[0], grid[1], window, tokens.device)
     m = win.shape[1]
-    x = F.normalize(tokens.float()[:, win], dim=-1)  # [B, W, m, D]
+    x = F.normalize(acc(tokens)[:, win], dim=-1)  # [B, W, m, D]
     sims = x @ x.transpose(-1, -2)  # [B, W, m, m]
     off = sims.sum((-1, -2)) - sims.diagonal(dim1=-2, dim2=-1).sum(-1)
     return off / (m * (m - 1)), win
@@ -104,9 +105,9 @@ def mustdrop_select(tokens: Tensor, k: int, ctx: Context, *, window: int = 2, or
 def _margins(text_rows_attn: Tensor, global_thr: float, individual_thr: float) -> Tensor:
     """``[B, N]``: how far each token is from MustDrop's drop rule, ``max(g / global_thr, m / individual_thr)`` with
     ``g`` its share of the attention the text rows pay the image and ``m`` the largest single text row's attention."""
-    a = text_rows_attn.float()
+    a = acc(text_rows_attn)
     got = a.sum(1)  # [B, N]
-    share = got / got.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    share = got / got.sum(1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     return torch.maximum(share / global_thr, a.amax(1) / individual_thr) if a.shape[1] else torch.zeros_like(got)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners.attention import _check_k
 from vtok.pruners.clustering import _check_int, dpc_knn
 from vtok.pruners.registry import Placement, register
@@ -43,8 +44,8 @@ def text_relevance(visual: Tensor, text: Tensor) -> Tensor:
         raise ValueError(f"visual and text must be [N, D] and [T, D] with the same D, got {list(visual.shape)} and "
                          f"{list(text.shape)}")
     if text.shape[0] == 0:
-        return text.new_zeros(0, dtype=torch.float32)
-    return (visual.float() @ text.float().T).softmax(-1).mean(0)
+        return text.new_zeros(0, dtype=acc_dtype(text))
+    return (acc(visual) @ acc(text).T).softmax(-1).mean(0)
 
 
 def _counts(n: int, kept: int, ratio: float, per_cluster: int) -> tuple[int, int]:
@@ -91,11 +92,12 @@ def rater_scores(text_rows_attn: Tensor, relevance: Tensor) -> Tensor:
     after the image; ``relevance [B, T]`` from :func:`text_relevance`; raters = relevance above its mean. A sample
     with no rater (every relevance equal, e.g. one text token) averages all its text rows (their code would average
     an empty set); with no text after the image every score is 0 (the lowest indices win)."""
-    rel = relevance.float()
+    rel = acc(relevance)
     raters = rel > rel.mean(1, keepdim=True)
     raters = torch.where(raters.any(1, keepdim=True), raters, torch.ones_like(raters))
-    w = raters.float()
-    return (text_rows_attn.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+    a = acc(text_rows_attn)
+    w = raters.to(a.dtype)
+    return (a * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
 @register("sparsevlm", family="attention", needs=("text_rows_attn", "text_relevance"), merges=True,
@@ -163,7 +165,7 @@ def sparsevlm_select(tokens: Tensor, k: int, ctx: Context, *, recycle: bool = Tr
         positions[i, :kept], positions[i, kept:] = keep_idx[i], centres
         assign[i, keep_idx[i]] = torch.arange(kept, device=dev)
         assign[i, rec_idx[i]] = kept + lab
-        sizes = torch.bincount(lab, minlength=c).float()
+        sizes = torch.bincount(lab, minlength=c).to(coef.dtype)
         coef[i, keep_idx[i]] = 1.0
         coef[i, rec_idx[i]] = 1.0 / sizes[lab]
     return Selection.from_emitted(positions, n, assign=assign, coef=coef)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners.baselines import _bins, pool_grid
 from vtok.pruners.registry import get, register
 from vtok.selection import Selection
@@ -266,7 +267,7 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
             static = torch.zeros(p, dtype=torch.bool, device=x.device)
             length = f1 - f0
             if mode == "prunevid" and length > 1:
-                xn = torch.nn.functional.normalize(x[s, f0 * p:f1 * p].float().view(length, p, d), dim=-1)
+                xn = torch.nn.functional.normalize(acc(x[s, f0 * p:f1 * p]).view(length, p, d), dim=-1)
                 tot = xn.sum(0)  # mean over pairs t != t' of cos = (|sum_t xn_t|^2 - L) / (L (L - 1))
                 stat = ((tot * tot).sum(-1) - length) / (length * (length - 1))  # [P]
                 count = length * p
@@ -286,9 +287,9 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
             rep = torch.empty(m, dtype=torch.long, device=x.device)  # each unit's position: its first token
             rep[n_static + dyn_rank[~stat_all]] = members[~stat_all]
             rep[:n_static] = pos[0, static]
-            feat = torch.zeros(m, d, device=x.device, dtype=torch.float32)
-            feat.index_add_(0, member_unit, x[s, members].float())
-            feat /= torch.bincount(member_unit, minlength=m).float()[:, None]
+            feat = torch.zeros(m, d, device=x.device, dtype=acc_dtype(x))
+            feat.index_add_(0, member_unit, acc(x[s, members]))
+            feat /= torch.bincount(member_unit, minlength=m).to(feat.dtype)[:, None]
             centre = _dpc_groups(feat, ks, knn)  # unit → centre unit
             target[members] = rep[centre[member_unit]]
         targets.append(target)
@@ -382,8 +383,9 @@ def _join(groups: Sequence[tuple[Tensor, Selection]], off: Tensor, b: int, t: in
     keep = torch.zeros(b * k, dtype=torch.long, device=device)
     assign = torch.full((b * t, p), -1, dtype=torch.long, device=device)
     order = torch.zeros(b * k, dtype=torch.long, device=device)
-    size = torch.ones(b * k, device=device)
-    coef = torch.zeros(b * t, p, device=device)
+    fp64 = any(v is not None and v.dtype == torch.float64 for _, s in groups for v in (s.size, s.coef))
+    size = torch.ones(b * k, device=device, dtype=torch.float64 if fp64 else torch.float32)
+    coef = torch.zeros(b * t, p, device=device, dtype=size.dtype)
     for rows, s in groups:
         rows_d = rows.to(device)
         kt = s.k
@@ -402,7 +404,7 @@ def _join(groups: Sequence[tuple[Tensor, Selection]], off: Tensor, b: int, t: in
                 a = s.assign
                 sz = torch.zeros(a.shape[0], kt, device=device).scatter_add_(1, a.clamp_min(0), (a >= 0).float())
             if sz is not None:
-                size[dst] = sz.float().reshape(-1)
+                size[dst] = sz.to(size.dtype).reshape(-1)
         if coefs:
             coef[rows_d] = s._effective_coef()
     return Selection(keep.view(b, k), t * p, assign.view(b, t * p) if merges else None,
@@ -454,15 +456,15 @@ def frame_relevance(tokens: Tensor, ctx: Context) -> Tensor:
     """``[B, T]``: ``frame_scores`` when given, else the cosine similarity of ``query`` (mean over its rows) with each
     frame's mean token."""
     if "frame_scores" in ctx:
-        return ctx["frame_scores"].float()
+        return acc(ctx["frame_scores"])
     if "query" not in ctx:
         raise ValueError("query_budget needs a relevance per frame: pass frame_scores=[B, T] (e.g. text-frame "
                          "similarity) or query=[B, D] / [B, Q, D] (a text embedding in the tokens' space)")
     b, n, d = tokens.shape
     t = int(ctx["frames"])
-    q = ctx["query"].float()
+    q = acc(ctx["query"])
     q = q.mean(1) if q.dim() == 3 else q
-    means = tokens.detach().float().reshape(b, t, n // t, d).mean(2)
+    means = acc(tokens.detach()).reshape(b, t, n // t, d).mean(2).to(q.dtype)
     return torch.nn.functional.cosine_similarity(means, q[:, None, :], dim=-1)
 
 

@@ -13,15 +13,12 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
+from vtok.kernels.reference import acc_dtype
 from vtok.pruners.registry import register
 from vtok.selection import Selection
 
 COMPARE_MODES = ("update", "state")
 _EPS = 1e-8  # guards the norm ratio and the cosine against zero vectors (as torch's cosine_similarity does)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def transition_variation(prev_hidden: Tensor, tokens: Tensor, *, compare: str = "update") -> Tensor:
@@ -42,7 +39,7 @@ def transition_variation(prev_hidden: Tensor, tokens: Tensor, *, compare: str = 
     if compare not in COMPARE_MODES:
         raise ValueError(f"compare must be one of {COMPARE_MODES}, got {compare!r}")
     states = prev_hidden[None] if prev_hidden.dim() == 3 else prev_hidden
-    acc = _acc_dtype(tokens)
+    acc = acc_dtype(tokens)
     ttv = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=acc)
     for layer in range(states.shape[0]):
         x = states[layer].to(acc)
@@ -60,7 +57,7 @@ def transition_variation(prev_hidden: Tensor, tokens: Tensor, *, compare: str = 
 def instruction_attention(text_attn: Tensor) -> Tensor:
     """Instruction-Guided Attention ``[B, N]`` from ``[B, N]``, ``[B, T, N]`` or ``[B, H, T, N]``: the mean over
     heads and instruction tokens of the attention they pay each visual token (fp32, fp64 for fp64 input)."""
-    a = text_attn.to(_acc_dtype(text_attn))
+    a = text_attn.to(acc_dtype(text_attn))
     while a.dim() > 2:
         a = a.mean(1)
     return a

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
+from vtok.kernels.reference import acc
 from vtok.pruners.registry import register
 from vtok.pruners.temporal import allocate, frame_layout
 from vtok.selection import Selection
@@ -68,7 +69,7 @@ def vidcom2_select(tokens: Tensor, k: int, ctx: Context, *, channel_ratio: float
     rows = []
     caps = torch.full((t,), p, dtype=torch.long)
     for i in range(b):
-        w, score = vidcom2_scores(tokens[i].detach().float(), t, channel_ratio, temperature)
+        w, score = vidcom2_scores(acc(tokens[i].detach()), t, channel_ratio, temperature)
         ks = allocate(k, w, caps).tolist()
         keep = []
         for f, kf in enumerate(ks):
