@@ -33,14 +33,14 @@ train-tokenizers: tokenizer-data
 	for c in $(TOKENIZERS); do $(BIN)/vtok train-tokenizer --config configs/tokenizers/$$c.json || exit 1; done
 
 bench-tokenizers: tokenizer-data
-	$(BIN)/python benchmarks/tokenizer_rd.py $(patsubst %/model.safetensors,%,$(wildcard outputs/tokenizers/*/model.safetensors))
+	$(BIN)/python -m benchmarks.tokenizer_rd $(patsubst %/model.safetensors,%,$(wildcard outputs/tokenizers/*/model.safetensors))
 
 $(FMNIST):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
 # the committed eval ViT, in five resumable stages (2-core CPU: ~3 h; see docs/benchmarks.md)
-EVT := $(BIN)/python benchmarks/train_eval_vit.py
+EVT := $(BIN)/python -m benchmarks.train_eval_vit
 eval-vit: $(STAMP) $(FMNIST)
 	$(EVT) --stop-after 938 --work outputs/train_eval_vit
 	$(EVT) --init outputs/train_eval_vit/last.pt --seed 1 --epochs 2.2 --low-res-epochs 2.0 --lr 6e-4 \
@@ -55,7 +55,7 @@ eval-vit: $(STAMP) $(FMNIST)
 # the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): stage 1 + stage 2
 # (1,000 steps, 4 questions per scene), then stage 2 continued on new scenes (600 steps, 6 questions, lower rates);
 # each run resumable (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
-VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python benchmarks/train_vlm.py
+VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python -m benchmarks.train_vlm
 vlm: $(STAMP) $(FMNIST)
 	$(VLM_TRAIN) --work outputs/vlm/train --out outputs/vlm/train/vlm.safetensors
 	mkdir -p outputs/vlm/train_b && cp -n outputs/vlm/train/stage1.pt outputs/vlm/train_b/
@@ -63,10 +63,10 @@ vlm: $(STAMP) $(FMNIST)
 		--questions 6 --lr-proj 1e-3 --lr-lora 7e-4 --eval-every 300
 
 vlm-accuracy: $(STAMP) $(FMNIST)
-	$(BIN)/python benchmarks/vlm_accuracy.py
+	$(BIN)/python -m benchmarks.vlm_accuracy
 
 encoder-accuracy: $(STAMP) $(FMNIST)
-	$(BIN)/python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2
+	$(BIN)/python -m benchmarks.encoder_accuracy --out docs/encoder_accuracy --plot docs/encoder_accuracy.png --jobs 2
 
 demo: $(STAMP) $(FMNIST)
 	$(BIN)/vtok methods
@@ -106,7 +106,7 @@ test-hf4: $(TF4_STAMP)
 	$(VENV_TF4)/bin/python -m pytest tests/test_hf_*.py
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/strategies.py
+	$(BIN)/python -m benchmarks.strategies
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) outputs .pytest_cache .ruff_cache .hypothesis

@@ -23,8 +23,8 @@ part), then accuracy accumulates per test batch in ``--out/state.json`` (written
 resumes where it stopped and the table always says on how many test images it was measured; ``--plot`` draws
 accuracy against kept tokens.
 
-    python benchmarks/encoder_accuracy.py --jobs 2           # the table in docs/benchmarks.md (2-core CPU: ~3 h)
-    python benchmarks/encoder_accuracy.py --test-limit 64 --methods random cls_attn --keeps 0.5   # smoke run
+    python -m benchmarks.encoder_accuracy --jobs 2           # the table in docs/benchmarks.md (2-core CPU: ~3 h)
+    python -m benchmarks.encoder_accuracy --test-limit 64 --methods random cls_attn --keeps 0.5   # smoke run
 
 Before measuring, the ``inside`` numbers' shortcut (the blocks before the middle run once per batch, shared by all
 rows) is checked against the patched model's own forward on a few images, for every method.
@@ -33,8 +33,8 @@ Re-measuring some methods (after their defaults changed) without redoing the res
 ``--out`` with ``--methods`` (same keeps, batch and checkpoint), then ``--merge-from`` that finished state into the
 main one, which replaces those methods' rows::
 
-    python benchmarks/encoder_accuracy.py --methods tome visionzip --out outputs/remeasure --jobs 2
-    python benchmarks/encoder_accuracy.py --out docs/encoder_accuracy --merge-from outputs/remeasure \
+    python -m benchmarks.encoder_accuracy --methods tome visionzip --out outputs/remeasure --jobs 2
+    python -m benchmarks.encoder_accuracy --out docs/encoder_accuracy --merge-from outputs/remeasure \
         --plot docs/encoder_accuracy.png
 """
 
@@ -50,16 +50,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-import vtok  # noqa: E402
-from vtok.bench.eval_vit import CHECKPOINT, load_eval_vit  # noqa: E402
-from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess  # noqa: E402
-from vtok.budget import resolve_k  # noqa: E402
-from vtok.sweep.vit import (  # noqa: E402, F401 - re-exported: the tests and older scripts use these names here
+import vtok
+from vtok.bench.eval_vit import CHECKPOINT, load_eval_vit
+from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
+from vtok.budget import resolve_k
+from vtok.sweep.vit import (  # noqa: F401 - re-exported: the tests and older scripts use these names here
     Prefixes,
     after_logits,
     captured_forward,
@@ -452,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--report: {path} holds no measured images yet")
         return report(state, n_patches, args.plot)
     if state is None:
-        command = "python benchmarks/encoder_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.encoder_accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
         state = {"key": key, "methods": methods, "keeps": args.keeps, "mid": mid, "done": 0, "correct": {},
                  "speed": {}, "errors": {}, "command": command}
         print("checking the shared-prefix shortcut against each patched model's forward ...", flush=True)
@@ -489,7 +487,7 @@ def remeasure_speed(model, args, state: dict | None, path: Path, x_all: Tensor, 
     print(f"re-timing {args.methods}: batch {args.speed_batch}, {args.rounds} paired rounds (load {load:.2f})",
           flush=True)
     measure_speed(model, args.methods, state["keeps"], x_all[: args.speed_batch], args.rounds, state, path)
-    command = "python benchmarks/encoder_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.encoder_accuracy " + shlex.join(argv if argv is not None else sys.argv[1:])
     state.setdefault("speed_remeasured", []).append({"methods": args.methods, "command": command, "load": load,
                                                      "date": time.strftime("%Y-%m-%d")})
     _save(path, state)

@@ -7,8 +7,8 @@ median images/s, and the ratio to the unpatched model as the median over rounds 
 * ``tome r=16``: ToMe, 16 tokens merged in every block (ToMe reports ~1.65x at r=13 on a GPU for ViT-B/16);
 * ``divprune keep=0.5 @ block 6``: a pruning strategy, half the patch tokens dropped at block 6.
 
-    python benchmarks/encoder_throughput.py                 # batch 8, 5 rounds
-    python benchmarks/encoder_throughput.py --quick         # tiny ViT, smoke run
+    python -m benchmarks.encoder_throughput                 # batch 8, 5 rounds
+    python -m benchmarks.encoder_throughput --quick         # tiny ViT, smoke run
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vtok  # noqa: E402
+import vtok
 
 
 def _load() -> float:
@@ -89,7 +86,7 @@ def main() -> None:
                     times[name].append(dt)
 
     load1 = _load()
-    print(f"command: `{shlex.join(['python', 'benchmarks/encoder_throughput.py', *sys.argv[1:]])}`")
+    print(f"command: `{shlex.join(['python', '-m', 'benchmarks.encoder_throughput', *sys.argv[1:]])}`")
     print(f"model: {'tiny ViT (quick)' if args.quick else 'timm vit_base_patch16_224 (random weights)'}, "
           f"batch {args.batch}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.rounds} rounds (median), 1-min load average before / after: {load0:.2f} / {load1:.2f} "

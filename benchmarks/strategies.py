@@ -17,8 +17,8 @@ right before the call (``/proc/self/clear_refs``), with glibc's ``MALLOC_MMAP_TH
 allocation of 64 KiB or more is its own mapping, returned to the system when freed: the number is the most memory
 the call's tensors (inputs and context excluded, its output included) held at once, to the page. Linux only.
 
-    python benchmarks/strategies.py                 # N in {576, 2880}, D = 1024, keep = 0.25
-    python benchmarks/strategies.py --quick         # tiny smoke run (N = 64)
+    python -m benchmarks.strategies                 # N in {576, 2880}, D = 1024, keep = 0.25
+    python -m benchmarks.strategies --quick         # tiny smoke run (N = 64)
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vtok  # noqa: E402
-from vtok.bench.synthetic import example_context  # noqa: E402
-from vtok.context import Context  # noqa: E402
+import vtok
+from vtok.bench.synthetic import example_context
+from vtok.context import Context
 
 VIT = "(ViT-B/16 block)"
 
@@ -162,7 +160,8 @@ def peak_extra_memory(args: argparse.Namespace, names: list[str]) -> dict[str, f
     spec = {"n": args.n, "dim": args.dim, "keep": args.keep, "threads": args.threads, "methods": names}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     try:
-        res = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)], env=env,
+        res = subprocess.run([sys.executable, "-m", "benchmarks.strategies", "--memory-child", json.dumps(spec)],
+                             env=env, cwd=Path(__file__).resolve().parents[1],
                              capture_output=True, text=True, check=True)
     except (subprocess.CalledProcessError, OSError) as e:
         print(f"peak memory not measured: {e}", file=sys.stderr)
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.methods or [m.name for m in vtok.methods()]
     if "random" not in names:
         names = ["random", *names]
-    command = " ".join(["python", "benchmarks/strategies.py", *map(shlex.quote, sys.argv[1:] if argv is None
+    command = " ".join(["python", "-m", "benchmarks.strategies", *map(shlex.quote, sys.argv[1:] if argv is None
                                                                         else argv)])
     print(f"command: `{command}`")
     print(f"torch {torch.__version__}, {args.threads} threads, D = {args.dim}, keep = {args.keep}, batch 1, "

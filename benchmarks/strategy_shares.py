@@ -5,8 +5,8 @@ For N in ``--n`` (D = 1024, keep 0.25, batch 1): a timm ViT-B block on ``[1, N, 
 ``dpc_knn``, ``scope``, ``vispruner`` and with ``important_ratio=1`` (no duplicate-removal rounds), ``cdpruner``. Median
 of 5 calls after a warm-up, milliseconds (compare within a row only: the docs quote the shares).
 
-    OMP_NUM_THREADS=2 python benchmarks/strategy_shares.py            # N in {576, 2880}, 2 threads
-    python benchmarks/strategy_shares.py --n 64 --reps 1               # smoke run
+    OMP_NUM_THREADS=2 python -m benchmarks.strategy_shares            # N in {576, 2880}, 2 threads
+    python -m benchmarks.strategy_shares --n 64 --reps 1               # smoke run
 """
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vtok  # noqa: E402
-from vtok.bench.synthetic import example_context  # noqa: E402
+import vtok
+from vtok.bench.synthetic import example_context
 
 
 def median_ms(fn, reps: int) -> float:

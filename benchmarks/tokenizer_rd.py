@@ -13,9 +13,9 @@ which ~600 are tables and markers, so ``file`` (whole files, headers included) l
 reaches. Also reported: the fraction of held-out images whose PSNR never drops by more than
 0.1 dB as k grows. Held-out images are never used in training (see ``vtok/tokenizers_img/data.py``).
 
-    python benchmarks/tokenizer_rd.py outputs/tokenizers/fsq_nested outputs/tokenizers/fsq_control \\
+    python -m benchmarks.tokenizer_rd outputs/tokenizers/fsq_nested outputs/tokenizers/fsq_control \\
         outputs/tokenizers/fsq_tail outputs/tokenizers/binary_nested
-    python benchmarks/tokenizer_rd.py               # every committed checkpoint
+    python -m benchmarks.tokenizer_rd               # every committed checkpoint
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
+from skimage.metrics import structural_similarity
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from skimage.metrics import structural_similarity  # noqa: E402
-
-import vtok  # noqa: E402
-from vtok.tokenizers_img import available_tokenizers, pow2_lengths  # noqa: E402
-from vtok.tokenizers_img.data import heldout_images  # noqa: E402
+import vtok
+from vtok.tokenizers_img import available_tokenizers, pow2_lengths
+from vtok.tokenizers_img.data import heldout_images
 
 CODECS = {"JPEG": range(1, 96), "WebP": range(0, 101)}
 
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
 
     names = args.checkpoints or available_tokenizers()
-    print(f"command: `python benchmarks/tokenizer_rd.py {shlex.join(argv if argv is not None else sys.argv[1:])}`")
+    print(f"command: `python -m benchmarks.tokenizer_rd {shlex.join(argv if argv is not None else sys.argv[1:])}`")
     if not names:
         print("no checkpoints given and none committed under vtok/tokenizers_img/checkpoints/; nothing to do")
         return

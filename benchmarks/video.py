@@ -11,8 +11,8 @@
    glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set. "all frames" is what holding
    every decoded frame would take (``T × H × W × 3`` bytes), for scale.
 
-    python benchmarks/video.py                     # full run (a few minutes on 2 cores)
-    python benchmarks/video.py --quick             # smoke test
+    python -m benchmarks.video                     # full run (a few minutes on 2 cores)
+    python -m benchmarks.video --quick             # smoke test
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def decode_table(args: argparse.Namespace, workdir: Path) -> list[str]:
         total, _, (h, w) = probe(path)
         for backend in ("decord", "pyav"):
             spec = {"path": str(path), "backend": backend, "sample": args.sample, "repeats": args.repeats}
-            res = subprocess.run([sys.executable, __file__, "--decode-child", json.dumps(spec)], env=env,
+            res = subprocess.run([sys.executable, "-m", "benchmarks.video", "--decode-child", json.dumps(spec)],
+                                 env=env, cwd=Path(__file__).resolve().parents[1],
                                  capture_output=True, text=True)
             if res.returncode != 0:
                 lines.append(f"| {label} | {total} | {w}x{h} | {backend} | error: {res.stderr.strip()[-200:]} "
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shown = " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"command: `python benchmarks/video.py{' ' + shown if shown else ''}`")
+    print(f"command: `python -m benchmarks.video{' ' + shown if shown else ''}`")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()[0]:.2f}")
     print()

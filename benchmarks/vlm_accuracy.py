@@ -13,20 +13,17 @@ Three parts, each resumable (the sweeps skip finished cells; re-run the same com
 
 Then ``vtok report`` tables (markdown + CSV + plots) for both JSONL files.
 
-    python benchmarks/vlm_accuracy.py                          # the table in docs/benchmarks.md (needs `make vlm`)
-    python benchmarks/vlm_accuracy.py --n 200 --methods random pool2d fastv --keeps 0.25   # a quick look
+    python -m benchmarks.vlm_accuracy                          # the table in docs/benchmarks.md (needs `make vlm`)
+    python -m benchmarks.vlm_accuracy --n 200 --methods random pool2d fastv --keeps 0.25   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (ROOT / "configs" / "sweeps" / "vlm_accuracy.yaml", ROOT / "configs" / "sweeps" / "vlm_accuracy_llm.yaml")

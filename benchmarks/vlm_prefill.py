@@ -20,8 +20,8 @@ after a warm-up round); reported: the median over rounds of the paired ratio ``t
 * ``wrapper``: the wrapper's own work in the prefill (context, strategy, bookkeeping: ``vtok.stats``'s
   ``wrapper_seconds``) as a share of the pruned prefill.
 
-    python benchmarks/vlm_prefill.py                    # both families, 5 rounds
-    python benchmarks/vlm_prefill.py --quick            # tiny shapes, smoke run
+    python -m benchmarks.vlm_prefill                    # both families, 5 rounds
+    python -m benchmarks.vlm_prefill --quick            # tiny shapes, smoke run
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vtok  # noqa: E402
+import vtok
 
 KEEPS = (1.0, 0.5, 0.25, 0.11)
 
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     load = os.getloadavg()[0]
-    print(f"command: python {shlex.join(['benchmarks/vlm_prefill.py'] + (argv or sys.argv[1:]))}")
+    print(f"command: python {shlex.join(['-m', 'benchmarks.vlm_prefill'] + (argv or sys.argv[1:]))}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at start")
     for fam in args.families.split(","):
         for line in run_family(fam, args.quick, args.rounds, args.new_tokens):
@@ -209,5 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # see PeakRSS
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        root = str(Path(__file__).resolve().parents[1])  # the re-run finds the benchmarks package from anywhere
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.vlm_prefill", *sys.argv[1:]])
     main()

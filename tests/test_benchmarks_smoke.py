@@ -7,11 +7,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_strategies_benchmark_quick_prints_a_table():
     # the interpreter running the tests is the project's venv python
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--quick", "--threads", "1"],
+    res = subprocess.run([sys.executable, "-m", "benchmarks.strategies", "--quick", "--threads", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
-    assert any(line.startswith("command: `python benchmarks/strategies.py --quick") for line in lines)
+    assert any(line.startswith("command: `python -m benchmarks.strategies --quick") for line in lines)
     header = "| method | family | N | time / random | time / ViT-B block |"
     assert any(line.startswith(header) for line in lines), res.stdout
     rows = [line for line in lines if line.startswith("| ") and not line.startswith(header)]
@@ -22,7 +22,7 @@ def test_strategies_benchmark_quick_prints_a_table():
 
 
 def test_kernels_benchmark_quick_runs_on_cpu():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_ops", "--quick"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     ops = {ln.split("|")[1].strip() for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
@@ -31,7 +31,7 @@ def test_kernels_benchmark_quick_runs_on_cpu():
 
 
 def test_strategy_shares_quick_prints_every_component():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strategy_shares.py"), "--n", "64", "--reps", "1",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.strategy_shares", "--n", "64", "--reps", "1",
                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     import json

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from scripts import load_benchmark
+from benchmark_loader import load_benchmark
 from timm.models.vision_transformer import VisionTransformer
 
 import vtok

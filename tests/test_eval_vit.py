@@ -1,5 +1,5 @@
 import torch
-from scripts import load_benchmark
+from benchmark_loader import load_benchmark
 
 from vtok.bench.eval_vit import build_eval_vit, checkpoint_meta, load_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess

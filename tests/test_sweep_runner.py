@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scripts import ROOT, load_benchmark
+from benchmark_loader import ROOT, load_benchmark
 from sweep_helpers import comparable, vit_checkpoint
 from typer.testing import CliRunner
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from scripts import load_benchmark
+from benchmark_loader import load_benchmark
 
 from vtok.tokenizers_img import ModelConfig, Tokenizer
 
@@ -17,7 +17,7 @@ def test_tokenizer_rd_benchmark_smoke(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(image_size=16, patch_size=8, num_tokens=64, width=16, enc_depth=1, dec_depth=1, heads=2)
     Tokenizer(cfg, meta={"name": "tiny_rd", "length_mode": "nested", "step": 0}).save(tmp_path / "ck")
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenizer_rd.py"), str(tmp_path / "ck"),
+    res = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer_rd", str(tmp_path / "ck"),
                           "--sources", "skimage", "--limit", "3", "--out-dir", str(tmp_path / "rd")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -6,11 +6,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_video_benchmark_quick_prints_both_tables():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "video.py"), "--quick", "--no-real"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "benchmarks.video", "--quick", "--no-real"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
-    assert lines[0] == "command: `python benchmarks/video.py --quick --no-real`"
+    assert lines[0] == "command: `python -m benchmarks.video --quick --no-real`"
     rows = [ln.split("|") for ln in lines if ln.startswith("| ") and "---" not in ln]
     strategies = {r[1].strip() for r in rows if len(r) == 7}
     assert {"frame_merge", "segment_cluster", "query_budget", "temporal_pool", "per_frame"} <= strategies

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from scripts import load_benchmark
+from benchmark_loader import load_benchmark
 
 from vtok.bench import vlm
 from vtok.bench import vlm_task as task

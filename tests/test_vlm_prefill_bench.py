@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_vlm_prefill_benchmark_quick_prints_tables():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vlm_prefill.py"), "--quick", "--rounds", "1",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.vlm_prefill", "--quick", "--rounds", "1",
                           "--new-tokens", "2", "--families", "llava,qwen2_vl"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

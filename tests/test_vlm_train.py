@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from scripts import load_benchmark
+from benchmark_loader import load_benchmark
 from test_vlm_model import TINY_VISION, tiny_llm
 
 from vtok.bench import vlm

@@ -49,7 +49,7 @@ def load_eval_vit(path: str | Path | None = None) -> VisionTransformer:
     path = Path(path) if path is not None else CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no eval ViT checkpoint at {path}; train one with "
-                                "`python benchmarks/train_eval_vit.py` (see docs/benchmarks.md)")
+                                "`python -m benchmarks.train_eval_vit` (see docs/benchmarks.md)")
     with safe_open(str(path), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
     model = VisionTransformer(**cfg)

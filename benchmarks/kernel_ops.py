@@ -6,8 +6,8 @@ device-to-device copy; and extra peak memory above the inputs. Shapes follow LLa
 D = 1024 / 4096, 32 heads, batch 1 and 16) and video (64 frames × 196 tokens), plus attention-received at
 12k keys. Needs a CUDA GPU; ``--quick`` runs tiny shapes on whatever device exists (CPU: reference only).
 
-    python benchmarks/kernels.py            # full table (GPU)
-    python benchmarks/kernels.py --quick    # smoke run
+    python -m benchmarks.kernel_ops            # full table (GPU)
+    python -m benchmarks.kernel_ops --quick    # smoke run
 """
 
 from __future__ import annotations
