@@ -22,11 +22,11 @@ BUDGETS = [1, 5, 24, 47]
 BUDGET_LIMITS = {"pool2d": {47}, "downsample": {47}, "temporal_pool": {47},
                  "mustdrop": {1, 5},  # 12 blocks of 2 x 2 merged leave 12 tokens at the fewest
                  "sparsevlm": {1}}  # recycling: 15 of 48 deleted tokens merge into at least 2 clusters
-MIN_K = {"mustdrop": 12, "sparsevlm": 2}  # fixed budgets below a method's fewest tokens are raised to it
 
 
 def _k(name: str, k: int) -> int:
-    return max(k, MIN_K.get(name, 0))
+    """Fixed budgets below a method's fewest tokens (``Method.fewest``) are raised to it."""
+    return max(k, vtok.get_method(name).fewest(N, {"grid": most_square_grid(N)}))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,20 @@ def test_exact_budget_sorted_unique(name, k, tokens):
     assert torch.isfinite(out).all()
     if sel.assign is not None:
         assert sel.assign.shape == (B, N) and ((sel.assign >= -1) & (sel.assign < k)).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fewest_is_the_budget_floor(name, tokens):
+    """``Method.fewest`` is the smallest budget that runs; one below it raises a ValueError naming the budget."""
+    m, ctx = _setup(name, tokens)
+    f = m.fewest(N, ctx)
+    assert 1 <= f <= N
+    out, sel = vtok.compress(tokens, name, keep=f, **ctx)
+    assert sel.k == f and out.shape == (B, f, D)
+    if f > 1:
+        with pytest.raises(ValueError, match=f"k={f - 1}"):
+            vtok.compress(tokens, name, keep=f - 1, **ctx)
+    assert {n for n in BUDGET_LIMITS.get(name, ()) if n < f} == {n for n in BUDGETS if n < f}
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -49,3 +49,25 @@ def test_wrap_vlm_demo_runs(tmp_path):
     assert "divprune" in out.stdout and "fastv" in out.stdout
     assert "32→8" in out.stdout  # 2 images × 16 tokens at 56 px / patch 14, keep 0.25
     assert (tmp_path / "tiny" / "config.json").exists()
+
+
+def test_demo_runs_floor_methods_at_their_fewest_and_names_impossible_budgets(tmp_path):
+    from vtok.demo import run_demo
+
+    # 64 px / 16 px patches: a 4 x 4 grid. keep 0.1 -> 2 tokens, below mustdrop's fewest (4: all four blocks
+    # merged); keep 0.3125 -> 5 tokens, which pool2d cannot make on a 4 x 4 grid (5 is prime and > 4).
+    rows = run_demo(tmp_path, size=64, keeps=(0.3125, 0.1), methods=["pool2d", "mustdrop", "random"])
+    by = {(r.method, r.keep): r for r in rows}
+    assert by[("mustdrop", 0.1)].kept == 4 and "fewest: 4 tokens (2 asked)" in by[("mustdrop", 0.1)].note
+    assert by[("mustdrop", 0.3125)].kept == 5 and by[("mustdrop", 0.3125)].note == ""
+    skipped = by[("pool2d", 0.3125)]
+    assert skipped.kept == 0 and skipped.note.startswith("skipped: ") and "k=5" in skipped.note
+    assert by[("pool2d", 0.1)].kept == 2 and by[("random", 0.1)].kept == 2
+    assert (tmp_path / "kept_patches.png").exists()
+
+
+def test_demo_command_default_budgets_exit_zero(tmp_path):
+    """The bundled defaults (224 px, keeps 0.5 / 0.25 / 0.1, every model-free method) run without a traceback."""
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "mustdrop" in res.output and "fewest" in res.output

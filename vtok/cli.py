@@ -39,10 +39,11 @@ def demo_cmd(out: Path = typer.Option(Path("outputs/demo"), help="Output folder.
 
     rows = run_demo(out, photo=photo, size=size, patch=patch, keeps=tuple(keep))
     table = Table(title=f"vtok demo: {photo}, {size}px, {patch}px patches")
-    for col in ("method", "family", "keep", "tokens", "PSNR (dB)"):
+    for col in ("method", "family", "keep", "tokens", "PSNR (dB)", "note"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.method, r.family, f"{r.keep:g}", f"{r.kept}/{r.total}", f"{r.psnr_db:.2f}")
+        table.add_row(r.method, r.family, f"{r.keep:g}", f"{r.kept}/{r.total}" if r.kept else "-",
+                      f"{r.psnr_db:.2f}" if r.kept else "-", r.note)
     console.print(table)
     console.print(f"wrote {out / 'kept_patches.png'}")
     _tokenizer_demo(out)

@@ -4,6 +4,10 @@ A scikit-image photo is cut into 16×16 patch tokens (14×14 = 196, like ViT-B/1
 ``keep`` of them; the picture shows what survives: kept patches at full brightness, dropped ones dimmed,
 merged ones replaced by their merged value. The table reports a crude fidelity proxy: PSNR of the photo
 rebuilt from the output tokens (each dropped patch filled from the nearest kept patch on the grid).
+
+A method with a budget floor (``Method.fewest``, e.g. ``mustdrop``: every 2×2 block merged) runs at its fewest tokens
+where the asked budget is below it, and its row says so; a budget a method cannot make at all (``pool2d`` needs
+``k = oh · ow``) becomes a row that names the reason instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 import vtok
+from vtok.budget import resolve_k
 from vtok.images import patchify, psnr, sample_photo, to_pil, unpatchify
 from vtok.selection import Selection
 
@@ -30,6 +35,7 @@ class DemoRow:
     kept: int
     total: int
     psnr_db: float
+    note: str = ""
 
 
 def _grid_coords(grid: tuple[int, int]) -> Tensor:
@@ -61,17 +67,28 @@ def run_demo(out_dir: str | Path, *, photo: str = "astronaut", size: int = 224, 
     names = methods or [m.name for m in vtok.methods() if m.needs <= DEMO_CONTEXT]
     rows: list[DemoRow] = []
     panels: list[list[tuple[str, Image.Image]]] = []
+    n = tokens.shape[1]
     for name in names:
         info = vtok.get_method(name)
+        ctx = {"grid": grid} if "grid" in info.needs | info.uses else {}
+        fewest = info.fewest(n, {"grid": grid})
         line = []
         for keep in keeps:
-            out, sel = vtok.compress(tokens, name, keep, grid=grid) if "grid" in info.needs | info.uses \
-                else vtok.compress(tokens, name, keep)
+            k, note = resolve_k(keep, n), ""
+            if k < fewest:
+                k, note = fewest, f"at its fewest: {fewest} tokens ({resolve_k(keep, n)} asked)"
+            try:
+                out, sel = vtok.compress(tokens, name, k, **ctx)
+            except ValueError as e:  # a budget this method cannot make (e.g. pool2d needs k = oh * ow)
+                rows.append(DemoRow(name, info.family, keep, 0, n, float("nan"), f"skipped: {e}"))
+                line.append((f"{name}: skipped", to_pil(0.25 * image + 0.35)))
+                continue
             per_patch, shown = rebuild(out, sel, grid)
             recon = unpatchify(per_patch[None], grid, patch)[0]
-            rows.append(DemoRow(name, info.family, keep, sel.k, sel.n, psnr(recon, image)))
+            rows.append(DemoRow(name, info.family, keep, sel.k, sel.n, psnr(recon, image), note))
             dim = torch.where(shown[:, None], per_patch, 0.25 * tokens[0] + 0.35)
-            line.append((f"{name} {sel.k}/{sel.n}", to_pil(unpatchify(dim[None], grid, patch)[0])))
+            label = f"{name} {sel.k}/{sel.n}" + (" (fewest)" if note else "")
+            line.append((label, to_pil(unpatchify(dim[None], grid, patch)[0])))
         panels.append(line)
     _save_grid(out_dir / "kept_patches.png", to_pil(image), panels, size)
     return rows

@@ -51,7 +51,14 @@ def mustdrop_budget(tokens: Tensor, grid: tuple[int, int], threshold: float = 0.
     return tokens.shape[1] - r * (win.shape[1] - 1)
 
 
-@register("mustdrop", family="clustering", needs=("grid",), merges=True,
+def mustdrop_fewest(n: int, ctx: dict, *, window: int = 2, **_: object) -> int:
+    """The fewest tokens ``mustdrop`` can give: every full ``window × window`` block of the grid merged."""
+    h, w = ctx["grid"]
+    blocks = (h // window) * (w // window)
+    return n - blocks * (window * window - 1)
+
+
+@register("mustdrop", family="clustering", needs=("grid",), merges=True, fewest=mustdrop_fewest,
           placement=Placement(layer=-2, at="output", prop_attn=False),
           paper="Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model "
                 "(arXiv 2411.10803)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vtok.context import CONTEXT_KEYS
@@ -16,6 +16,9 @@ from vtok.selection import Selection
 FAMILIES = ("baseline", "attention", "transition", "diversity", "clustering", "temporal")
 
 Strategy = Callable[..., Selection]
+Fewest = Callable[..., int]
+"""``fewest(n, ctx, **options) -> int``: the fewest tokens a method can return from ``n`` (``ctx`` a mapping of its
+context, e.g. ``{"grid": (14, 14)}``; ``options`` the method's options, defaults filled in)."""
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,28 @@ class Method:
     summary: str
     options: dict[str, object]
     placement: Placement = field(default_factory=Placement)
+    fewest_fn: Fewest | None = field(default=None, repr=False)
 
     def __call__(self, *args, **kwargs) -> Selection:
         return self.fn(*args, **kwargs)
+
+    def fewest(self, n: int, ctx: Mapping[str, object] | None = None, **options: object) -> int:
+        """The fewest tokens this method can return from ``n`` with this context and these options: 1 for most
+        methods; a budget floor for methods that cannot go lower by construction (``mustdrop``: every block merged;
+        ``sparsevlm``: every token recycled). A fixed budget below it raises ``ValueError``."""
+        if self.fewest_fn is None:
+            return 1
+        return int(self.fewest_fn(n, dict(ctx or {}), **{**self.options, **options}))
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), uses: Iterable[str] = (),
-             merges: bool = False, placement: Placement | None = None) -> Callable[[Strategy], Strategy]:
+             merges: bool = False, placement: Placement | None = None,
+             fewest: Fewest | None = None) -> Callable[[Strategy], Strategy]:
     """Register ``fn`` under ``name``. ``needs``: required context keys; ``uses``: optional ones; ``placement``: where
-    the encoder hook applies it by default."""
+    the encoder hook applies it by default; ``fewest``: its budget floor where it has one (see ``Method.fewest``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     unknown = (set(needs) | set(uses)) - set(CONTEXT_KEYS)
@@ -97,7 +110,7 @@ def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), u
         options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _REGISTRY[name] = Method(name, fn, family, frozenset(needs), frozenset(uses), paper, merges, summary,
-                                 options, placement or Placement())
+                                 options, placement or Placement(), fewest)
         return fn
 
     return deco

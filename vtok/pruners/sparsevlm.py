@@ -100,7 +100,14 @@ def rater_scores(text_rows_attn: Tensor, relevance: Tensor) -> Tensor:
     return (a * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def sparsevlm_fewest(n: int, ctx: dict, *, recycle: bool = True, recycle_ratio: float = 0.3, cluster_size: int = 10,
+                     **_: object) -> int:
+    """The fewest tokens ``sparsevlm`` can give: with recycling, every token deleted and its recycled part merged."""
+    return sparsevlm_budget(n, 0, recycle_ratio=recycle_ratio, cluster_size=cluster_size) if recycle else 1
+
+
 @register("sparsevlm", family="attention", needs=("text_rows_attn", "text_relevance"), merges=True,
+          fewest=sparsevlm_fewest,
           placement=Placement(positions="original"),
           paper="SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference "
                 "(arXiv 2410.04417, ICML 2025)")
