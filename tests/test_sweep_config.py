@@ -54,7 +54,8 @@ def test_command_line_overrides_and_comma_lists(ckpt, tmp_path):
     ({"tasks": ["real_vlm"], "placements": ["pre_llm"], "task_options": {}},
      r"models: '.*' is not a model of task 'real_vlm'"),
     ({"tasks": ["real_vlm"], "models": ["real_vlm"], "placements": ["llm:2"], "methods": ["dart"],
-      "task_options": {"real_vlm": {"n": 0}}}, r"task_options.real_vlm: n >= 1"),
+      "task_options": {"real_vlm": {"n": 0}}}, r"task_options.real_vlm.n: 0 is out of range \(expected an int >= 1\)"),
+    ({"task_options": {"eval_vit": {"limit": -5}}}, r"task_options.eval_vit.limit: -5 is out of range"),
     ({"tasks": ["real_vlm"], "models": ["real_vlm"], "placements": ["llm:0"], "methods": ["dart"], "task_options": {}},
      r"methods: 'dart' needs context \['keys'\].*placement 'llm:0'"),
     ({"models": ["/no/such/model.safetensors"]}, r"models: '/no/such/model.safetensors' is not a model of task"),
@@ -73,13 +74,14 @@ def test_bad_config_is_named(ckpt, change, match):
 
 
 def test_vlm_placements_and_prompts_are_checked(tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
+    from vtok.hooks.hf.tiny import build_tiny_llava
+
+    model = build_tiny_llava(tmp_path / "m", image_size=112)
     (tmp_path / "p.jsonl").write_text('{"prompt": "USER: <image> hi ASSISTANT:", "image": "skimage:astronaut"}\n')
-    cfg = {"tasks": ["hf_vlm"], "models": [str(tmp_path / "m")], "methods": ["divprune"], "keeps": [0.5],
+    cfg = {"tasks": ["hf_vlm"], "models": [str(model)], "methods": ["divprune"], "keeps": [0.5],
            "task_options": {"hf_vlm": {"prompts": str(tmp_path / "p.jsonl")}}}
     assert len(load_config(cfg).cells()) == 1
-    with pytest.raises(ValueError, match=r"methods: 'fastv' needs context \['text_attn'\].*'pre_llm'"):
+    with pytest.raises(ValueError, match=r"methods: 'fastv' at placement 'pre_llm'.*needs context \['text_attn'\]"):
         load_config({**cfg, "methods": ["fastv"]})
     assert len(load_config({**cfg, "methods": ["fastv"], "placements": ["llm:2"]}).cells()) == 1
     with pytest.raises(ValueError, match=r"placements: 'llm:x' is not a VLM placement"):
@@ -91,6 +93,10 @@ def test_vlm_placements_and_prompts_are_checked(tmp_path):
         load_config({**cfg, "task_options": {"hf_vlm": {"prompts": str(tmp_path / "bad.jsonl")}}})
     with pytest.raises(ValueError, match=r"models: '.*nowhere' is not a model of task 'hf_vlm'"):
         load_config({**cfg, "models": [str(tmp_path / "nowhere")]})
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"models: '.*fake' cannot be built from its config.json"):
+        load_config({**cfg, "models": [str(tmp_path / "fake")]})
 
 
 def test_cli_refuses_bad_config_before_any_cell(ckpt, tmp_path):
@@ -111,7 +117,7 @@ def test_cli_refuses_bad_config_before_any_cell(ckpt, tmp_path):
 @pytest.mark.parametrize("name", ["vlm_accuracy", "vlm_accuracy_llm"])
 def test_vlm_accuracy_configs_are_valid(name):
     """Every method / placement pair of the small VLM's accuracy sweeps passes the checks (no cell runs here)."""
-    from scripts import ROOT
+    from benchmark_loader import ROOT
 
     cfg = load_config(ROOT / "configs" / "sweeps" / f"{name}.yaml")
     assert cfg.tasks == ["real_vlm"] and len(cfg.cells()) == len(cfg.methods) * 4

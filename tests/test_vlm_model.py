@@ -202,7 +202,7 @@ def test_ask_vlm_demo_on_a_tiny_folder(tiny, tokenizer, tmp_path):
     """demos/ask_vlm.py at tiny settings: every method x keep answers, counts its tokens, and the PNG is written."""
     import importlib.util as iu
 
-    from scripts import ROOT
+    from benchmark_loader import ROOT
 
     spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
     demo = iu.module_from_spec(spec)

@@ -121,12 +121,32 @@ def pairwise_distance_native(a: Tensor, b: Tensor, metric: str = "cosine") -> Te
     if metric == "cosine":
         an = torch.nn.functional.normalize(a, dim=-1)
         bn = torch.nn.functional.normalize(b, dim=-1)
-        return 1.0 - an @ bn.transpose(1, 2)
+        return 1.0 - dots(an, bn)
     if metric in ("euclidean", "sqeuclidean"):
-        d2 = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2.0 * (a @ b.transpose(1, 2))
+        d2 = (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2.0 * dots(a, b)
         d2 = d2.clamp_min(0.0)
         return d2.sqrt() if metric == "euclidean" else d2
     raise ValueError(f"metric must be 'cosine', 'euclidean' or 'sqeuclidean', got {metric!r}")
+
+
+DOTS_BLOCK = 1 << 22
+"""Most elements of the ``[B, rows, Nb, D]`` product block :func:`dots` forms at once for fp64 (32 MiB)."""
+
+
+def dots(a: Tensor, b: Tensor) -> Tensor:
+    """Dot products ``[B, Na, Nb]`` of the rows of ``a [B, Na, D]`` and ``b [B, Nb, D]``.
+
+    A GEMM, except in fp64: there each pair is summed on its own (elementwise products, one reduction per pair), so
+    ``a_i · b_j`` is the same number whichever side a row is on and however the rows are chunked. A small fp64 GEMM
+    need not round ``x_i · x_j`` and ``x_j · x_i`` alike (MKL's does not on AVX-512), and the ties the data make exact
+    (``d(i, j) = d(j, i)`` of a mutual pair, a two-member cluster's costs) must resolve by the documented rule
+    (lowest index), not by that rounding. ``O(Na·Nb·D)`` without a GEMM: fp64 is the exact path, not the fast one.
+    """
+    if a.dtype != torch.float64 or b.dtype != torch.float64:
+        return a @ b.transpose(1, 2)
+    bsz, na, d = a.shape
+    rows = max(1, DOTS_BLOCK // max(1, bsz * b.shape[1] * d))
+    return torch.cat([(a[:, s:s + rows, None, :] * b[:, None, :, :]).sum(-1) for s in range(0, na, rows)], 1)
 
 
 def gram_groups(b: int, n: int) -> list[slice] | None:
@@ -143,7 +163,8 @@ def pairwise_matrix(x: Tensor, metric: str = "cosine", *, chunk: int = DEFAULT_C
     """All pairwise distances ``[B, N, N]`` of ``x [B, N, D]`` in the input's own precision (fp64 stays fp64, half
     precision is upcast to fp32): row block ``[s, s + chunk)`` holds exactly the values of
     ``pairwise_distance_native(x[:, s:s + chunk], x, metric)`` (the chunked passes of ``density_peaks`` /
-    ``cluster_medoids`` compute the same numbers), with features normalised / squared norms taken once. One GEMM in
+    ``cluster_medoids`` compute the same numbers), with features normalised / squared norms taken once; fp64 is
+    exactly symmetric (:func:`dots`). One GEMM in
     row blocks; memory ``B·N²`` plus one ``chunk × N`` block (callers check :func:`gram_groups` first). Carries no
     gradient (the distances only rank tokens), so inputs that require grad are fine."""
     if metric not in ("cosine", "euclidean", "sqeuclidean"):
@@ -158,7 +179,10 @@ def pairwise_matrix(x: Tensor, metric: str = "cosine", *, chunk: int = DEFAULT_C
     out = torch.empty(b, n, n, dtype=xa.dtype, device=xa.device)
     for s in range(0, n, chunk):
         o = out[:, s:s + chunk]
-        torch.matmul(xa[:, s:s + chunk], xt, out=o)  # the dot products, in place
+        if xa.dtype == torch.float64:
+            o.copy_(dots(xa[:, s:s + chunk], xa))
+        else:
+            torch.matmul(xa[:, s:s + chunk], xt, out=o)  # the dot products, in place
         if metric == "cosine":
             o.sub_(1.0).neg_()  # −(dot − 1) = 1 − dot exactly (rounding is sign-symmetric)
         else:
@@ -279,7 +303,7 @@ def nearest_neighbor_distance(x: Tensor, *, metric: str = "cosine", chunk: int =
     sq = (xa * xa).sum(-1)
     out = []
     for s in range(0, n, chunk):
-        dot = xa[:, s:s + chunk] @ xa.transpose(1, 2)
+        dot = dots(xa[:, s:s + chunk], xa)
         if metric == "cosine":
             d = acc(1.0 - dot)
         else:
@@ -404,10 +428,9 @@ def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk: int = DEFAULT_CHUNK) -
     squared norms taken once for all chunks (the same per-row sums)."""
     xa, ca = upcast_half(x), upcast_half(centroids)
     sq_x, sq_c = (xa * xa).sum(-1), (ca * ca).sum(-1)[:, None, :]
-    ct = ca.transpose(1, 2)
     idxs, ds = [], []
     for s in range(0, x.shape[1], chunk):
-        d = torch.sub(sq_x[:, s:s + chunk, None] + sq_c, xa[:, s:s + chunk] @ ct, alpha=2.0).clamp_min_(0.0)
+        d = torch.sub(sq_x[:, s:s + chunk, None] + sq_c, dots(xa[:, s:s + chunk], ca), alpha=2.0).clamp_min_(0.0)
         d = acc(d)
         v, i = d.min(-1)
         idxs.append(i)
