@@ -8,12 +8,16 @@ This is the single place the rounding rule lives:
   halves rounded up), then clamped to ``[1, n]``. ``keep=1.0`` always gives ``k = n``.
 
 A float like ``64.0`` is a ratio, not a count: pass ``64`` for a count.
+
+Text (a command-line ``--keep``, a config value) follows the same rule through :func:`parse_keep`: ``"1"`` and
+``"64"`` are counts (one token, 64 tokens), ``"1.0"`` and ``"0.25"`` are ratios (every token, a quarter).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 
 Keep = int | float
@@ -42,11 +46,27 @@ def resolve_k(keep: Keep, n: int, *, name: str = "keep") -> int:
         if r <= 0.0:
             raise ValueError(f"{name} must be > 0 (a ratio in (0, 1] or a count >= 1), got {r}")
         if r > 1.0:
-            raise ValueError(
-                f"{name} as a ratio must be in (0, 1], got {r}; pass an int (e.g. {name}={int(r)}) for a count"
-            )
+            hint = f"; pass an int (e.g. {name}={int(r)}) for a count" if math.isfinite(r) else ""
+            raise ValueError(f"{name} as a ratio must be in (0, 1], got {r}{hint}")
         return min(n, max(1, math.floor(r * n + 0.5)))
     raise TypeError(f"{name} must be an int count or a float ratio in (0, 1], got {type(keep).__name__}")
+
+
+_COUNT = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_keep(text: str, *, name: str = "keep") -> Keep:
+    """``keep`` from text by :func:`resolve_k`'s rule: digits only (``"1"``, ``"64"``) are an int count, anything
+    else a float ratio (``"1.0"``, ``"0.25"``, ``"1e-1"``). Checks the range that needs no ``N`` (a count ``>= 1``, a
+    ratio in ``(0, 1]``); :func:`resolve_k` checks a count against ``N`` later."""
+    text = str(text).strip()
+    try:
+        keep: Keep = int(text) if _COUNT.fullmatch(text) else float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an int count (e.g. 64) or a ratio in (0, 1] (e.g. 0.25), "
+                         f"got {text!r}") from None
+    resolve_k(keep, max(1, keep) if isinstance(keep, int) else 1, name=name)
+    return keep
 
 
 def resolve_ks(keep: Keep | Sequence[Keep], lengths: Sequence[int], *, name: str = "keep") -> list[int]:

@@ -93,13 +93,12 @@ def _prev_hidden(value: Any, tokens: Tensor) -> Tensor:
 @register_context("grid", "patch grid (h, w) of the tokens in row-major order, h * w == N; for video tokens "
                   "(with frames=T) the grid of one frame, h * w * T == N")
 def _grid(value: Any, tokens: Tensor) -> tuple[int, int]:
-    n = tokens.shape[1]
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
         raise ValueError(f"context 'grid' must be a pair of ints (h, w), got {value!r}")
     h, w = int(value[0]), int(value[1])
-    if h < 1 or w < 1 or n % (h * w):  # h * w < N is a per-frame grid: Context.build checks it against frames
-        raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n} with h, w >= 1, got ({h}, {w})")
+    if h < 1 or w < 1:  # h * w against N (or N / frames, a per-frame grid): Context.build, which knows frames
+        raise ValueError(f"context 'grid' (h, w) must have h, w >= 1, got ({h}, {w})")
     return h, w
 
 
@@ -142,9 +141,14 @@ class Context(dict):
         t = self.get("frames")
         if "grid" in self and self["grid"][0] * self["grid"][1] != n:
             h, w = self["grid"]
-            if t is None or h * w * t != n:
-                raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n}, or h * w * frames == N for "
-                                 f"video tokens with frames=T; got ({h}, {w}) with frames={t}")
+            if t is None:
+                raise ValueError(f"context 'grid' (h, w) must satisfy h * w == N={n}, got ({h}, {w}) (h * w = "
+                                 f"{h * w}); for video tokens pass frames=T and the grid of one frame, "
+                                 f"h * w == N / T")
+            if h * w * t != n:
+                raise ValueError(f"context 'grid' (h, w) with frames={t} is the grid of one frame: "
+                                 f"h * w * frames == N, so h * w must equal N / frames = {n} / {t} = {n // t}, "
+                                 f"got ({h}, {w}) (h * w = {h * w})")
         if "frame_scores" in self and (t is None or self["frame_scores"].shape[1] != t):
             raise ValueError(f"context 'frame_scores' [B, T] needs frames=T with the same T; got "
                              f"{list(self['frame_scores'].shape)} with frames={t}")
