@@ -11,12 +11,21 @@ or ``none``), ``keep`` (ratio in (0, 1] or int count), ``layer`` (``none``/``pre
 ``positions`` (``original`` / ``reindex``), ``device``, ``dtype``, ``max_new_tokens``, ``prompt_template`` (used
 when the processor has no chat template; ``{images}`` and ``{context}`` are filled in), and any option of the method.
 The class derives from lmms-eval's ``lmms`` base when lmms-eval is importable, else from ``object`` (so argument
-parsing and generation can be used and tested without it).
+parsing, generation and scoring can be used and tested without it).
+
+``loglikelihood`` (lmms-eval's ``loglikelihood`` and ``multiple_choice`` tasks) scores the continuation where the
+answer goes, after the prompt of the context (the chat template's assistant header), as generation would reach it:
+the prompt is prefilled (and pruned) alone, the continuation follows on its cache. It returns the continuation's
+*loss* (summed negative log-likelihood; lmms-eval picks the choice of lowest value). lmms-eval 0.7.3 stringifies
+plain ``(loss, greedy)`` pairs, so they come wrapped in its ``GenerationResult`` (``as_response``); its response
+cache (``--use_cache``) does not take them. ``make test-lmms`` runs a generation and a multiple-choice task
+(``configs/lmms/``) through the real lmms-eval on the small VLM.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import vtok
 from vtok.sweep.config import _check_keep
@@ -28,6 +37,13 @@ try:  # lmms-eval is optional: the class works (and is tested) without it
 except ImportError:  # pragma: no cover - depends on the environment
     _Base = object
     HAVE_LMMS_EVAL = False
+try:  # lmms-eval >= 0.7.3: its evaluator passes every response through ``unwrap_generation_output``
+    from lmms_eval.api.instance import GenerationResult
+except ImportError:  # pragma: no cover - depends on the environment
+    GenerationResult = None
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MODEL_ID = "vtok_hf"
 ARGS = ("pretrained", "method", "keep", "layer", "positions", "device", "dtype", "max_new_tokens", "prompt_template",
@@ -74,6 +90,32 @@ def check_args(method: str, keep: Any, layer: Any) -> tuple[str, float | int, in
     return method, keep, layer
 
 
+def continuation_ids(tokenizer, prompt: str, continuation: str) -> list[int]:
+    """Token ids of ``continuation`` as it follows ``prompt``: the tail of ``tokenize(prompt + continuation)`` past
+    ``tokenize(prompt)`` when that is its prefix (as lm-eval splits them), else ``continuation`` tokenized alone."""
+    whole = tokenizer(prompt + continuation)["input_ids"]
+    head = tokenizer(prompt)["input_ids"]
+    if whole[:len(head)] == head:
+        return list(whole[len(head):])
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def continuation_loss(logits: Tensor, cont: Tensor) -> tuple[float, bool]:
+    """``(loss, greedy)`` of ``cont`` ``[1, m]`` under ``logits`` ``[1, m, V]`` (the positions that predict it):
+    its summed negative log-likelihood, and whether every token is the argmax."""
+    logp = logits.float().log_softmax(-1).gather(-1, cont[..., None])[..., 0]
+    return float(-logp.sum()), bool((logits.argmax(-1) == cont).all())
+
+
+def as_response(loss: float, greedy: bool) -> Any:
+    """One ``loglikelihood`` response. lmms-eval 0.7.3's evaluator sends every response through
+    ``unwrap_generation_output``, which turns a ``(float, bool)`` tuple into its ``str`` (so multiple-choice scoring
+    fails); a ``GenerationResult`` reaches the task as its ``.text``, here the pair itself. Without lmms-eval (or
+    without ``GenerationResult``) the plain pair."""
+    pair = (loss, greedy)
+    return pair if GenerationResult is None else GenerationResult(text=pair)
+
+
 class VtokHF(_Base):
     """lmms-eval ``simple`` model: an HF VLM, wrapped by ``vtok.wrap(model, method, keep, layer=...)``."""
 
@@ -114,8 +156,9 @@ class VtokHF(_Base):
         token = getattr(proc, "image_token", "<image>")
         return self.prompt_template.format(images=f"{token} " * n_images, context=context)
 
-    def _inputs(self, context: str, visuals: list) -> dict:
-        text = self.prompt(context, len(visuals))
+    def _inputs(self, context: str, visuals: list, text: str | None = None) -> dict:
+        """The processor's tensors of ``text`` (default: the prompt of ``context``) with ``visuals``."""
+        text = self.prompt(context, len(visuals)) if text is None else text
         kw = {"images": visuals} if visuals else {}
         return self.processor(text=[text], return_tensors="pt", **kw).to(self.device)
 
@@ -145,23 +188,54 @@ class VtokHF(_Base):
             out.append(text)
         return out
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation after its context (text tokens are never pruned, so the last
-        positions of the pruned sequence are the continuation's)."""
+    def loglikelihood_inputs(self, context: str, continuation: str, visuals: list) -> tuple[dict, Tensor]:
+        """``(inputs, cont)``: the processor's tensors of the prompt of ``context`` (ending with the chat template's
+        assistant header, or ``prompt_template``), and the continuation's tokens ``cont`` ``[1, m]`` that follow it,
+        where the answer goes."""
         import torch
 
+        prompt = self.prompt(context, len(visuals))
+        ids = continuation_ids(getattr(self.processor, "tokenizer", self.processor), prompt, continuation)
+        if not ids:
+            raise ValueError(f"vtok_hf loglikelihood: continuation {continuation!r} has no tokens")
+        return self._inputs(context, visuals, prompt), torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def continuation_logits(self, inputs: dict, cont: Tensor) -> Tensor:
+        """Logits ``[1, m, V]`` predicting ``cont`` ``[1, m]`` after the prompt ``inputs``, as generation reaches
+        them: the prompt's prefill (where vtok prunes, the continuation unseen, so every choice sees the same kept
+        tokens), then the continuation as one step on its cache."""
+        import torch
+
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(inputs["input_ids"])
+        # transformers 5 names the cache ``cache``, 4.x ``past_key_values`` (argument and output alike)
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            first = self.model(**inputs, use_cache=True)
+            mask = torch.cat([mask, torch.ones_like(cont).to(mask)], dim=1)
+            rest = self.model(input_ids=cont, attention_mask=mask, use_cache=True, **{name: first.get(name)})
+        return torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1).float()
+
+    def loglikelihood(self, requests) -> list:
+        """``(loss, greedy)`` per request: ``loss`` is the continuation's negative log-likelihood (summed over its
+        tokens; lmms-eval picks the choice of *lowest* value, as its own models return a loss), ``greedy`` whether
+        greedy decoding produces it. With lmms-eval installed each pair comes wrapped (``as_response``)."""
         out = []
         for req in requests:
-            context, continuation, doc_to_visual, doc_id, task, split = req.args
-            visuals = self._visuals(doc_to_visual, doc_id, task, split)
-            whole = self._inputs(context + continuation, visuals)
-            n_ctx = self._inputs(context, visuals)["input_ids"].shape[1]
-            cont = whole["input_ids"][:, n_ctx:]
-            with torch.no_grad():
-                logits = self.model(**whole).logits[:, -cont.shape[1] - 1:-1].float()
-            logp = logits.log_softmax(-1).gather(-1, cont[..., None])[..., 0]
-            out.append((float(logp.sum()), bool((logits.argmax(-1) == cont).all())))
+            inputs, cont = self.loglikelihood_inputs(*self._loglikelihood_args(req.args))
+            out.append(as_response(*continuation_loss(self.continuation_logits(inputs, cont), cont)))
         return out
+
+    def _loglikelihood_args(self, args: tuple) -> tuple[str, str, list]:
+        """``(context, continuation, visuals)`` of a request: lmms-eval's 6-tuple (the continuation a string or its
+        task's ``doc_to_target``), or the 2-tuple ``(context, continuation)`` of its unconditional requests."""
+        if len(args) == 2:
+            return args[0], args[1], []
+        context, continuation, doc_to_visual, doc_id, task, split = args
+        if callable(continuation):
+            continuation = continuation(self.task_dict[task][split][doc_id])
+        return context, str(continuation), self._visuals(doc_to_visual, doc_id, task, split)
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("vtok_hf: multi-round generation is not supported")
