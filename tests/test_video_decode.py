@@ -77,7 +77,7 @@ def test_sample_indices_rules():
     assert sample_indices(10, 5.0, fps=100.0).tolist() == list(range(10))  # duplicates removed
     with pytest.raises(ValueError, match="at most one"):
         sample_indices(10, 5.0, num_frames=2, fps=1.0)
-    with pytest.raises(ValueError, match="num_frames=11 is more than"):
+    with pytest.raises(ValueError, match="num_frames=11: the video has only 10 frames; pass num_frames=10 or fewer"):
         sample_indices(10, 5.0, num_frames=11)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\)"):
         sample_indices(10, 5.0, indices=[3, 10])

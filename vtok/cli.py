@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -14,11 +15,23 @@ if not console.is_terminal:  # piped / CI logs: rich would assume 80 columns and
     console = Console(width=180)
 
 
+def _refuse(message: str) -> NoReturn:
+    """Print ``message`` as one ``error:`` line (never folded, no markup read from it) and exit with status 2."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, emoji=False, highlight=False)
+    raise typer.Exit(2)
+
+
 @app.command("methods")
-def methods_cmd(family: str = typer.Option(None, help="Only this family.")) -> None:
+def methods_cmd(family: str = typer.Option(None, help="Only this family (baseline, attention, transition, "
+                                           "diversity, clustering, temporal).")) -> None:
     """List every registered strategy: family, context it needs, its position ids in a wrapped VLM, paper."""
     import vtok
+    from vtok.pruners.registry import FAMILIES
 
+    if family is not None and family not in FAMILIES:
+        _refuse(f"--family {family}: no such family; choose one of {', '.join(FAMILIES)}")
     table = Table(title="vtok strategies")
     for col in ("method", "family", "needs", "uses", "merges", "vlm pos", "paper"):
         table.add_column(col, overflow="fold")
@@ -60,27 +73,50 @@ def _tokenizer_demo(out: Path) -> None:
         console.print(f"wrote {path}")
 
 
+VIDEO_FLAGS = {"method": "--method", "keep": "--keep", "frames": "--frames", "num_frames": "--frames",
+               "spec": "--encoder", "checkpoint": "--checkpoint", "text": "--text", "backend": "--backend",
+               "picture": "--out"}
+"""``vtok compress-video``'s flag for each argument of the video pipeline (its errors name the flag)."""
+
+
+def _random_weights_note(spec: str) -> str:
+    return (f"note: {spec} has random weights (no --checkpoint): the token counts and times are real, but which "
+            f"patches the picture shows as kept carries no meaning. For a real tower pass --checkpoint FILE (that "
+            f"encoder's state_dict, .safetensors or .pt); vtok does not bundle a pretrained tower yet.")
+
+
 @app.command("compress-video")
 def compress_video_cmd(
         video: Path = typer.Argument(..., help="A video file (MP4, MKV, WebM, AVI, ...)."),
         method: str = typer.Option(..., "--method", help="A strategy from `vtok methods` (temporal, or an image "
                                    "strategy run inside every frame)."),
-        keep: float = typer.Option(..., "--keep", help="Ratio in (0, 1], or a count (a whole number > 1)."),
-        frames: int = typer.Option(32, "--frames", help="Frames sampled uniformly."),
+        keep: str = typer.Option(..., "--keep", help="Tokens to keep, as vtok.compress reads it: a whole number is a "
+                                 "count (--keep 1: one token, --keep 784: 784), a number with a point a ratio in "
+                                 "(0, 1] (--keep 1.0: every token, --keep 0.25: a quarter)."),
+        frames: int = typer.Option(32, "--frames", help="Frames sampled uniformly (at most the clip's frames)."),
         encoder: str = typer.Option("timm:vit_tiny_patch16_224", "--encoder", help="timm:NAME or open_clip:NAME "
                                     "(random weights unless --checkpoint)."),
-        checkpoint: Path = typer.Option(None, "--checkpoint", help="Encoder weights (state_dict: .safetensors/.pt)."),
+        checkpoint: Path = typer.Option(None, "--checkpoint", help="The encoder's weights (its state_dict in a "
+                                        ".safetensors or .pt file); without it the tokens carry no meaning."),
         text: str = typer.Option(None, "--text", help="open_clip only: score frames against this text "
-                                 "(frame_scores for query_budget)."),
+                                 "(the frame scores query_budget reads)."),
         backend: str = typer.Option("auto", "--backend", help="auto, decord or pyav."),
-        out: Path = typer.Option(Path("outputs/compress_video.png"), "--out", help="The picture to write.")) -> None:
-    """Decode a video, encode its frames with a ViT, compress the tokens; print counts and times, write a picture."""
+        out: Path = typer.Option(Path("outputs/compress_video.png"), "--out", help="The picture to write (.png, "
+                                 ".jpg, ...).")) -> None:
+    """Decode a video, encode its frames with a ViT, compress the tokens; print counts and times, write a picture.
+    Every argument is checked before decoding starts."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vtok.video.pipeline import FrameEncoder, compress_video
+    from vtok.budget import parse_keep, resolve_k
+    from vtok.video.errors import ArgumentError
+    from vtok.video.pipeline import FrameEncoder, check_checkpoint, check_request, check_spec, compress_video
 
-    budget: float | int = int(keep) if keep > 1 and float(keep).is_integer() else keep
     try:
+        budget = parse_keep(keep, name="--keep")
+        check_spec(encoder)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
+        check_request(method, frames=frames, path=video, backend=backend, text=text, picture=out)
         with Progress(TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as bar:
             tasks: dict[str, int] = {}
@@ -93,11 +129,16 @@ def compress_video_cmd(
             report("load ViT", 0, 1)
             enc = FrameEncoder.load(encoder, checkpoint)
             report("load ViT", 1, 1)
+            check_request(method, frames=frames, encoder=enc, backend=backend, text=text)
+            resolve_k(budget, frames * enc.grid[0] * enc.grid[1], name="--keep")
+            if enc.random_weights:
+                console.print(_random_weights_note(enc.spec), soft_wrap=True, markup=False, highlight=False)
             res = compress_video(video, method, budget, encoder=enc, frames=frames, backend=backend, text=text,
                                  picture=out, progress=report)
+    except ArgumentError as e:
+        _refuse(e.for_cli(VIDEO_FLAGS))
     except (ValueError, TypeError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        _refuse(str(e))
     v = res.video
     console.print(f"{video}: {v.total} frames at {v.fps:.2f} fps ({v.backend}); sampled {len(v.frames)} at "
                   f"{enc.image_size}px -> {res.grid[0]}x{res.grid[1]} patches per frame ({enc.spec})")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vtok.video.errors import ArgumentError, literal
+
 BACKENDS = ("auto", "decord", "pyav")
 
 
@@ -56,7 +58,8 @@ def _fail(path: Path, reason: str) -> ValueError:
     return ValueError(f"cannot read video {str(path)!r}: {reason}")
 
 
-def _check_path(path: str | Path) -> Path:
+def check_path(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if it is a non-empty, non-text file; else ``ValueError`` naming it and why."""
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path to a video file, got {type(path).__name__}")
     p = Path(path)
@@ -96,11 +99,12 @@ def check_sampling(num_frames: object, fps: object, indices: object) -> None:
 
 
 def sample_indices(total: int, video_fps: float, *, num_frames: int | None = None, fps: float | None = None,
-                   indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+                   indices: Sequence[int] | np.ndarray | None = None, source: str = "the video") -> np.ndarray:
     """Frame indices ``int64 [T]`` to decode from a video of ``total`` frames at ``video_fps``.
 
     At most one of: ``num_frames`` (uniform: the centres of ``num_frames`` equal bins,
-    ``floor((2j + 1)·total / (2·num_frames))``), ``fps`` (one frame every ``1 / fps`` seconds from 0: frame
+    ``floor((2j + 1)·total / (2·num_frames))``; more than ``total`` raises :class:`ArgumentError` naming
+    ``source`` and its frame count), ``fps`` (one frame every ``1 / fps`` seconds from 0: frame
     ``floor(t · video_fps)``, duplicates removed), ``indices`` (exactly those, in that order). None: every frame.
     """
     check_sampling(num_frames, fps, indices)
@@ -114,7 +118,8 @@ def sample_indices(total: int, video_fps: float, *, num_frames: int | None = Non
         return arr.astype(np.int64)
     if num_frames is not None:
         if num_frames > total:
-            raise ValueError(f"num_frames={num_frames} is more than the video's {total} frames")
+            raise ArgumentError("num_frames", num_frames, f"{literal(source)} has only {total} frames; pass "
+                                f"{{num_frames}}{total} or fewer")
         j = np.arange(int(num_frames), dtype=np.int64)
         return ((2 * j + 1) * total) // (2 * int(num_frames))
     if fps is not None:
@@ -163,7 +168,7 @@ def _load_decord(path: Path, sampling: dict, size) -> Video:
     if total < 1:
         raise _fail(path, "it has no video frames")
     try:
-        idx = sample_indices(total, vfps, **sampling)
+        idx = sample_indices(total, vfps, **sampling, source=f"the video {str(path)!r}")
     except ValueError:
         try:  # a file decord "opens" but cannot decode (e.g. FFmpeg's tty demuxer on a text file) is not a video
             vr[0]
@@ -222,7 +227,7 @@ def _load_pyav(path: Path, sampling: dict, size) -> Video:
             raise _fail(path, f"truncated: its header declares {stream.frames} frames, only {total} can be read")
         rate = stream.average_rate or stream.guessed_rate
         vfps = float(rate) if rate else 0.0
-        idx = sample_indices(total, vfps, **sampling)
+        idx = sample_indices(total, vfps, **sampling, source=f"the video {str(path)!r}")
         frames, decoded = _decode_pyav(path, container, stream, pts, keys, idx)
         tb = float(stream.time_base)
         ts = (pts[idx] - pts[0]).astype(np.float64) * tb
@@ -292,7 +297,7 @@ def load(path: str | Path, num_frames: int | None = None, fps: float | None = No
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    p = _check_path(path)
+    p = check_path(path)
     sampling = {"num_frames": num_frames, "fps": fps, "indices": indices}
     check_sampling(num_frames, fps, indices)  # argument errors before touching the file
     if size is not None:
@@ -314,7 +319,7 @@ def load(path: str | Path, num_frames: int | None = None, fps: float | None = No
 
 def probe(path: str | Path, backend: str = "pyav") -> tuple[int, float, tuple[int, int]]:
     """``(total frames, fps, (height, width))`` of a video without decoding its pixels (PyAV reads the packets)."""
-    p = _check_path(path)
+    p = check_path(path)
     if backend == "decord":
         v = _load_decord(p, {"indices": [0]}, None)
         return v.total, v.fps, v.frames.shape[1:3]

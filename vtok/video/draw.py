@@ -28,18 +28,18 @@ def patch_status(sel: Selection, frames: int, grid: tuple[int, int]) -> np.ndarr
 def draw_strip(frames: np.ndarray, sel: Selection, grid: tuple[int, int], path: Path, *, columns: int = 8,
                thumb: int = 160, title: str | None = None) -> Path:
     """Draw every frame (``uint8 [T, H, W, 3]``, in rows of ``columns``, each scaled to ``thumb`` px wide) with its
-    patches marked by :func:`patch_status`; writes ``path`` (PNG) and returns it."""
+    patches marked by :func:`patch_status`, under ``title`` (one or more lines); writes ``path`` and returns it."""
     t = len(frames)
     status = patch_status(sel, t, grid)
     h, w = grid
     th = max(1, round(thumb * frames.shape[1] / frames.shape[2]))
     cols = min(columns, t)
     rows = -(-t // cols)
-    top = 22 if title else 0
+    top = 8 + 14 * len(title.splitlines()) if title else 0
     canvas = Image.new("RGB", (cols * (thumb + 4) + 4, rows * (th + 4) + 4 + top), (255, 255, 255))
     pen = ImageDraw.Draw(canvas)
     if title:
-        pen.text((6, 5), title, fill=(0, 0, 0))
+        pen.multiline_text((6, 5), title, fill=(0, 0, 0), spacing=4)
     for i in range(t):
         img = np.asarray(Image.fromarray(frames[i]).resize((thumb, th), Image.BILINEAR)).astype(np.float32)
         ys = (np.arange(th) * h // th)[:, None]

@@ -11,12 +11,17 @@ strategy runs inside every frame with an even share of the budget (``per_frame``
 tokens (its output, patch tokens only), ``cls_attn`` and ``keys`` through ``vtok.capture``; with an open_clip model
 and ``text``, ``frame_scores`` are the cosine similarities of each frame's image embedding with the text's
 (for ``query_budget``).
+
+Every argument that can be checked before decoding is checked first (:func:`check_request`); a bad one raises
+:class:`~vtok.video.errors.ArgumentError` naming it (``vtok compress-video`` names the flag instead).
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +31,24 @@ import torch
 from torch import Tensor
 
 import vtok
+from vtok.budget import Keep, resolve_k
+from vtok.context import CONTEXT_KEYS
+from vtok.pruners.registry import Method
 from vtok.selection import Selection
-from vtok.video.decode import Video, load
+from vtok.video.decode import BACKENDS, Video, check_path, load
+from vtok.video.errors import ArgumentError, literal
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SUPPLIED = frozenset({"frames", "grid", "cls_attn", "keys"})
+"""Context every strategy gets from :func:`compress_video` (an image strategy gets each frame's share)."""
+
+ON_REQUEST: dict[str, str] = {"frame_scores": "{text}TEXT with an open_clip encoder ({spec}open_clip:NAME)"}
+"""Context :func:`compress_video` supplies when asked: key → what to pass (``{name}`` is an argument)."""
+
+ONE_OF: dict[str, str] = {"query_budget": "frame_scores"}
+"""Strategies that need one of several optional context keys (their ``uses``) and the one a video can supply."""
 
 
 @dataclass
@@ -43,44 +61,30 @@ class FrameEncoder:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     clip: Any = None  # the whole open_clip model (text tower) when spec is open_clip
+    checkpoint: Path | None = None  # the weights loaded; None: random weights
+    grid: tuple[int, int] = (0, 0)  # patch grid (h, w) of one frame
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether no checkpoint was loaded: its tokens, and so which of them a strategy keeps, carry no meaning."""
+        return self.checkpoint is None
 
     @classmethod
     def load(cls, spec: str, checkpoint: str | Path | None = None, image_size: int | None = None) -> FrameEncoder:
         """Build ``spec`` with random weights (nothing is downloaded) and load ``checkpoint`` (a ``state_dict`` in
         ``.safetensors`` / ``.pt`` / ``.bin``) when given."""
-        if not isinstance(spec, str) or ":" not in spec:
-            raise ValueError(f"encoder must be 'timm:NAME' or 'open_clip:NAME', got {spec!r}")
-        lib, name = spec.split(":", 1)
-        clip = None
-        if lib == "timm":
-            import timm
-
-            kw = {} if image_size is None else {"img_size": image_size}
-            try:
-                model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
-            except RuntimeError as e:
-                raise ValueError(f"encoder: timm has no model {name!r} ({e})") from e
-            cfg = model.pretrained_cfg
-            size = int(model.patch_embed.img_size[0])
-            mean, std = tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
-            target = model
-        elif lib == "open_clip":
-            import open_clip
-
-            try:
-                clip = open_clip.create_model(name, pretrained=None)
-            except RuntimeError as e:
-                raise ValueError(f"encoder: open_clip has no model {name!r} ({e})") from e
-            model = clip.visual
-            size = model.image_size[0] if isinstance(model.image_size, (tuple, list)) else int(model.image_size)
-            mean, std = OPENAI_MEAN, OPENAI_STD
-            target = clip
-        else:
-            raise ValueError(f"encoder must start with 'timm:' or 'open_clip:', got {spec!r}")
+        lib, name = check_spec(spec)
         if checkpoint is not None:
-            _load_state(target, Path(checkpoint))
-        model.eval()
-        return cls(spec, model, int(size), mean, std, clip)
+            checkpoint = check_checkpoint(checkpoint)
+        try:
+            built = BUILDERS[lib](name, image_size)
+        except RuntimeError as e:  # timm / open_clip: an unknown model name
+            raise ArgumentError("spec", spec, f"{lib} has no model {literal(repr(name))} "
+                                f"({literal(_first_line(e))})") from e
+        if checkpoint is not None:
+            _load_state(built.target, checkpoint)
+        built.model.eval()
+        return cls(spec, built.model, built.size, built.mean, built.std, built.clip, checkpoint, built.grid)
 
     def pixels(self, frames: np.ndarray) -> Tensor:
         """``uint8 [T, S, S, 3]`` → normalised ``[T, 3, S, S]``."""
@@ -116,7 +120,8 @@ class FrameEncoder:
     def text_scores(self, text: str, embed: Tensor) -> Tensor:
         """``[T]``: cosine similarity of each frame's image embedding with ``text`` (open_clip only)."""
         if self.clip is None:
-            raise ValueError(f"text needs an open_clip encoder (a text tower); {self.spec} has none")
+            raise ArgumentError("text", text, f"needs an open_clip encoder (a text tower); {literal(self.spec)} "
+                                "has none")
         import open_clip
 
         name = self.spec.split(":", 1)[1]
@@ -125,20 +130,168 @@ class FrameEncoder:
         return torch.nn.functional.cosine_similarity(embed.float(), t.float(), dim=-1)
 
 
-def _load_state(model: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+@dataclass
+class _Built:
+    """A freshly built encoder: the vision tower, what a checkpoint's state_dict is for, input side, patch grid,
+    normalisation, and the whole open_clip model (its text tower) or None."""
 
-        state = load_file(str(path))
-    else:
+    model: torch.nn.Module
+    target: torch.nn.Module
+    size: int
+    grid: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    clip: Any = None
+
+
+def _build_timm(name: str, image_size: int | None) -> _Built:
+    import timm
+
+    kw = {} if image_size is None else {"img_size": image_size}
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    cfg = model.pretrained_cfg
+    h, w = model.patch_embed.grid_size
+    return _Built(model, model, int(model.patch_embed.img_size[0]), (int(h), int(w)),
+                  tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)))
+
+
+def _build_open_clip(name: str, image_size: int | None) -> _Built:
+    import open_clip
+
+    clip = open_clip.create_model(name, pretrained=None)
+    model = clip.visual
+    size = model.image_size[0] if isinstance(model.image_size, (tuple, list)) else int(model.image_size)
+    h, w = model.grid_size
+    return _Built(model, clip, int(size), (int(h), int(w)), OPENAI_MEAN, OPENAI_STD, clip)
+
+
+BUILDERS: dict[str, Callable[[str, int | None], _Built]] = {"timm": _build_timm, "open_clip": _build_open_clip}
+"""Encoder libraries: ``LIB`` of ``"LIB:NAME"`` → a builder with random weights (nothing is downloaded)."""
+
+
+def check_spec(spec: str) -> tuple[str, str]:
+    """``"LIB:NAME"`` → ``(LIB, NAME)`` with ``LIB`` in :data:`BUILDERS` (the name is checked when built)."""
+    lib, sep, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not (sep and name and lib in BUILDERS):
+        raise ArgumentError("spec", spec, f"the encoder must be LIB:NAME with LIB one of {', '.join(BUILDERS)} "
+                            f"(e.g. timm:vit_tiny_patch16_224, open_clip:ViT-B-32)")
+    return lib, name
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error's first line (at most 200 characters), or its type's name."""
+    lines = str(e).strip().splitlines()
+    return lines[0].split(". ")[0][:200] if lines else type(e).__name__
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if it is a readable file (its contents are checked when loaded)."""
+    p = Path(path)
+    if not p.exists():
+        raise ArgumentError("checkpoint", p, "no such file")
+    if not p.is_file():
+        raise ArgumentError("checkpoint", p, "not a file (a state_dict in .safetensors or .pt)")
+    if not os.access(p, os.R_OK):
+        raise ArgumentError("checkpoint", p, "cannot be read (permission denied)")
+    return p
+
+
+def _read_safetensors(path: Path) -> Mapping[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ArgumentError("checkpoint", path, f"not a readable .safetensors file ({literal(_first_line(e))})") from e
+
+
+def _read_torch(path: Path) -> Mapping[str, Tensor]:
+    try:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a file it cannot read
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:
+        raise ArgumentError("checkpoint", path, f"torch.load cannot read it as a state_dict (.pt / .bin) "
+                            f"({type(e).__name__}: {literal(_first_line(e))})") from e
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ArgumentError("checkpoint", path, f"holds a {type(state).__name__}, not a state_dict (name -> tensor)")
+    return state
+
+
+def _load_state(model: torch.nn.Module, path: Path) -> None:
+    """Load a ``state_dict`` from ``path`` (``.safetensors``, else ``torch.load``) into ``model``; every failure is an
+    :class:`ArgumentError` naming the file."""
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise ArgumentError("checkpoint", path, f"does not fit the encoder ({literal(_first_line(e))})") from e
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the encoder: missing {list(missing)[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
+        raise ArgumentError("checkpoint", path, f"does not fit the encoder: missing {literal(str(list(missing)[:5]))}, "
+                            f"unexpected {literal(str(list(unexpected)[:5]))}")
+
+
+def check_picture(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if PIL can write a picture there: a known image extension, not a folder, its
+    folder creatable."""
+    from PIL import Image
+
+    p = Path(path)
+    ext = p.suffix.lower()
+    if p.is_dir():
+        raise ArgumentError("picture", p, "is a folder; name a .png file")
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        what = f"unknown picture type {ext!r}" if ext else "no file extension"
+        raise ArgumentError("picture", p, f"{literal(what)}; name a .png (or .jpg, .webp) file")
+    parent = next(a for a in p.absolute().parents if a.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ArgumentError("picture", p, f"cannot be written: {literal(str(parent))} is not a writable folder")
+    return p
+
+
+def check_method(method: str, *, text: str | None = None) -> Method:
+    """The registered ``method`` if :func:`compress_video` can feed it: its context is among :data:`SUPPLIED`, or
+    asked for (``text`` → ``frame_scores``); ``text`` only with a method that reads frame scores."""
+    try:
+        info = vtok.get_method(method)
+    except (ValueError, TypeError) as e:
+        raise ArgumentError("method", method, f"{literal(str(e))} (see vtok methods)") from None
+    needs = set(info.needs) | ({ONE_OF[info.name]} if info.name in ONE_OF else set())
+    supplied = SUPPLIED | ({"frame_scores"} if text is not None else set())
+    missing = sorted(needs - supplied)
+    if missing and set(missing) <= set(ON_REQUEST):
+        asks = " and ".join(ON_REQUEST[m] for m in missing)
+        what = "; ".join(CONTEXT_KEYS[m].description for m in missing)
+        raise ArgumentError("method", method, f"needs context {missing} ({literal(what)}): pass {asks}")
+    if missing:
+        raise ArgumentError("method", method, f"needs context {missing}, which a video's encoder does not give (it "
+                            f"gives {sorted(SUPPLIED)}, and frame_scores with {{text}}TEXT); choose another method "
+                            f"(see vtok methods)")
+    if text is not None and "frame_scores" not in info.needs | info.uses:
+        readers = sorted(m.name for m in vtok.methods() if "frame_scores" in m.needs | m.uses)
+        raise ArgumentError("text", text, f"only steers strategies that read frame scores ({', '.join(readers)}); "
+                            f"{{method}}{literal(info.name)} would ignore it")
+    return info
+
+
+def check_request(method: str, *, frames: int, path: str | Path | None = None, encoder: FrameEncoder | None = None,
+                  backend: str = "auto", text: str | None = None, picture: str | Path | None = None) -> Method:
+    """Check every argument of :func:`compress_video` that needs no decoding (``encoder`` None: those that need no
+    encoder either); raises :class:`ArgumentError` (``ValueError`` naming the file for a bad ``path``). Returns the
+    method."""
+    info = check_method(method, text=text)
+    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
+        raise ArgumentError("frames", frames, "must be an int >= 1 (frames sampled uniformly)")
+    if backend not in BACKENDS:
+        raise ArgumentError("backend", backend, f"must be one of {', '.join(BACKENDS)}")
+    if picture is not None:
+        check_picture(picture)
+    if encoder is not None and text is not None and encoder.clip is None:
+        raise ArgumentError("text", text, f"needs an open_clip encoder (a text tower), not {literal(encoder.spec)}: "
+                            f"pass {{spec}}open_clip:NAME")
+    if path is not None:
+        check_path(path)
+    return info
 
 
 @dataclass
@@ -174,7 +327,10 @@ def encode_video(path: str | Path, *, encoder: FrameEncoder, frames: int = 32, b
     sec: dict[str, float] = {}
     t0 = time.perf_counter()
     report("decode", 0, 1)
-    video = load(path, num_frames=frames, size=encoder.image_size, backend=backend)
+    try:
+        video = load(path, num_frames=frames, size=encoder.image_size, backend=backend)
+    except ArgumentError as e:
+        raise e.renamed("num_frames", "frames") from None
     sec["decode"] = time.perf_counter() - t0
     report("decode", 1, 1)
     t0 = time.perf_counter()
@@ -189,19 +345,23 @@ def encode_video(path: str | Path, *, encoder: FrameEncoder, frames: int = 32, b
     return EncodedVideo(video, feats, sec)
 
 
-def compress_video(path: str | Path | None, method: str, keep: float | int, *, encoder: FrameEncoder,
+def compress_video(path: str | Path | None, method: str, keep: Keep, *, encoder: FrameEncoder,
                    frames: int = 32, backend: str = "auto", text: str | None = None,
                    picture: str | Path | None = None, options: dict[str, Any] | None = None, batch: int = 8,
                    encoded: EncodedVideo | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> VideoResult:
     """Decode ``frames`` frames of ``path`` (uniformly), encode them (or take ``encoded``), compress the
     ``[1, T·P, D]`` tokens with ``method`` to ``keep`` and draw ``picture`` (when given). ``progress(stage, done,
-    total)`` reports each step."""
-    info = vtok.get_method(method)
+    total)`` reports each step. Arguments are checked before decoding (:func:`check_request`, and ``keep`` against
+    ``frames × patches per frame``)."""
+    if encoded is None and path is None:
+        raise ValueError("pass a video path or encoded=encode_video(...)")
+    t_in = frames if encoded is None else int(encoded.features["tokens"].shape[0])
+    info = check_request(method, frames=t_in, path=path if encoded is None else None, encoder=encoder,
+                         backend=backend, text=text, picture=picture)
+    resolve_k(keep, t_in * encoder.grid[0] * encoder.grid[1])
     report = progress or (lambda stage, done, total: None)
     if encoded is None:
-        if path is None:
-            raise ValueError("pass a video path or encoded=encode_video(...)")
         encoded = encode_video(path, encoder=encoder, frames=frames, backend=backend, batch=batch, progress=report)
     video, enc = encoded.video, encoded.features
     sec = dict(encoded.seconds)
@@ -228,9 +388,10 @@ def compress_video(path: str | Path | None, method: str, keep: float | int, *, e
 
         report("draw", 0, 1)
         t0 = time.perf_counter()
-        res.picture = draw_strip(video.frames, sel, enc["grid"], Path(picture),
-                                 title=f"{info.name}: {t * p} -> {out.shape[1]} tokens (outlined: kept, blue: merged, "
-                                       f"dark: dropped)")
+        title = f"{info.name}: {t * p} -> {out.shape[1]} tokens (outlined: kept, blue: merged, dark: dropped)"
+        if encoder.random_weights:
+            title += f"\n{encoder.spec} has random weights: which patches are kept carries no meaning"
+        res.picture = draw_strip(video.frames, sel, enc["grid"], Path(picture), title=title)
         sec["draw"] = time.perf_counter() - t0
         report("draw", 1, 1)
     return res
