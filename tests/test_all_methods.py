@@ -186,3 +186,9 @@ def test_inputs_that_require_grad(name, tokens):
     assert torch.equal(sel.keep, ref_sel.keep)
     torch.testing.assert_close(out.detach(), ref_out)
     assert out.requires_grad
+
+
+def test_methods_of_an_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="family must be one of"):
+        vtok.methods("bogus")
+    assert vtok.methods("temporal") and all(m.family == "temporal" for m in vtok.methods("temporal"))

@@ -128,6 +128,9 @@ def get(name: str) -> Method:
 
 
 def methods(family: str | None = None) -> list[Method]:
-    """All registered methods (optionally one family), ordered by family then name."""
+    """All registered methods (optionally one family), ordered by family then name; an unknown family raises
+    ``ValueError`` listing the families."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
     rows = [m for m in _REGISTRY.values() if family is None or m.family == family]
     return sorted(rows, key=lambda m: (FAMILIES.index(m.family), m.name))
