@@ -62,7 +62,7 @@ def test_command_line_overrides_and_comma_lists(ckpt, tmp_path):
     ({"methods": ["fastv"]}, r"methods: 'fastv' needs context \['text_attn'\].*placement 'inside'"),
     ({"placements": ["middle"]}, r"placements: 'middle' is not a placement of task 'eval_vit'"),
     ({"task_options": {"eval_vit": {"limt": 3}}}, r"task_options.eval_vit: unknown option\(s\) \['limt'\]"),
-    ({"task_options": {"eval_vit": {"batch": "big"}}}, r"task_options.eval_vit.batch: expected int, got 'big'"),
+    ({"task_options": {"eval_vit": {"batch": "big"}}}, r"task_options.eval_vit.batch: expected an int >= 1, got 'big'"),
     ({"method_options": {"random": {"sed": 1}}}, r"method_options.random: unknown option\(s\) \['sed'\]"),
     ({"seeds": [0.5]}, r"seeds: 0.5 is not an int"),
     ({"shard_size": 0}, r"shard_size: expected an int >= 1, got 0"),

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="vtok: visual token compression toolkit.")
@@ -197,10 +198,13 @@ def _sweep_tables(rows: list[dict], title: str) -> list[Table]:
 
 
 def _parse_task_options(items: list[str] | None) -> dict[str, dict] | None:
-    """``["eval_vit.limit=200", ...]`` -> ``{"eval_vit": {"limit": 200}}`` (values read as YAML scalars)."""
+    """``["eval_vit.limit=200", ...]`` -> ``{"eval_vit": {"limit": 200}}`` (values read as YAML scalars), each
+    checked against the task's declared options (name, type, range); errors name ``--task-option TASK.OPTION``."""
     if not items:
         return None
     import yaml
+
+    from vtok.sweep.tasks import get_task
 
     out: dict[str, dict] = {}
     for item in items:
@@ -208,7 +212,16 @@ def _parse_task_options(items: list[str] | None) -> dict[str, dict] | None:
         task, dot, opt = key.partition(".")
         if not (sep and dot and task and opt):
             raise ValueError(f"--task-option: expected TASK.OPTION=VALUE, got {item!r}")
-        out.setdefault(task, {})[opt] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        try:
+            spec = get_task(task)
+        except ValueError as e:
+            raise ValueError(f"--task-option {key}: {str(e).removeprefix('tasks: ')}") from None
+        spec.check_options({opt: parsed}, prefix=f"--task-option {task}")
+        out.setdefault(task, {})[opt] = parsed
     return out
 
 
@@ -238,17 +251,23 @@ def sweep_cmd(config: Path = typer.Argument(None, dir_okay=False, help="A sweep 
         summary = run_sweep(cfg, str(path), backend=backend, address=address, show_progress=progress,
                             console=console)
     except (ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for table in _sweep_tables(summary.rows, f"{cfg.name}: {path}"):
         console.print(table)
     console.print(f"{summary.total} cells: {summary.skipped} already in {path}, {summary.ran} run now "
-                  f"({summary.seconds:.1f} s), {len(summary.errors)} n/a")
+                  f"({summary.seconds:.1f} s), {len(summary.errors)} n/a, {len(summary.failed)} failed")
     for err in summary.errors:
-        console.print(f"  n/a: {err}")
-    if report and summary.rows:
+        console.print(f"  n/a: {err}", markup=False, highlight=False)
+    for reason, n in summary.failure_reasons().items():
+        console.print(f"  failed ({n} cell{'s' * (n > 1)}): {reason}", markup=False, highlight=False)
+    if report and any("failed" not in r for r in summary.rows):
         res = write_report(path)
         console.print("wrote " + ", ".join(str(f) for f in res["files"]))
+    if summary.failed:
+        console.print(f"[red]error:[/red] {len(summary.failed)} cell(s) failed (written as failed to "
+                      f"{escape(str(path))}); re-run the same command to redo them", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("report")
@@ -260,9 +279,11 @@ def report_cmd(results: Path = typer.Argument(..., exists=True, dir_okay=False, 
     try:
         res = write_report(results, out)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(res["markdown"], markup=False, highlight=False, soft_wrap=True)
+    if res["failed"]:
+        console.print(f"{res['failed']} failed cell(s) left out (re-run the sweep to redo them)")
     console.print("wrote " + ", ".join(str(f) for f in res["files"]))
 
 

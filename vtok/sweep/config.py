@@ -2,7 +2,8 @@
 
 A config is a YAML mapping (or a dict); every key and value is checked before any cell runs, and a bad one raises
 ``ValueError`` naming the key and the value (unknown method, keep outside ``(0, 1]`` or a count below 1, unknown task
-or model, a method the placement cannot feed, malformed YAML)::
+or model, a task option of the wrong type or out of range, a method the placement cannot feed on that model,
+malformed YAML)::
 
     name: demo
     tasks: [eval_vit]                 # registered tasks: vtok.sweep.tasks.TASKS
@@ -12,7 +13,7 @@ or model, a method the placement cannot feed, malformed YAML)::
     placements: [inside, after]       # default: the task's own placements
     seeds: [0]
     method_options: {divprune: {}}    # extra keyword options per method
-    task_options: {eval_vit: {limit: 500, batch: 250}}
+    task_options: {eval_vit: {limit: 500, batch: 250}}   # each task's declared options: type and range checked
     shard_size: 8                     # cells a worker runs together (they share the unpruned forward)
 """
 
@@ -208,13 +209,17 @@ def load_config(source: str | Path | dict | None = None, **overrides: Any) -> Sw
     name = str(raw.get("name", "sweep"))
 
     for t, task in task_objs.items():
-        opts = task.resolve_options(task_options.get(t, {}))  # unknown / bad task option: named
+        opts = task.resolve_options(task_options.get(t, {}))  # unknown option, wrong type, out of range: named
         for p in placements or task.placements:
             task.check_placement(p)
             for m in methods:
                 task.check_method(m, p)
         for model in models:
             task.check_model(model, opts)
+            for m in methods:
+                for keep in keeps:
+                    for p in placements or task.placements:
+                        task.check_cell(model, m, keep, p, dict(method_options.get(m, {})))
     return SweepConfig(name, tasks, models, methods, keeps, placements, [int(s) for s in seeds],
                        {k: dict(v) for k, v in method_options.items()}, {k: dict(v) for k, v in task_options.items()},
                        int(shard))

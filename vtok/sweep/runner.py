@@ -1,10 +1,12 @@
 """Run a sweep: expand the grid, skip the cells the results file already holds, run the rest shard by shard.
 
-``run_sweep(config, results)`` appends one row per finished cell to ``results`` (see ``store.py``), so re-running
-the same command after Ctrl-C, a crash or a kill continues where it stopped. Cells of one task and model run in
-shards of ``config.shard_size`` (they share the model load and the unpruned forward); a shard's rows are written as
-its cells finish. Backends: ``local`` (this process, a rich progress bar) and ``ray`` (``vtok.sweep.ray_backend``:
-one Ray task per shard, rows written by this driver only).
+``run_sweep(config, results)`` first takes an exclusive lock on ``results`` (which also proves it can be written;
+a second sweep on the same file is refused), then appends one row per cell the moment the cell finishes (see
+``store.py``), so re-running the same command after Ctrl-C, a crash or a kill continues where it stopped and
+redoes only unfinished cells. Cells of one task and model run in shards of ``config.shard_size`` (they share the
+model load and the unpruned forward). A cell whose task raises is written as *failed* (with the reason), counted in
+the ``Summary`` and redone on the next run. Backends: ``local`` (this process, a rich progress bar) and ``ray``
+(``vtok.sweep.ray_backend``: one Ray task per shard, its rows streamed back and written by this driver only).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ BACKENDS = ("local", "ray")
 
 
 def versions() -> dict[str, str]:
-    """Versions of what decides a cell's numbers."""
+    """Versions of what decides a cell's numbers (read from the installed packages' metadata: importing
+    transformers only to read its version would cost seconds per shard)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     import vtok
@@ -32,8 +37,8 @@ def versions() -> dict[str, str]:
     out = {"vtok": vtok.__version__, "torch": torch.__version__, "python": platform.python_version()}
     for mod in ("timm", "transformers"):
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
+            out[mod] = version(mod)
+        except PackageNotFoundError:
             pass
     return out
 
@@ -47,47 +52,98 @@ def shards(cells: list[Cell], size: int) -> list[list[Cell]]:
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def run_shard(cells: list[Cell], progress: Progress | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of one shard's cells, as the task finishes them."""
-    task = get_task(cells[0].task)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def failed_row(cell: Cell, reason: str, ver: dict[str, str] | None = None, host: str | None = None) -> dict[str, Any]:
+    """The row of a cell that raised: ``failed`` says why; the next run redoes it."""
+    return {"id": cell.id, "cell": cell.key(), "seed": cell.seed, "versions": ver or versions(),
+            "host": host or platform.node(), "finished": _now(), "metrics": {}, "timing": {}, "failed": reason}
+
+
+def run_shard(cells: list[Cell], progress: Progress | None = None, task: Any = None) -> Iterator[dict[str, Any]]:
+    """Rows of one shard's cells, each as the task finishes it (``task``: default the registered one). If the task
+    raises, every cell of the shard without a row yet gets a failed row with the exception's first line."""
+    task = task if task is not None else get_task(cells[0].task)
     ver, host = versions(), platform.node()
     t0 = time.time()
-    for cell, part in task.run(cells, progress or (lambda done, total: None)):
-        now = time.time()
-        row = {"id": cell.id, "cell": cell.key(), "seed": cell.seed, "versions": ver, "host": host,
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-               "metrics": part.get("metrics", {}), "timing": {**part.get("timing", {}), "shard_seconds": now - t0}}
-        if "error" in part:
-            row["error"] = part["error"]
-        yield row
+    done: set[str] = set()
+    try:
+        for cell, part in task.run(cells, progress or (lambda done, total: None)):
+            now = time.time()
+            row = {"id": cell.id, "cell": cell.key(), "seed": cell.seed, "versions": ver, "host": host,
+                   "finished": _now(), "metrics": part.get("metrics", {}),
+                   "timing": {**part.get("timing", {}), "shard_seconds": now - t0}}
+            if "error" in part:
+                row["error"] = part["error"]
+            done.add(cell.id)
+            yield row
+    except Exception as e:  # noqa: BLE001 - any failure of a cell is recorded, never lost or fatal to the sweep
+        reason = _first_line(e)
+        for c in cells:
+            if c.id not in done:
+                yield failed_row(c, reason, ver, host)
 
 
 @dataclass
 class Summary:
-    """What a run did: cells in the grid, already finished before it, run now, failed (n/a), seconds."""
+    """What a run did: cells in the grid, already finished before it, run now, n/a (``errors``: a budget the method
+    cannot make, a finished result), failed (``failed``: raised; redone on the next run), seconds."""
 
     total: int
     skipped: int
     ran: int = 0
     errors: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def failure_reasons(self) -> dict[str, int]:
+        """Reason -> how many cells of the grid are left failed with it (after this run)."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            if "failed" in r:
+                out[r["failed"]] = out.get(r["failed"], 0) + 1
+        return out
 
 
 def run_sweep(config: SweepConfig, results: str, backend: str = "local", address: str | None = None,
               show_progress: bool = True, console=None,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> Summary:
-    """Run every cell of ``config`` not yet in ``results``; returns a ``Summary`` (``rows``: every row of this grid).
+    """Run every cell of ``config`` not yet finished in ``results``; returns a ``Summary`` (``rows``: the latest row
+    of every cell of this grid).
 
+    Before any cell runs: the backend (``ray``: installed, ``address`` answering), then an exclusive lock on
+    ``results`` (a folder, an unwritable file or another sweep holding it raises ``ValueError`` naming the file).
     ``backend="ray"`` fans the shards out over Ray (``address``: a cluster, default a local instance or the one
     this process already joined)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {list(BACKENDS)}")
+    started = False
     if backend == "ray":
-        from vtok.sweep.ray_backend import require_ray
+        from vtok.sweep.ray_backend import connect, require_ray
 
         require_ray()
-    store = ResultsStore(results)
+        started = connect(address)
+    try:
+        with ResultsStore(results) as store:
+            return _run_locked(config, store, backend, show_progress, console, on_row)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_locked(config: SweepConfig, store: ResultsStore, backend: str, show_progress: bool, console,
+                on_row: Callable[[dict[str, Any]], None] | None) -> Summary:
+    """``run_sweep`` once the results file is locked."""
     store.repair()  # a torn last line (killed mid-write) is cut off and its cell redone
     cells = config.cells()
     done = store.finished()
@@ -98,15 +154,17 @@ def run_sweep(config: SweepConfig, results: str, backend: str = "local", address
     def commit(row: dict[str, Any]) -> None:
         store.append(row)
         summary.ran += 1
-        if "error" in row:
-            summary.errors.append(f"{Cell(**row['cell']).label()}: {row['error']}")
+        label = Cell(**row["cell"]).label()
+        if "failed" in row:
+            summary.failed.append(f"{label}: {row['failed']}")
+        elif "error" in row:
+            summary.errors.append(f"{label}: {row['error']}")
         if on_row is not None:
             on_row(row)
         if not show_progress and console is not None:  # logs: one line per finished cell
-            what = row.get("error") or ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items()
-                                                 if isinstance(v, float))
-            console.print(f"[{summary.ran}/{len(todo)}] {Cell(**row['cell']).label()}: {what}", markup=False,
-                          highlight=False)
+            what = (f"FAILED {row['failed']}" if "failed" in row else row.get("error")
+                    or ", ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items() if isinstance(v, float)))
+            console.print(f"[{summary.ran}/{len(todo)}] {label}: {what}", markup=False, highlight=False)
 
     parts = shards(todo, config.shard_size)
     if todo:
@@ -115,7 +173,7 @@ def run_sweep(config: SweepConfig, results: str, backend: str = "local", address
 
             with _progress(show_progress, console) as prog:
                 overall = prog.add_task("cells (ray)", total=len(todo))
-                run_ray(parts, address, lambda row: (commit(row), prog.advance(overall)))
+                run_ray(parts, lambda row: (commit(row), prog.advance(overall)))
         else:
             with _progress(show_progress, console) as prog:
                 overall = prog.add_task("all cells", total=len(todo))
@@ -128,7 +186,8 @@ def run_sweep(config: SweepConfig, results: str, backend: str = "local", address
                     prog.remove_task(cur)
     summary.seconds = time.time() - t0
     ids = {c.id for c in cells}
-    summary.rows = [r for r in store.rows() if r["id"] in ids]
+    latest = {r["id"]: r for r in store.rows() if r["id"] in ids}  # a redone failed cell: its last row wins
+    summary.rows = list(latest.values())
     return summary
 
 

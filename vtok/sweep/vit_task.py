@@ -7,6 +7,10 @@ prediction, with the strategy ``inside`` the encoder (``vtok.patch`` at block ``
 FLOPs as ratios to the unpruned model (keep = 1.0), paired and interleaved on one batch.
 
 Models: ``eval_vit`` (the committed checkpoint) or a path to a checkpoint saved by ``vtok.bench.save_eval_vit``.
+
+Options (checked before any cell runs; ``vtok.sweep.get_task(name).options``): ``eval_vit``: ``limit`` (the first N
+test images, an int >= 1; absent: all 10,000), ``batch`` (images per forward, >= 1), ``layer`` (the block
+``inside`` prunes at, in ``[0, depth)``; absent: the middle block). ``timing``: ``batch``, ``rounds`` (>= 1), ``layer``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import vtok
 from vtok.hooks._encoder_state import ENCODER_CONTEXT
-from vtok.sweep.tasks import Task, file_digest, register_task
+from vtok.sweep.tasks import Option, Task, file_digest, register_task
 
 PLACEMENTS = ("inside", "after")
 
@@ -38,6 +42,22 @@ def _method_options(cell) -> dict[str, Any]:
     return opts
 
 
+LAYER = Option(int, None, minimum=0, optional=True, doc="the block `inside` prunes at; absent: the middle block")
+
+
+def checkpoint_depth(path: Path) -> int:
+    """Blocks of a ``save_eval_vit`` checkpoint (from its metadata, else its tensor names), without loading it."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        cfg = json.loads((f.metadata() or {}).get("config", "{}"))
+        if "depth" in cfg:
+            return int(cfg["depth"])
+        return len({k.split(".")[1] for k in f.keys() if k.startswith("blocks.")})
+
+
 class _VitTask(Task):
     placements = PLACEMENTS
 
@@ -52,6 +72,16 @@ class _VitTask(Task):
         if not (path.is_file() and path.suffix == ".safetensors"):
             raise ValueError(f"models: {model!r} is not a model of task {self.name!r} (expected 'eval_vit' or a "
                              f".safetensors checkpoint of vtok.bench.save_eval_vit)")
+        layer = options.get("layer")
+        if layer is not None:
+            try:
+                depth = checkpoint_depth(path)
+            except Exception as e:  # noqa: BLE001 - a damaged file: name it
+                raise ValueError(f"models: {model!r} is not a readable safetensors checkpoint: {e}") from None
+            if layer >= depth:
+                raise ValueError(f"task_options.{self.name}.layer (--task-option {self.name}.layer): {layer} is "
+                                 f"out of range for model {model!r} "
+                                 f"({depth} blocks: expected 0 to {depth - 1}, or absent for the middle block)")
 
     def fingerprint(self, model: str) -> str:
         return file_digest(checkpoint_path(model))
@@ -67,7 +97,8 @@ class EvalVit(_VitTask):
 
     name = "eval_vit"
     description = "eval ViT on Fashion-MNIST: accuracy, agreement with keep=1.0 (inside / after the encoder)"
-    defaults = {"limit": 0, "batch": 250, "layer": None}
+    options = {"limit": Option(int, None, minimum=1, optional=True, doc="first N test images; absent: all 10,000"),
+               "batch": Option(int, 250, minimum=1, doc="images per forward"), "layer": LAYER}
 
     def check_model(self, model: str, options: dict[str, Any]) -> None:
         super().check_model(model, options)
@@ -88,7 +119,7 @@ class EvalVit(_VitTask):
         opts = cells[0].task_options
         model = self._load(cells[0])
         x_all, y_all = load_fashion_mnist("test")
-        if opts["limit"]:
+        if opts["limit"] is not None:
             x_all, y_all = x_all[: opts["limit"]], y_all[: opts["limit"]]
         x_all = preprocess(x_all)
         n, batch = len(x_all), opts["batch"]
@@ -157,7 +188,8 @@ class Timing(_VitTask):
 
     name = "timing"
     description = "eval ViT forward time and FLOPs, ratios to keep=1.0 (inside: patched model; after: + strategy)"
-    defaults = {"batch": 32, "rounds": 3, "layer": None}
+    options = {"batch": Option(int, 32, minimum=1, doc="images per timed forward"),
+               "rounds": Option(int, 3, minimum=1, doc="timed rounds (median), after one warm-up"), "layer": LAYER}
 
     def run(self, cells, progress):
         import torch

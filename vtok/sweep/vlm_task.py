@@ -9,6 +9,10 @@ file (``task_options.<task>.prompts``) is JSON lines, one sample each::
     {"prompt": "USER: <image> what is it ? ASSISTANT:", "image": "skimage:astronaut"}
 
 ``image`` is a path (relative to the prompts file) or ``skimage:NAME``, a photo shipped with scikit-image.
+
+Before any cell runs, every model x method x keep x placement is checked with the checks ``vtok.wrap`` itself makes
+(the context the real placement gives on this model, the layer range, the method's options), on the model built
+from its ``config.json`` on the ``meta`` device (no weights are read).
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import vtok
-from vtok.hooks._encoder_state import ENCODER_CONTEXT
 from vtok.hooks.hf import llm_context
-from vtok.sweep.tasks import Task, file_digest, register_task
+from vtok.sweep.tasks import Option, Task, file_digest, register_task
 
 
 def parse_placement(placement: str) -> int | None:
@@ -73,6 +76,37 @@ def load_image(spec: str, base: Path):
     return im[..., :3]
 
 
+def meta_model(folder: str | Path):
+    """The model of an HF folder built from its ``config.json`` on the ``meta`` device (no weights read), or a
+    ``ValueError`` naming the folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    key = str(Path(folder).resolve())
+    if key not in _META:
+        try:
+            with torch.device("meta"):
+                _META[key] = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(key))
+        except Exception as e:  # noqa: BLE001 - any reason the folder cannot be read: named, one line
+            raise ValueError(f"models: {str(folder)!r} cannot be built from its config.json: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _META[key]
+
+
+_META: dict[str, Any] = {}
+
+
+def check_wrap(folder: str | Path, method: str, keep: float | int, placement: str, options: dict[str, Any]) -> None:
+    """``vtok.wrap``'s own checks for this cell on the model's meta copy; a refusal becomes a ``ValueError`` naming
+    the method, placement and model."""
+    model = meta_model(folder)
+    try:
+        vtok.wrap(model, method, keep, layer=parse_placement(placement), **options)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ValueError(f"methods: {method!r} at placement {placement!r} on {Path(folder).name}: {e}") from None
+    vtok.unwrap(model)
+
+
 class _Placements(Task):
     """``pre_llm`` / ``llm:K`` placements, checked against what the wrapper can feed a method there."""
 
@@ -82,16 +116,32 @@ class _Placements(Task):
         parse_placement(placement)
 
     def check_method(self, method: str, placement: str) -> None:
+        """In-LLM placements: what any model gives at that layer (the pre-LLM context depends on the model: see
+        ``check_cell``)."""
         layer = parse_placement(placement)
-        avail = ENCODER_CONTEXT if layer is None else llm_context(layer, method)
-        missing = sorted(vtok.get_method(method).needs - avail)
+        if layer is None:
+            return
+        avail = llm_context(layer, method)
+        missing = sorted(vtok.get_method(method).needs - avail - {"frames"})
         if missing:
             raise ValueError(f"methods: {method!r} needs context {missing}, which placement {placement!r} cannot give "
                              f"(it gives {sorted(avail)})")
 
+    def model_folder(self, model: str) -> Path | None:
+        """The HF folder a model name stands for (``None``: not built yet; its cells are not checked up front)."""
+        return Path(model)
+
+    def check_cell(self, model: str, method: str, keep: float | int, placement: str,
+                   method_options: dict[str, Any]) -> None:
+        folder = self.model_folder(model)
+        if folder is not None:
+            check_wrap(folder, method, keep, placement, method_options)
+
+
+PROMPTS = Option(str, required=True, doc="a prompts file (JSON lines: prompt, image)")
+
 
 class _VlmTask(_Placements):
-    required = ("prompts",)
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         opts = super().resolve_options(given)
@@ -142,7 +192,7 @@ class HfVlm(_VlmTask):
 
     name = "hf_vlm"
     description = "HF VLM folder + prompts file: generated-token agreement and logit KL vs keep=1.0"
-    defaults = {"prompts": None, "max_new_tokens": 8}
+    options = {"prompts": PROMPTS, "max_new_tokens": Option(int, 8, minimum=1, doc="greedy tokens per prompt")}
 
     def run(self, cells, progress):
         import torch
@@ -188,7 +238,7 @@ class HfVlmTiming(_VlmTask):
 
     name = "hf_vlm_timing"
     description = "HF VLM folder + prompts file: prefill time and FLOPs, ratios to keep=1.0"
-    defaults = {"prompts": None, "rounds": 3}
+    options = {"prompts": PROMPTS, "rounds": Option(int, 3, minimum=1, doc="timed rounds (median), after a warm-up")}
 
     def run(self, cells, progress):
         import torch
@@ -248,13 +298,16 @@ class RealVlm(_Placements):
 
     name = "real_vlm"
     description = "the small VLM trained here: exact-match accuracy on held-out Fashion-MNIST scenes (issue #17)"
-    defaults = {"n": 2000, "start": 0, "batch": 16}
+    options = {"n": Option(int, 2000, minimum=1, doc="held-out scenes"),
+               "start": Option(int, 0, minimum=0, doc="first held-out scene"),
+               "batch": Option(int, 16, minimum=1, doc="scenes per generate call")}
 
-    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
-        opts = super().resolve_options(given)
-        if opts["n"] < 1 or opts["start"] < 0 or opts["batch"] < 1:
-            raise ValueError(f"task_options.real_vlm: n >= 1, start >= 0 and batch >= 1 expected, got {opts}")
-        return opts
+    def model_folder(self, model: str) -> Path | None:
+        if model != "real_vlm":
+            return Path(model)
+        from vtok.bench.vlm import VLM_FOLDER
+
+        return VLM_FOLDER if (VLM_FOLDER / "config.json").is_file() else None
 
     def check_model(self, model: str, options: dict[str, Any]) -> None:
         if model != "real_vlm" and not (Path(model) / "config.json").is_file():
