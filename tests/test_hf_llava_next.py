@@ -2,7 +2,8 @@
 
 Records per image: base view (16 tokens, grid 4 x 4) + high-res part (``h`` rows of ``w`` tokens, each row ending in
 an ``image_newline`` token that is never pruned). The expected layout below is derived from the models' own packed
-features (newline rows are the rows equal to ``model.model.image_newline``), not from the adapter.
+features (newline rows are the rows equal to ``model.model.image_newline``), not from the adapter. Budgets are per
+image: ``resolve_k(keep, N)`` of its ``N`` prunable tokens, shared by its records in proportion to their sizes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def _layout(model, extra) -> list[tuple[int, torch.Tensor]]:
             continue
         assert not prot[:N_BASE].any() and bool(prot[-1])
         out += [(N_BASE, prot[:N_BASE]), (f.shape[0] - N_BASE, prot[N_BASE:])]
+    return out
+
+
+def _images(layout) -> list[list[int]]:
+    """The records (indices into ``layout``) of each image: a base view (16 tokens, nothing protected) and the
+    high-res record after it, or one single-crop record."""
+    out, i = [], 0
+    while i < len(layout):
+        n, prot = layout[i]
+        two = n == N_BASE and not bool(prot.any())
+        out.append([i, i + 1] if two else [i])
+        i += 2 if two else 1
+    return out
+
+
+def _record_budgets(layout, keep) -> list[int]:
+    """Per record, the prunable tokens it keeps, from the rule stated by hand: the image keeps ``k = resolve_k(keep,
+    N)`` of its ``N`` prunable tokens; with two records, the base view takes ``round(k · n_base / N)`` (halves up: the
+    largest remainder goes to the earlier record), at least one, and the high-res record the rest."""
+    out = []
+    for recs in _images(layout):
+        frees = [len(layout[r][1]) - int(layout[r][1].sum()) for r in recs]
+        k = resolve_k(keep, sum(frees))
+        if len(recs) == 1:
+            out.append(k)
+            continue
+        base = min(max(int(k * frees[0] / sum(frees) + 0.5), 1), k - 1)
+        out += [base, k - base]
     return out
 
 
@@ -190,12 +219,25 @@ def test_cls_attn_follows_each_token_to_its_crop(models, family):
 
 
 # ---------------------------------------------------------------------------------------------------- budgets
+def _image_after(keep, layout) -> int:
+    """Tokens the images of ``layout`` keep: ``resolve_k`` of each image's prunable tokens, plus its newlines."""
+    out = 0
+    for recs in _images(layout):
+        rows = sum(int(layout[r][1].sum()) for r in recs)
+        out += resolve_k(keep, sum(layout[r][0] for r in recs) - rows) + rows
+    return out
+
+
 def _check_budgets(model, ids, layout, method, keep, kept):
     kept = set(kept)
-    for (n, prot), run in zip(layout, _runs(ids, layout), strict=True):
-        rows = int(prot.sum())
+    runs = _runs(ids, layout)
+    for (_, prot), run, k in zip(layout, runs, _record_budgets(layout, keep), strict=True):
         assert set(run[prot].tolist()) <= kept  # every newline kept
-        got = len(set(run.tolist()) & kept)
+        assert len(set(run[~prot].tolist()) & kept) == k
+    for recs in _images(layout):
+        n = sum(layout[r][0] for r in recs)
+        rows = sum(int(layout[r][1].sum()) for r in recs)
+        got = sum(len(set(runs[r].tolist()) & kept) for r in recs)
         assert got == vtok.retained_count(method, n, keep, protected=rows) == resolve_k(keep, n - rows) + rows
 
 
@@ -223,7 +265,7 @@ def test_newlines_kept_and_budgets_exact(models, family, method, keep, layer):
             handle.remove()
         _check_budgets(model, ids, layout, method, keep, st["per_sample"][0]["kept"])
         n_lines = sum(int(p.sum()) for _, p in layout)
-        after = sum(vtok.retained_count(method, n, keep, protected=int(p.sum())) for n, p in layout)
+        after = _image_after(keep, layout)
         assert st["per_sample"][0]["visual_before"] == sum(n for n, _ in layout)
         assert st["per_sample"][0]["visual_after"] == after
         if layer is None:  # the language model's input holds every image_newline row
@@ -233,18 +275,37 @@ def test_newlines_kept_and_budgets_exact(models, family, method, keep, layer):
 
 
 def test_grid_methods_on_high_res(models):
-    """pool2d on the high-res record pools its newline-free grid: counts equal retained_count with the grid."""
+    """pool2d on the high-res record pools its newline-free grid: counts equal retained_count per image."""
     model = models["next"]
     ids, am, extra, _ = _single(model)
     layout = _layout(model, extra)
-    want = 0
-    for n, prot in layout:
-        rows = int(prot.sum())
-        grid = (rows, (n - rows) // rows) if rows else (4, 4)
-        want += vtok.retained_count("pool2d", n, 0.25, grid=grid, protected=rows)
+    want = _image_after(0.25, layout)
     with torch.no_grad(), vtok.wrapped(model, "pool2d", 0.25):
         model(input_ids=ids, attention_mask=am, **extra)
         assert vtok.stats(model)["per_sample"][0]["visual_after"] == want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,keep,layer", [("random", 20, None), ("divprune", 20, 1),
+                                               ("random", [20, 9], [None, 2]), ("uniform", 0.3, None)])
+def test_keep_is_the_images_total(models, family, method, keep, layer):
+    """An int keep is the image's count of prunable tokens (more than a base view's 16 is fine), newlines on top, and
+    ``vtok.stats`` says so per image: ``after == k + protected``."""
+    model = models[family]
+    ids, am, extra, _ = _single(model)
+    layout = _layout(model, extra)
+    last = keep[-1] if isinstance(keep, list) else keep
+    with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
+        model(input_ids=ids, attention_mask=am, **extra)
+        st = vtok.stats(model)
+    per = st["per_image"]
+    assert len(per) == len(_images(layout)) == 2
+    for d, recs in zip(per, _images(layout), strict=True):
+        rows = sum(int(layout[r][1].sum()) for r in recs)
+        assert (d["before"], d["protected"]) == (sum(layout[r][0] for r in recs), rows)
+        assert d["after"] == resolve_k(last, d["before"] - rows) + rows
+        assert d["after"] == vtok.retained_count(method, d["before"], last, protected=rows)
+    _check_budgets(model, ids, layout, method, last, st["per_sample"][0]["kept"])
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -256,9 +317,8 @@ def _manual(model, ids, extra, layout, keep, positions, steps=16):
     x = m.get_input_embeddings()(ids)
     x = x.masked_scatter((ids == 250)[..., None], feats)
     keep_mask = ids[0] != 250
-    for (_, prot), run in zip(layout, _runs(ids, layout), strict=True):
+    for (_, prot), run, k in zip(layout, _runs(ids, layout), _record_budgets(layout, keep), strict=True):
         free = run[~prot]
-        k = resolve_k(keep, len(free))
         j = torch.arange(k)
         keep_mask[free[((2 * j + 1) * len(free)) // (2 * k)]] = True
         keep_mask[run[prot]] = True
@@ -298,10 +358,12 @@ def test_pre_llm_equals_manual_pruning(models, family, positions):
 
 # ---------------------------------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("family", FAMILIES)
-def test_in_llm_cached_equals_no_cache(models, family):
+@pytest.mark.parametrize("method", ["random", "fastv", "pdrop"])
+def test_in_llm_cached_equals_no_cache(models, family, method):
+    """Issue 29's case: FastV / PyramidDrop scored the last *generated* token's attention on every uncached step."""
     model = models[family]
     ids, am, extra, _ = _single(model)
-    with torch.no_grad(), vtok.wrapped(model, "random", 0.3, layer=1):
+    with torch.no_grad(), vtok.wrapped(model, method, 0.3, layer=1):
         a = _gen(model, ids, am, **extra)
         b = _gen(model, ids, am, use_cache=False, **extra)
     assert torch.equal(a, b)
@@ -407,7 +469,8 @@ def test_onevision_video_pre_llm_equals_manual(models, method, keep, positions):
         got = model(input_ids=ids, attention_mask=am, **extra).logits
         per = vtok.stats(model)["per_image"]
         gen = _gen(model, ids, am, n=8, **extra)[0].tolist()
-    assert per == [{"image": 0, "sample": 0, "video": True, "before": len(run), "after": len(src) - len(x) + len(run)}]
+    assert per == [{"image": 0, "sample": 0, "video": True, "before": len(run), "after": len(src) - len(x) + len(run),
+                    "protected": 1}]  # the video's newline
     assert got.shape == logits0.shape
     assert (got - logits0).abs().max() <= 1e-4
     assert gen == toks

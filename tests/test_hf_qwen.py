@@ -262,8 +262,9 @@ def test_pre_llm_equals_manual_reference(model, positions):
     assert toks == want_tokens
 
 
-@pytest.mark.parametrize("method,options", [("random", {"seed": 3}), ("divprune", {})])
+@pytest.mark.parametrize("method,options", [("random", {"seed": 3}), ("divprune", {}), ("fastv", {}), ("pdrop", {})])
 def test_in_llm_cached_equals_uncached(model, method, options):
+    """Issue 29's case: FastV / PyramidDrop scored the last *generated* token's attention on every uncached step."""
     _, inp = _batch()
     wrap(model, method, 0.5, layer=2, **options)
     try:

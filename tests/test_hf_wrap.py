@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vtok
 from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
@@ -197,15 +198,20 @@ def _layerwise_logits(model, ids, pix, layer, kept_prompt, n_prompt):
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "fitprune", "random", "divprune"])
-def test_in_llm_cached_generate_equals_layerwise_recompute(model, method):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_in_llm_generate_equals_layerwise_recompute(model, method, use_cache):
+    """The reference fixes the prompt's selection and recomputes every layer on the kept prompt plus the generated
+    tokens; the cached and the uncached generate both give its tokens (the uncached one used to re-rank FastV /
+    PyramidDrop by the last generated token's attention on every step)."""
     ids, am = left_pad([PROMPTS[0]])
     pix = _pix(1)
     n_prompt = ids.shape[1]
     with torch.no_grad(), vtok.wrapped(model, method, 0.25, layer=2):
-        gen = _gen(model, ids, am, pixel_values=pix)
+        gen = _gen(model, ids, am, pixel_values=pix, use_cache=use_cache)
         st = vtok.stats(model)
     kept = st["per_sample"][0]["kept"]
     assert st["per_sample"][0]["visual_after"] == 4
+    assert st["prefill_tokens_before"] == n_prompt  # the prompt's stats, also after the uncached steps
     seq = ids
     for t in range(16):
         nxt = _layerwise_logits(model, seq, pix, 2, kept, n_prompt)[0, -1].argmax()
@@ -228,7 +234,8 @@ def test_fastv_keeps_the_most_attended_tokens(model):
     assert sorted(set(kept) & set(img.tolist())) == want
 
 
-@pytest.mark.parametrize("method,layer", [("random", 2), ("divprune", [1, 3]), ("random", [None, 2])])
+@pytest.mark.parametrize("method,layer", [("random", 2), ("divprune", [1, 3]), ("random", [None, 2]), ("fastv", 2),
+                                          ("pdrop", [1, 3]), (["cdpruner", "fastv"], [None, 2])])
 def test_in_llm_cached_equals_no_cache(model, method, layer):
     ids, am, pix = _batch()
     keep = [0.5, 0.25] if isinstance(layer, list) else 0.5
@@ -236,6 +243,50 @@ def test_in_llm_cached_equals_no_cache(model, method, layer):
         a = _gen(model, ids, am, pixel_values=pix)
         b = _gen(model, ids, am, pixel_values=pix, use_cache=False)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def _shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy by hand: position ``t`` predicts label ``t + 1``, -100 ignored."""
+    return F.cross_entropy(logits[0, :-1].float(), labels[1:], ignore_index=-100)
+
+
+@pytest.mark.parametrize("layer", [None, 2])
+def test_labels_loss_equals_the_explicit_reference(model, layer):
+    """Issue 29: ``model(**inputs, labels=...)`` failed with a batch-size mismatch. The loss is over the pruned
+    sequence: logits of the kept sequence built by hand (pre-LLM: kept features with their original positions;
+    in-LLM: the layer-by-layer recompute), labels taken at the kept columns."""
+    ids, am = left_pad([PROMPTS[1]])
+    pix = _pix(2)
+    labels = ids.clone()
+    labels[ids == IMAGE_TOKEN] = -100
+    labels[0, 1] = -100
+    with torch.no_grad(), vtok.wrapped(model, "uniform", 0.25, layer=layer, positions="original"):
+        out = model(input_ids=ids, attention_mask=am, pixel_values=pix, labels=labels)
+        kept = vtok.stats(model)["per_sample"][0]["kept"]
+    with torch.no_grad():
+        if layer is None:
+            x, p = _reference_sequence(model, ids, pix, "uniform", 0.25, "original", {})
+            assert p[0].tolist() == kept
+            ref_logits = _lm_logits(model, x, p)
+        else:  # from layer K on only the kept columns
+            ref_logits = _layerwise_logits(model, ids, pix, layer, kept, ids.shape[1])
+    assert ref_logits.shape[1] == len(kept) < ids.shape[1]
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.loss, _shifted_loss(ref_logits, labels[0, kept]), atol=1e-5, rtol=0)
+
+
+def test_labels_train_through_the_pruned_sequence(model):
+    """Fine-tuning with pruning: the loss backpropagates to the language model and the projector."""
+    ids, am, pix = _batch()
+    labels = ids.masked_fill(am == 0, -100)
+    model.zero_grad()
+    with vtok.wrapped(model, "divprune", [0.5, 0.25], layer=[None, 2]):
+        loss = model(input_ids=ids, attention_mask=am, pixel_values=pix, labels=labels).loss
+    loss.backward()
+    grads = [model.lm_head.weight.grad, model.model.multi_modal_projector.linear_1.weight.grad]
+    model.zero_grad()
+    assert all(g is not None and bool(g.isfinite().all()) and float(g.abs().sum()) > 0 for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -278,6 +329,8 @@ def test_bad_input_errors(model):
         vtok.wrap(model, "zero_tprune", 0.5)  # needs the full attention graph, which the wrapper never builds
     with pytest.raises(ValueError, match="text_attn"):
         vtok.wrap(model, "fastv", 0.5, layer=0)
+    with pytest.raises(ValueError, match="dart' runs inside the language model.*layer=K"):
+        vtok.wrap(model, "dart", 0.5)  # the vision tower's keys are not layer K-1's
     with pytest.raises(ValueError, match="zero image tokens"):
         vtok.wrap(model, "random", 0.0)
     with pytest.raises(ValueError, match="zero image tokens"):
@@ -315,9 +368,9 @@ def test_retained_count_errors():
 
 # ---------------------------------------------------------------------------------------------------- every method
 def _placement(model, m):
-    from vtok.hooks.hf import _LLM_CONTEXT, _adapter
+    from vtok.hooks.hf import _LLM_CONTEXT, _adapter, placement_error
 
-    if m.needs <= _adapter(model).provides(model):
+    if m.needs <= _adapter(model).provides(model) and placement_error(m.name, None) is None:
         return None
     if m.needs <= _LLM_CONTEXT:
         return 2
@@ -327,8 +380,8 @@ def _placement(model, m):
 @pytest.mark.parametrize("name", [m.name for m in vtok.methods()])
 def test_every_method_through_the_wrapper(model, name):
     """Each registered method where the wrapper can place it: keep-all identity, exact budgets, cached == no-cache
-    generation, batch == one by one; methods needing context no placement gives (Zero-TPrune's full attention graph)
-    are refused."""
+    generation (MustDrop's decode stage prunes the cache: ``decode_kv="stage"`` for it here), batch == one by one;
+    methods needing context no placement gives (Zero-TPrune's full attention graph) are refused."""
     m = vtok.get_method(name)
     layer = _placement(model, m)
     if layer == "unsupported":
@@ -340,16 +393,14 @@ def test_every_method_through_the_wrapper(model, name):
         ref = model(input_ids=ids, attention_mask=am, pixel_values=pix).logits
         with vtok.wrapped(model, name, 1.0, layer=layer):
             assert (model(input_ids=ids, attention_mask=am, pixel_values=pix).logits - ref).abs().max() <= 1e-5
-    with torch.no_grad(), vtok.wrapped(model, name, 0.5, layer=layer):
+    kw = {"decode_kv": "stage"} if m.placement.decode_kv == "final" else {}
+    with torch.no_grad(), vtok.wrapped(model, name, 0.5, layer=layer, **kw):
         a = _gen(model, ids, am, n=6, pixel_values=pix)
         assert [d["after"] for d in vtok.stats(model)["per_image"]] == [8, 8, 8]
         b = _gen(model, ids, am, n=6, pixel_values=pix, use_cache=False)
         ids1, am1, extra = _one(1)
         one = _gen(model, ids1, am1, n=6, **extra)
-    # methods scoring by the text (last-row attention, mean text embedding) re-score every no-cache step on a
-    # sequence that ends in the generated tokens: only the first token is the same computation
-    n_same = 1 if (m.needs | m.uses) & {"text_attn", "query", "text_rows_attn", "text_relevance"} else a.shape[1]
-    assert torch.equal(a[:, :n_same], b[:, :n_same])
+    assert torch.equal(a, b)
     assert one[0].tolist() == a[1].tolist()
 
 
@@ -363,7 +414,7 @@ def test_eager_attention_language_model():
         for i in range(3):
             ids1, am1, extra = _one(i)
             assert _gen(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
-    assert torch.equal(a[:, :1], b[:, :1])  # FastV re-scores every no-cache step from the last generated token
+    assert torch.equal(a, b)
 
 
 def test_one_method_per_stage(model):

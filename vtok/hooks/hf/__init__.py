@@ -9,7 +9,15 @@
 Stages: ``layer=None`` prunes before the language model; ``layer=K`` prunes the hidden states entering decoder layer
 ``K`` (layers before ``K`` see every token; from ``K`` on the hidden states, RoPE cos / sin, masks and the KV cache
 hold only kept tokens). Budgets are per image (``keep`` a ratio of the image's tokens or an int count; a list with one
-value per sample for a scalar ``layer``); image-newline tokens are never pruned and not counted.
+value per sample for a scalar ``layer``): an image of ``N`` prunable tokens keeps ``resolve_k(keep, N)`` of them. An
+image the model splits into parts (LLaVA-NeXT / OneVision: base view and high-res tiles) has that budget split over
+its parts in proportion to their sizes (at least one token each); its image-newline tokens are never pruned and come
+on top (``vtok.stats`` counts them in ``before`` / ``after`` and reports them as ``protected``).
+
+``generate(use_cache=False)`` re-runs the whole sequence every step; each stage then scores the prompt alone (the
+generated tokens at the end of the rows are passed through, never scored), so it gives the cached ``generate``'s
+tokens. ``model(**inputs, labels=labels)`` prunes ``labels`` (``input_ids``' layout) with the visual tokens: the loss
+is the model's own over the pruned sequence.
 
 Positions (pre-LLM stage): ``"original"`` keeps the unpruned prompt's position ids (Qwen: its 3-D ids) and decoding
 continues after the unpruned prompt; ``"reindex"`` numbers the pruned prompt contiguously (Qwen: as ``get_rope_index``
@@ -56,6 +64,21 @@ def llm_context(layer: int, method: str) -> frozenset[str]:
     return (frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys", "self_cross_attn", "text_rows_attn"}
             - (set() if own else {"text_attn"}))
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
+
+# methods defined on the language model's own state: before it they would silently read the vision tower's instead
+IN_LLM_ONLY: dict[str, str] = {
+    "dart": "its pivots are the largest L1 norms of language-model layer K-1's keys, compared on the LLM's "
+            "final-normed hidden states, with instruction pivots; before the language model only the vision tower's "
+            "keys exist (the authors prune at layer=2)",
+}
+
+
+def placement_error(method: str, layer: int | None) -> str | None:
+    """Why ``method`` cannot run at ``layer`` (``None``: before the language model) beyond its context, or ``None``
+    (the context check is separate: ``llm_context`` / the adapter's ``provides``)."""
+    if layer is None and method in IN_LLM_ONLY:
+        return f"method '{method}' runs inside the language model ({IN_LLM_ONLY[method]}); pass layer=K with K >= 1"
+    return None
 
 
 def supported() -> list[str]:
@@ -136,6 +159,9 @@ def _stages(adapter: Any, model: Any, method: Any, keep: Any, layer: Any, option
         raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
     stages = []
     for ly, ks, name, info in zip(layers, keeps, names, infos, strict=True):
+        problem = placement_error(name, ly)
+        if problem:
+            raise ValueError(problem)
         provided = adapter.provides(model)
         avail = provided if ly is None else llm_context(ly, name) | ({"frames"} & provided)
         missing = sorted(set(info.needs) - avail)
@@ -162,8 +188,11 @@ def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
         model: e.g. ``LlavaForConditionalGeneration`` (``vtok.hooks.hf.supported()`` lists them), wrapped in place.
         method: a registered strategy (``vtok.methods()``), or one per stage for a method whose stages differ
             (HoliTom: ``["holitom", "holitom_llm"]`` with ``layer=[None, K]``).
-        keep: per image, a ratio in ``(0, 1]`` or an int count; for one stage a list gives one per sample; for
-            several stages one per stage (each may itself be a per-sample list).
+        keep: per image, a ratio in ``(0, 1]`` or an int count of its prunable tokens (an image in several parts,
+            LLaVA-NeXT's base view and tiles, splits it over them; newlines on top); for one stage a list gives one
+            per sample; for several stages one per stage (each may itself be a per-sample list). ``fitprune`` at
+            layers / budgets chosen by hand runs FitPrune's pruning rule there; the paper's schedule is the recipe
+            ``fit_fitprune`` fits (``keep=sched.keep, layer=sched.layers``).
         layer: ``None`` (pre-LLM), a decoder layer ``K``, or a list of stages (``[None, 8]``, ``[2, 8, 16]``).
         positions: ``"original"`` or ``"reindex"`` for the pre-LLM stage; default: the method's declaration.
         decode_kv: ``"stage"`` (each layer's KV cache keeps the tokens its stage computed) or ``"final"`` (after the
@@ -173,12 +202,14 @@ def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
 
     Returns:
         ``model`` itself. Its ``forward`` returns logits for the *pruned* sequence (``vtok.stats(model)`` says how
-        many tokens each sample kept); the last position is the prompt's last token, as ``generate`` needs.
+        many tokens each sample kept); the last position is the prompt's last token, as ``generate`` needs. With
+        ``labels`` (``input_ids``' shape) its loss is over the pruned sequence (labels pruned alike).
 
     Raises:
         TypeError: unsupported model class (lists the supported ones); unknown options.
         ValueError: wrapped twice; a keep leaving zero image tokens; a layer out of range; a method needing context
-            the placement cannot give (names the key); bad ``positions``.
+            the placement cannot give (names the key); a method defined only inside the language model placed before
+            it (``dart``); bad ``positions``.
         NotImplementedError: an attention implementation other than sdpa / eager for attention-scored in-LLM stages.
     """
     adapter = _adapter(model)
@@ -207,27 +238,70 @@ def wrap(model: torch.nn.Module, method: str | Sequence[str], keep: Any, *,
                          "wrap has no in-LLM stage (layer=K)")
     rt = Runtime(model, adapter, stages, positions, method, keep, decode_kv)
     rt.install()
+    _install_generate(model, rt)
+    _install_loss(model, rt)
+    model._vtok_runtime = rt
+    return model
+
+
+def _check_generate(model: torch.nn.Module, rt: Runtime, kwargs: dict[str, Any]) -> None:
+    cfg = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
+    if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+        raise NotImplementedError("vtok-wrapped models support greedy and sampling generate; beam search and "
+                                  "assisted decoding are not supported")
+    if (kwargs.get("num_return_sequences") or getattr(cfg, "num_return_sequences", 1) or 1) > 1:
+        raise NotImplementedError("vtok-wrapped models generate one sequence per prompt; num_return_sequences > 1 "
+                                  "is not supported")
+    impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
+    if impl in _UNSUPPORTED_CACHES:
+        raise NotImplementedError(f"vtok-wrapped models need the default dynamic cache, got cache_implementation="
+                                  f"{impl!r}")
+    if rt.retro and not kwargs.get("use_cache", getattr(cfg, "use_cache", True)):
+        raise NotImplementedError("vtok: decode_kv='final' prunes the KV cache after the prefill, and "
+                                  "generate(use_cache=False) has none; use the cache, or wrap with decode_kv='stage'")
+
+
+def _install_generate(model: torch.nn.Module, rt: Runtime) -> None:
+    """``model.generate`` checked (``_check_generate``) and telling the runtime the prompt's length, so that the
+    steps of an uncached generate score their prompt alone."""
     orig_generate = model.generate
 
     def generate(*args: Any, **kwargs: Any):
-        cfg = kwargs.get("generation_config") or model.generation_config
-        beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
-        if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
-            raise NotImplementedError("vtok-wrapped models support greedy and sampling generate; beam search and "
-                                      "assisted decoding are not supported")
-        if (kwargs.get("num_return_sequences") or getattr(cfg, "num_return_sequences", 1) or 1) > 1:
-            raise NotImplementedError("vtok-wrapped models generate one sequence per prompt; num_return_sequences > 1 "
-                                      "is not supported")
-        impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
-        if impl in _UNSUPPORTED_CACHES:
-            raise NotImplementedError(f"vtok-wrapped models need the default dynamic cache, got cache_implementation="
-                                      f"{impl!r}")
-        return orig_generate(*args, **kwargs)
+        _check_generate(model, rt, kwargs)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        rt.generate_prompt = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        try:
+            return orig_generate(*args, **kwargs)
+        finally:
+            rt.generate_prompt = None
 
     model.generate = generate
     rt._undo.append(lambda: delattr(model, "generate"))
-    model._vtok_runtime = rt
-    return model
+
+
+def _install_loss(model: torch.nn.Module, rt: Runtime) -> None:
+    """``model.loss_function`` (transformers' per-instance setter) prunes ``labels`` like the sequence."""
+    had = "_loss_function" in vars(model)
+    before = vars(model).get("_loss_function")
+    orig = model.loss_function
+
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any):
+        if kwargs.get("shift_labels") is not None and rt.label_index is not None:
+            raise ValueError("vtok: shift_labels cannot follow the pruned sequence; pass labels (input_ids' layout) "
+                             "and vtok prunes them")
+        labels = rt.prune_labels(labels, logits.shape[1], kwargs.get("ignore_index", -100))
+        return orig(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+
+    model.loss_function = loss_function
+
+    def undo() -> None:
+        if had:
+            model._loss_function = before
+        else:
+            del model._loss_function
+
+    rt._undo.append(undo)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -252,8 +326,10 @@ def wrapped(model: torch.nn.Module, method: str | Sequence[str], keep: Any, **kw
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
-    """For the last prefill of a wrapped model: visual tokens before / after per sample and per image, the stage
-    layers, and the prefill token reduction."""
+    """For the last prefill of a wrapped model (of an uncached ``generate``: its prompt): visual tokens before /
+    after per sample and per image (``per_image``: ``before`` / ``after`` count its placeholder tokens, ``protected``
+    the never-pruned image-newlines among them, so a stage keeping ``k`` leaves ``after = k + protected``), the kept
+    ``input_ids`` columns per sample, the stage layers, and the prefill token reduction."""
     rt = getattr(model, "_vtok_runtime", None)
     if rt is None:
         raise ValueError("model is not wrapped by vtok")
@@ -262,5 +338,5 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 from vtok.hooks.hf.fitprune import FitSchedule, fit_fitprune  # noqa: E402  (uses wrap / unwrap above)
 
-__all__ = ["ADAPTERS", "FitSchedule", "fit_fitprune", "register_adapter", "stats", "supported", "unwrap", "wrap",
-           "wrapped"]
+__all__ = ["ADAPTERS", "IN_LLM_ONLY", "FitSchedule", "fit_fitprune", "placement_error", "register_adapter", "stats",
+           "supported", "unwrap", "wrap", "wrapped"]

@@ -127,6 +127,17 @@ class _CallState:
     probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
+    tail: int = 0  # generate(use_cache=False): the tokens generated so far, at the end of every row (never scored)
+
+
+def _prompt_only(valid: Tensor, tail: int) -> Tensor:
+    """``valid [B, L]`` without its last ``tail`` columns: the prompt of an uncached ``generate`` step, whose
+    generated tokens sit at the end of every row (left padding) and must not change what a stage scores."""
+    if not tail:
+        return valid
+    out = valid.clone()
+    out[:, valid.shape[1] - tail:] = False
+    return out
 
 
 def _after(valid: Tensor, positions: Tensor, image_pos: Tensor) -> Tensor:
@@ -157,6 +168,8 @@ class Runtime:
         self.wrapper_s = 0.0  # the wrapper's own time (context, strategy, bookkeeping) since the last prefill's stats
         self.input_ids: Tensor | None = None
         self.state: _CallState | None = None
+        self.generate_prompt: int | None = None  # set by the wrapped generate(): the prompt's length
+        self.label_index: Tensor | None = None  # [B, L'] prompt column of each output position of this call (-1 pad)
         self.stats = _Stats()
         self._undo: list[Any] = []
         self._orig_lm_forward = self.lm.forward
@@ -213,6 +226,7 @@ class Runtime:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.input_ids = ids
         self.records = []
+        self.label_index = None
         pre = kwargs.get("mm_encoder_outputs") or {}
         for key in ("image", "video"):
             out = pre.get(key) if isinstance(pre, dict) else None
@@ -287,6 +301,10 @@ class Runtime:
                                "matched placeholder runs")
         return slots
 
+    def _image_of(self) -> list[int]:
+        """Per record of this call, its image (budgets are per image; LLaVA-NeXT splits one into two records)."""
+        return [r.image for r in self.records]
+
     def _keeps(self, stage: Stage, b_sz: int) -> list[Any]:
         if len(stage.keep) == 1:
             return stage.keep * b_sz
@@ -306,9 +324,10 @@ class Runtime:
 
     def _ctx(self, stage: Stage, x: Tensor, valid: Tensor, slots: list[list[Slot]], extra: dict[int, dict]
              ) -> dict[int, dict[str, Any]]:
+        """Per record, the context ``stage`` reads; ``valid [B, L]`` marks the prompt tokens (``_prompt_only``)."""
         info_keys = stage.needs | self._uses(stage)
         ctx: dict[int, dict[str, Any]] = {}
-        query = self._query(x, valid, slots) if "query" in info_keys else None
+        query = self._query(x, valid, slots) if "query" in info_keys else None  # valid: the prompt's only
         for b, row in enumerate(slots):
             for s in row:
                 c = {k: v for k, v in self.records[s.record].ctx.items() if k in info_keys} if stage.layer is None \
@@ -336,7 +355,9 @@ class Runtime:
             if cache is None and hasattr(out, "get"):  # created by the model (a forward with use_cache)
                 cache = out.get("cache", out.get("past_key_values"))
             self._prune_cache(cache, st)
-        self._record_stats(st.slots_in, st, st.valid_in)
+        self.label_index = self._final_index(st, st.valid_in)
+        if not st.tail:  # an uncached generate step keeps the stats of its prompt (the first step)
+            self._record_stats(st.slots_in, st, st.valid_in)
         if self.state is st:
             st.phase = "decode"
         self.wrapper_s = 0.0
@@ -378,16 +399,17 @@ class Runtime:
             raise NotImplementedError("vtok: the wrapper needs a 2-D attention_mask [B, L] (or none)")
         valid = am.bool() if am is not None else torch.ones(b_sz, p_len, dtype=torch.bool, device=x.device)
         slots = self._slots(valid)
+        tail = p_len - self.generate_prompt if self.generate_prompt is not None else 0
         st = _CallState(prompt_len=p_len, valid=valid, next_pos=torch.zeros(b_sz, dtype=torch.long),
-                        slots=slots, x_len=p_len)
+                        slots=slots, x_len=p_len, tail=max(tail, 0))
         pos_in = kw.get("position_ids")
         if self.pre is not None:
-            ks = slot_budgets(slots, self._keeps(self.pre, b_sz), resolve_k)
+            ks = slot_budgets(slots, self._keeps(self.pre, b_sz), resolve_k, self._image_of())
             if any(k != n for row_k, row in zip(ks, slots, strict=True) for k, n in
                    zip(row_k, [len(s.positions) - (0 if s.protected is None else int(s.protected.sum()))
                                for s in row], strict=True)):
                 picked = select_slots(x, slots, ks, self.pre.method, self.pre.options,
-                                      self._ctx(self.pre, x, valid, slots, {}))
+                                      self._ctx(self.pre, x, _prompt_only(valid, st.tail), slots, {}))
                 res = rebuild(x, valid, slots, picked)
                 full = pos_in if pos_in is not None else reindex_1d(valid)
                 if self.positions == "original":
@@ -427,10 +449,11 @@ class Runtime:
         prompt (the text after each image keeps its order through every later stage)."""
         from vtok.pruners.sparsevlm import text_relevance
 
+        valid = _prompt_only(st.valid, st.tail)
         for b, row in enumerate(st.slots):
             image_pos = torch.cat([s.positions for s in row]) if row else None
             for s in row:
-                text = _after(st.valid[b], s.positions, image_pos)
+                text = _after(valid[b], s.positions, image_pos)
                 st.relevance[s.record] = text_relevance(x[b, s.positions], x[b, text])
 
     # ------------------------------------------------------------------ decode
@@ -470,6 +493,10 @@ class Runtime:
             st = self.state
             if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
                 return
+            if st.tail:  # an uncached generate step: score as its prompt alone (causal: the same rows)
+                t = st.tail
+                query, key = query[:, :, :-t], key[:, :, :-t]
+                mask = mask[..., :-t, :-t] if isinstance(mask, Tensor) else mask
             if text_attn:
                 st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
             if attn_max:
@@ -551,11 +578,12 @@ class Runtime:
         stage = self.inllm[j]
         prev = st.inllm.get(j - 1)
         valid = prev.valid if prev is not None else st.valid
+        prompt = _prompt_only(valid, st.tail)  # what the stage scores
         index_lm = prev.index_lm if prev is not None else torch.arange(hidden.shape[1], device=hidden.device
                                                                        ).expand(hidden.shape[0], -1)
         slots = st.slots
         b_sz = hidden.shape[0]
-        ks = slot_budgets(slots, self._keeps(stage, b_sz), resolve_k)
+        ks = slot_budgets(slots, self._keeps(stage, b_sz), resolve_k, self._image_of())
         extra: dict[int, dict[str, Tensor]] = {}
         att = st.text_attn.get(stage.layer)
         if "text_attn" in stage.needs and att is None:
@@ -583,10 +611,10 @@ class Runtime:
                     e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
                 if amax is not None:
                     e["self_cross_attn"] = _self_cross(amax[b, -hidden.shape[1]:, -hidden.shape[1]:], s.positions,
-                                                       _after(valid[b], s.positions, image_pos))
+                                                       _after(prompt[b], s.positions, image_pos))
                     st.self_cross.setdefault(stage.layer, {})[s.record] = e["self_cross_attn"]
                 if amean is not None:
-                    text = _after(valid[b], s.positions, image_pos)
+                    text = _after(prompt[b], s.positions, image_pos)
                     e["text_rows_attn"] = amean[b, -hidden.shape[1]:, -hidden.shape[1]:][text][:, s.positions]
                 if s.record in st.relevance and "text_relevance" in info:
                     e["text_relevance"] = st.relevance[s.record]
@@ -597,12 +625,12 @@ class Runtime:
                 if norm is not None and "features" in info:
                     e["features"] = norm(hidden[b, s.positions])
                 if keys is not None and norm is not None and {"text_features", "text_keys"} <= info:
-                    text = _after(valid[b], s.positions, image_pos)  # the instruction after this image (DART's query)
+                    text = _after(prompt[b], s.positions, image_pos)  # the instruction after this image (DART's query)
                     e["text_features"] = norm(hidden[b, text])
                     e["text_keys"] = keys[b, :, -hidden.shape[1]:][:, text]
                 extra[s.record] = e
         picked = select_slots(hidden, slots, ks, stage.method, stage.options,
-                              self._ctx(stage, hidden, valid, slots, extra))
+                              self._ctx(stage, hidden, prompt, slots, extra))
         res = rebuild(hidden, valid, slots, picked)
         new_index_lm = torch.where(res.index >= 0, index_lm.gather(1, res.index.clamp_min(0)),
                                    torch.full_like(res.index, -1))
@@ -647,15 +675,40 @@ class Runtime:
                 kw["cache_position"] = torch.arange(n, n + q, device=hidden.device)
 
     # ------------------------------------------------------------------ stats
-    def _record_stats(self, slots_before: list[list[Slot]], st: _CallState, valid: Tensor) -> None:
-        """Visual tokens before / after every stage, per sample and per image (``vtok.stats``)."""
-        after = {s.record: len(s.positions) for row in st.slots for s in row}
+    @staticmethod
+    def _final_index(st: _CallState, valid: Tensor) -> Tensor:
+        """``[B, L_out]``: the prompt column (``input_ids``) of each position the last stage leaves (its logits'
+        positions; a merged token: its representative's column), -1 for padding."""
         idx = st.index_prompt
         if idx is None:
             idx = torch.where(valid, torch.arange(valid.shape[1], device=valid.device), -1)
         if st.inllm:
             last = st.inllm[max(st.inllm)].index_lm
             idx = torch.where(last >= 0, idx.gather(1, last.clamp_min(0)), -1)
+        return idx
+
+    def prune_labels(self, labels: Tensor, n_out: int, ignore_index: int = -100) -> Tensor:
+        """``labels [B, L]`` (the ``input_ids`` layout) for this call's pruned sequence ``[B, L_out]``: each kept
+        position takes its column's label (a merged token its representative's), padding ``ignore_index``; the loss
+        is then the model's own over the pruned sequence. A call that pruned nothing gets ``labels`` back."""
+        idx = self.label_index
+        if idx is None:
+            return labels
+        st = self.state
+        if not isinstance(labels, Tensor) or labels.shape != (idx.shape[0], st.prompt_len):
+            got = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"vtok: labels must have the shape of input_ids {[idx.shape[0], st.prompt_len]} (they "
+                             f"are pruned with the visual tokens), got {got}")
+        if idx.shape[1] != n_out:
+            raise ValueError(f"vtok: labels need logits for every position of the pruned sequence ({idx.shape[1]}), "
+                             f"got {n_out}; leave logits_to_keep at 0")
+        idx = idx.to(labels.device)
+        return labels.gather(1, idx.clamp_min(0)).masked_fill(idx < 0, ignore_index)
+
+    def _record_stats(self, slots_before: list[list[Slot]], st: _CallState, valid: Tensor) -> None:
+        """Visual tokens before / after every stage, per sample and per image (``vtok.stats``)."""
+        after = {s.record: len(s.positions) for row in st.slots for s in row}
+        idx = self.label_index if self.label_index is not None else self._final_index(st, valid)
         per_sample, per_image = [], {}
         for b, row in enumerate(slots_before):
             vb = sum(len(s.positions) for s in row)
@@ -665,9 +718,11 @@ class Runtime:
                                "prompt_tokens_after": n - vb + va, "kept": idx[b][idx[b] >= 0].tolist()})
             for s in row:
                 rec = self.records[s.record]
-                agg = per_image.setdefault(rec.image, {"sample": b, "video": rec.video, "before": 0, "after": 0})
+                agg = per_image.setdefault(rec.image, {"sample": b, "video": rec.video, "before": 0, "after": 0,
+                                                       "protected": 0})
                 agg["before"] += len(s.positions)
                 agg["after"] += after.get(s.record, len(s.positions))
+                agg["protected"] += 0 if rec.protected is None else int(rec.protected.sum())
         self.stats = _Stats(layers=[s.layer for s in self.stages], per_sample=per_sample,
                             wrapper_seconds=self.wrapper_s,
                             per_image=[{"image": i, **v} for i, v in sorted(per_image.items())],

@@ -30,7 +30,7 @@ class Slot:
         positions: ``LongTensor [n]``: where the tokens sit in the sample's current sequence (ascending).
         protected: ``BoolTensor [n]``: tokens never pruned (LLaVA-NeXT's image-newline), or ``None``.
         grid: ``(h, w)`` while the tokens still form the full patch grid, else ``None``.
-        n_free0: the image's prunable token count before any stage (the base of ratio budgets).
+        n_free0: the record's prunable token count before any stage (its share of the image's budget).
         frames: for a video, its frame count ``T`` (the tokens are ``T`` frames of ``grid`` in time order) while the
             tokens are all there, else ``None``.
     """
@@ -247,14 +247,40 @@ def causal_keep_mask(valid_keys: Tensor, q: int, dtype: torch.dtype | None) -> T
     return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
 
 
-def budgets(slots: list[list[Slot]], keep: Sequence[Any], resolve) -> list[list[int]]:
-    """Per sample and slot, ``k`` of the slot's prunable tokens: ``resolve(keep[b], n_free0)`` capped at what is
-    left of the slot."""
+def split_budget(k: int, sizes: Sequence[int]) -> list[int]:
+    """Split an image's budget ``k`` over its parts of ``sizes`` prunable tokens (LLaVA-NeXT: base view, high-res
+    tiles) in proportion to their sizes: largest remainder, ties to the earlier part; every part keeps at least one
+    token (so an image of ``m`` parts keeps ``max(k, m)``), taken from the part with the most."""
+    if k <= len(sizes):
+        return [1] * len(sizes)
+    total = sum(sizes)
+    out = [k * n // total for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-(k * sizes[i] % total), i))  # largest remainder first
+    for i in order[: k - sum(out)]:
+        out[i] += 1
+    for i in range(len(out)):
+        if out[i] == 0:  # k > len(sizes): some part holds two or more
+            out[max(range(len(out)), key=lambda j: (out[j], -j))] -= 1
+            out[i] = 1
+    return out
+
+
+def budgets(slots: list[list[Slot]], keep: Sequence[Any], resolve, image_of: Sequence[int]) -> list[list[int]]:
+    """Per sample and slot, ``k`` of the slot's prunable tokens. ``keep[b]`` is per image: an image whose slots
+    (records ``image_of[record]`` equal) hold ``N = sum(n_free0)`` prunable tokens keeps ``resolve(keep[b], N)``,
+    split over its slots by :func:`split_budget` on their ``n_free0``; each share is capped at what is left of the
+    slot (later stages)."""
     out = []
     for b, row in enumerate(slots):
-        ks = []
-        for s in row:
-            n_free = len(s.positions) - (0 if s.protected is None else int(s.protected.sum()))
-            ks.append(min(resolve(keep[b], s.n_free0), n_free))
+        parts: dict[int, list[int]] = {}
+        for j, s in enumerate(row):
+            parts.setdefault(image_of[s.record], []).append(j)
+        ks = [0] * len(row)
+        for js in parts.values():
+            sizes = [row[j].n_free0 for j in js]
+            for j, k in zip(js, split_budget(resolve(keep[b], sum(sizes)), sizes), strict=True):
+                s = row[j]
+                n_free = len(s.positions) - (0 if s.protected is None else int(s.protected.sum()))
+                ks[j] = min(k, n_free)
         out.append(ks)
     return out

@@ -18,8 +18,11 @@ Records, in prompt order (each a contiguous run of the image's placeholder token
   so methods that need ``grid`` get it for base views only;
 * single-crop image: ``n = side² + 1``, the last token protected, ``grid (side, side)`` likewise.
 
-Budgets apply per record to its prunable tokens: an image keeps ``resolve_k(keep, side²) + resolve_k(keep, h * w)``
-tokens plus its ``h`` newlines (``vtok.stats`` counts the newlines in ``before`` / ``after``).
+Budgets are per image, of its prunable tokens: an image of ``N = side² + h * w`` of them keeps ``k = resolve_k(keep,
+N)`` (an int ``keep`` is the image's total), split over its two records in proportion to their sizes (largest
+remainder, at least one each: ``_sequence.split_budget``), plus its ``h`` newlines, so ``vtok.retained_count(method,
+n, keep, protected=h)`` with ``n`` the image's placeholder tokens is what it keeps (``vtok.stats`` counts the newlines
+in ``before`` / ``after`` and as ``protected``).
 
 ``cls_attn`` / ``keys`` come from the encoder layer producing ``vision_feature_layer`` (``mid_attn``: from layer
 ``floor(mid_layer · depth)`` of the method's placement, HiPrune), per crop: every crop is an independent CLIP / SigLIP
