@@ -82,3 +82,11 @@ def test_methods_unknown_family_is_refused_with_the_valid_ones():
     assert res.output.strip() == f"error: --family bogus: no such family; choose one of {', '.join(FAMILIES)}"
     res = CliRunner().invoke(app, ["methods", "--family", "temporal"])
     assert res.exit_code == 0 and "frame_merge" in res.output and "pool2d" not in res.output
+
+
+def test_demo_keep_follows_resolve_k_an_int_is_a_count(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--size", "64", "--keep", "1", "--keep", "1.0"])
+    assert res.exit_code == 0, res.output
+    assert "1/16" in res.output and "16/16" in res.output
+    bad = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--keep", "half"])
+    assert bad.exit_code == 2 and "--keep" in bad.output

@@ -47,11 +47,18 @@ def demo_cmd(out: Path = typer.Option(Path("outputs/demo"), help="Output folder.
              photo: str = typer.Option("astronaut", help="scikit-image photo name."),
              size: int = typer.Option(224, help="Image side in pixels (multiple of the patch)."),
              patch: int = typer.Option(16, help="Patch side in pixels."),
-             keep: list[float] = typer.Option([0.5, 0.25, 0.1], help="Budgets to try (repeatable).")) -> None:
+             keep: list[str] = typer.Option(["0.5", "0.25", "0.1"], help="Budgets to try (repeatable): an int is a "
+                                            "token count (1 = one token), a float a ratio (1.0 = every token).")
+             ) -> None:
     """Run every model-free strategy on a real photo's patches; print a table and write a PNG."""
+    from vtok.budget import parse_keep
     from vtok.demo import run_demo
 
-    rows = run_demo(out, photo=photo, size=size, patch=patch, keeps=tuple(keep))
+    try:
+        keeps = tuple(parse_keep(k, name="--keep") for k in keep)
+    except ValueError as e:
+        _refuse(str(e))
+    rows = run_demo(out, photo=photo, size=size, patch=patch, keeps=keeps)
     table = Table(title=f"vtok demo: {photo}, {size}px, {patch}px patches")
     for col in ("method", "family", "keep", "tokens", "PSNR (dB)", "note"):
         table.add_column(col)
