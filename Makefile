@@ -137,7 +137,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.strategies
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) .venv-latest .venv-latest-tf4 .venv-lock .venv-lock-tf4 outputs .pytest_cache \
+	rm -rf $(VENV) $(VENV_TF4) .venv-latest .venv-latest-tf4 .venv-lock .venv-lock-tf4 .venv-lmms outputs .pytest_cache \
 		.ruff_cache .hypothesis
 
 # lmms-eval end to end (not in CI; ~5 min to install, ~2 min to run on 2 cores): its own venv $(VENV_LMMS) with the
