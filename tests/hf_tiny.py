@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vtok.hooks.hf.tiny import IMAGE_TOKEN, PAD, left_pad, tiny_model
@@ -37,3 +38,12 @@ def eager_forward(model, **inputs):
             return model(**inputs, output_attentions=True)
     finally:
         cfg._attn_implementation = "sdpa"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two (and much faster on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

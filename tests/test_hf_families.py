@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 
 import vtok
 from vtok.hooks.hf import llm_context
@@ -22,13 +23,6 @@ STAGES = [("pdrop", [0.5, 0.25], [1, 3]), (["divprune", "fastv"], [0.5, 0.25], [
           ("sparsevlm", [0.5, 0.25], [1, 3]), ("fitprune", [0.5, 0.25], [1, 2])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_FAMILIES))

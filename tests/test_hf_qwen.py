@@ -23,7 +23,7 @@ from hf_tiny_qwen import (  # noqa: E402
 )
 
 import vtok  # noqa: E402
-from tests.hf_tiny import image_features  # noqa: E402
+from tests.hf_tiny import _one_thread, image_features  # noqa: E402, F401  (_one_thread: autouse)
 from vtok.hooks.hf import stats, unwrap, wrap  # noqa: E402
 
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
@@ -31,13 +31,6 @@ GRIDS = [(1, 4, 4), (1, 4, 6), (1, 8, 8), (1, 6, 4)]
 KEEP = 0.25  # of the pre-LLM reference test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
