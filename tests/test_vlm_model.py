@@ -27,11 +27,11 @@ def tokenizer():
     return vlm.load_tokenizer()
 
 
-def tiny_llm(tokenizer, seed: int = 0):
+def tiny_llm(tokenizer, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=512,
                       pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(cfg).eval()
@@ -176,9 +176,10 @@ def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path):
         assert any(k.startswith("accuracy_") for k in m)
 
 
-def test_vlm_accuracy_benchmark_on_a_tiny_folder(tiny, tokenizer, tmp_path):
+def test_vlm_accuracy_benchmark_on_a_tiny_folder(tokenizer, tmp_path):
     """benchmarks/vlm_accuracy.py end to end at tiny settings: both sweeps, timing, the attention-mass figure; a
-    re-run resumes (nothing is measured twice)."""
+    re-run resumes (nothing is measured twice). Three LLM layers: the in-LLM grid prunes entering layer 2."""
+    tiny = vlm.build_vlm(tiny_llm(tokenizer, layers=3), tokenizer, vision=TINY_VISION)
     bench = load_benchmark("vlm_accuracy")
     folder = tmp_path / "vlm"
     tiny.save_pretrained(folder)
