@@ -55,16 +55,22 @@ def resolve_k(keep: Keep, n: int, *, name: str = "keep") -> int:
 _COUNT = re.compile(r"[+-]?[0-9]+")
 
 
-def parse_keep(text: str, *, name: str = "keep") -> Keep:
-    """``keep`` from text by :func:`resolve_k`'s rule: digits only (``"1"``, ``"64"``) are an int count, anything
-    else a float ratio (``"1.0"``, ``"0.25"``, ``"1e-1"``). Checks the range that needs no ``N`` (a count ``>= 1``, a
-    ratio in ``(0, 1]``); :func:`resolve_k` checks a count against ``N`` later."""
+def keep_from_text(text: str) -> Keep:
+    """The number ``text`` spells, by :func:`resolve_k`'s rule: digits only (``"1"``, ``"64"``, signed too) are an
+    int count, anything else a float ratio (``"1.0"``, ``"0.25"``, ``"1e-1"``); ``ValueError`` if it is neither.
+    No range check."""
     text = str(text).strip()
+    return int(text) if _COUNT.fullmatch(text) else float(text)
+
+
+def parse_keep(text: str, *, name: str = "keep") -> Keep:
+    """``keep`` from text (:func:`keep_from_text`), checked for the range that needs no ``N`` (a count ``>= 1``, a
+    ratio in ``(0, 1]``); :func:`resolve_k` checks a count against ``N`` later."""
     try:
-        keep: Keep = int(text) if _COUNT.fullmatch(text) else float(text)
+        keep = keep_from_text(text)
     except ValueError:
         raise ValueError(f"{name} must be an int count (e.g. 64) or a ratio in (0, 1] (e.g. 0.25), "
-                         f"got {text!r}") from None
+                         f"got {str(text).strip()!r}") from None
     resolve_k(keep, max(1, keep) if isinstance(keep, int) else 1, name=name)
     return keep
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vtok.budget import keep_from_text
+
 KEYS = ("name", "tasks", "models", "methods", "keeps", "placements", "seeds", "method_options", "task_options",
         "shard_size")
 
@@ -110,7 +112,7 @@ def _as_list(key: str, value: Any) -> list:
 def _check_keep(value: Any) -> float | int:
     if isinstance(value, str):
         try:
-            value = int(value) if value.strip().isdigit() else float(value)
+            value = keep_from_text(value)
         except ValueError:
             raise ValueError(f"keeps: {value!r} is not a number (a ratio in (0, 1] or an int count >= 1)") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
