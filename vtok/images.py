@@ -7,17 +7,26 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "grace_hopper")
+
+
+def _load_photo(name: str) -> Image.Image:
+    if name == "grace_hopper":  # matplotlib's sample photo
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return Image.open(f).convert("RGB")
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 
 def sample_photo(name: str = "astronaut", size: int = 224) -> Tensor:
-    """A real photo shipped with scikit-image, resized to ``size``×``size``: float ``[3, size, size]`` in [0, 1]."""
-    from skimage import data
-
+    """A real photo shipped with scikit-image (or matplotlib's ``grace_hopper``), centre-cropped and resized to
+    ``size``×``size``: float ``[3, size, size]`` in [0, 1]."""
     if name not in SAMPLE_PHOTOS:
         raise ValueError(f"name must be one of {SAMPLE_PHOTOS}, got {name!r}")
-    arr = getattr(data, name)()
-    img = Image.fromarray(arr).convert("RGB")
+    img = _load_photo(name)
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
