@@ -4,6 +4,7 @@
     vit = vtok.bench.load_eval_vit()          # the committed Fashion-MNIST eval ViT (eval mode)
     model, processor = vtok.bench.load_vlm()  # the small LLaVA on SmolLM2-135M (after `make vlm`)
     ctx = vtok.bench.example_context("transprune", tokens)
+    clip = vtok.bench.load_tower("clip_b16", library="timm")  # real pretrained CLIP ViT-B/16 (see bench/towers.py)
 
 The names below are loaded on first use, so ``import vtok.bench`` stays cheap (the eval ViT needs timm and
 safetensors, the data loader numpy).
@@ -22,6 +23,9 @@ _LAZY = {
     "load_fashion_mnist": "vtok.bench.fashion_mnist",
     "load_vlm": "vtok.bench.vlm",
     "example_context": "vtok.bench.synthetic",
+    "load_tower": "vtok.bench.towers",
+    "convert_tower": "vtok.bench.towers",
+    "tower_preprocess": "vtok.bench.towers",
 }
 
 __all__ = sorted(_LAZY)
