@@ -319,6 +319,9 @@ def test_cache_is_reused_and_force_reconverts(cache, monkeypatch):
     monkeypatch.setattr(towers_onnx, "read_tower", lambda *a: calls.append(a) or real(*a))
     assert towers.convert_tower("dinov2_s", cache_dir=cache, force=True) == path
     assert len(calls) == 1 and not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporaries left
+    (path / "model.safetensors").unlink()  # an incomplete directory is converted again
+    assert towers.convert_tower("dinov2_s", cache_dir=cache) == path
+    assert len(calls) == 2 and (path / "model.safetensors").is_file()
 
 
 def test_cache_location(monkeypatch, tmp_path):
