@@ -535,8 +535,9 @@ def plot(state: dict, out: Path) -> None:
     for ax, b in zip(axes[0], blocks, strict=True):
         for j, m in enumerate([*key["methods"], "tome_sched"]):
             base, sched = m in BASELINES, m == "tome_sched"
-            ax.plot(ks, [acc(f"{m}|b{b}|{kp}") for kp in keeps], marker="osD^v"[(j // 10) % 5], ms=3.5,
-                    color="black" if base or sched else cmap(j % 10), lw=2 if base or sched else 1.2,
+            ax.plot(ks, [acc(f"{m}|b{b}|{kp}") for kp in keeps], marker="*" if sched else "osD^v"[(j // 10) % 5],
+                    ms=8 if sched else 3.5, color="crimson" if sched else "black" if base else cmap(j % 10),
+                    lw=2 if base or sched else 1.2,
                     ls={"random": "--", "uniform": "-.", "tome_sched": ":"}.get(m, "-"),
                     label="ToMe schedule" if sched else m)
         r_keys = [k for k in cells if k.startswith("tome_r|")]
@@ -544,7 +545,7 @@ def plot(state: dict, out: Path) -> None:
                    zorder=3, label="ToMe r (all blocks)")
         ax.axhline(state["correct"]["none"] / done, color="grey", lw=0.8, ls=":", label="unpruned")
         ax.set_xscale("log")
-        ax.set_xlabel(f"patch tokens after the pruning block (of {n_patches})")
+        ax.set_xlabel(f"patch tokens left of {n_patches} (from the reducing block on; ToMe r: after the last block)")
         ax.set_title(f"CLIP ViT-B/16 + linear probe, reduced at block {b}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"top-1 on {done} Fashion-MNIST test images")
