@@ -83,6 +83,7 @@ demo: $(STAMP) $(FMNIST)
 	$(BIN)/vtok demo --out outputs/demo
 	$(BIN)/vtok sweep configs/sweeps/demo.yaml --results outputs/sweeps/demo.jsonl
 	$(BIN)/python demos/ask_vlm.py --out outputs/demo
+	$(BIN)/python demos/real_clip_patches.py --out outputs/demo  # the real CLIP's attention and kept patches
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -141,8 +142,9 @@ clean:
 	rm -rf $(VENV) $(VENV_TF4) .venv-latest .venv-latest-tf4 .venv-lock .venv-lock-tf4 .venv-lmms outputs .pytest_cache \
 		.ruff_cache .hypothesis
 
-# lmms-eval end to end (not in CI; ~5 min to install, ~2 min to run on 2 cores): its own venv $(VENV_LMMS) with the
-# real lmms-eval 0.7.3 and vtok[hf,vlm,lmms] at the lock's versions, except the pins lmms-eval contradicts
+# lmms-eval end to end (.ci/run runs it after make test; ~5 min to install, ~1 min to run on 2 cores): its own
+# venv $(VENV_LMMS) with the real lmms-eval 0.7.3 and vtok[hf,vlm,lmms] at the lock's versions, except the pins
+# lmms-eval contradicts
 # ($(LMMS_UNPINNED): it imports filelock._api, gone in filelock 4; it requires av<16; its wandb==0.25.0 protobuf<7);
 # then a generation and a multiple-choice task from local files (configs/lmms/) on the committed small VLM, pruned
 # with divprune. lmms-eval exits 0 when a task fails, so configs/lmms/check_results.py reads what it wrote.
