@@ -17,10 +17,10 @@ def model():
     return tiny_llava()
 
 
-def _hand_selection(model, ids, am, pix, layer, k):
-    """Keys of layer ``layer − 1`` (its input_layernorm, k_proj, RoPE at the original positions) and the final-normed
-    hidden states entering ``layer``, from forward hooks on the unwrapped model; then DART by hand on them."""
-    from test_dart import _reference
+def _states(model, ids, am, pix, layer):
+    """Keys of layer ``layer − 1`` (its input_layernorm, k_proj, RoPE at the original positions, heads concatenated,
+    ``[L, Hk·dh]``) and the hidden states entering ``layer`` (``[L, D]``, and final-normed) of a one-row batch, from
+    forward hooks on the unwrapped model."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     lm = model.model.language_model
@@ -45,22 +45,57 @@ def _hand_selection(model, ids, am, pix, layer, k):
         _, kk = apply_rotary_pos_emb(kk, kk, cos, sin)
         keys = kk[0].transpose(0, 1).reshape(kk.shape[2], -1)  # [L, Hk*dh]
         feats = lm.norm(seen["y"])[0]
+    return keys, seen["y"][0], feats
+
+
+def _hand_selection(model, ids, am, pix, layer, k, order="set"):
+    """DART by hand (``test_dart._reference``) on ``_states``; ``order="set"``: the pivots in the order of a Python set
+    of their sequence indices (the wrapper's default), ``"rank"``: image pivots first."""
+    from test_dart import _reference
+
+    keys, hidden, feats = _states(model, ids, am, pix, layer)
     img = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
     text = torch.arange(int(img.max()) + 1, ids.shape[1])
-    kept = _reference(seen["y"][0, img], keys[img], k, 4, 4, feats[img], feats[text], keys[text])
+    seq = (img, text) if order == "set" else (None, None)
+    kept = _reference(hidden[img], keys[img], k, 4, 4, feats[img], feats[text], keys[text], *seq)
     return sorted(img[kept].tolist())
 
 
-@pytest.mark.parametrize("k", [6, 11])
-def test_equals_the_hand_computation(model, k):
-    ids, am = left_pad([llava_prompt([1, 5, 9], 1, [11, 12, 13, 14, 15, 16])])
-    pix = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
-    want = _hand_selection(model, ids, am, pix, 2, k)
-    with torch.no_grad(), vtok.wrapped(model, "dart", k, layer=2):
+def _wrapped_kept(model, ids, am, pix, k, **options):
+    with torch.no_grad(), vtok.wrapped(model, "dart", k, layer=2, **options):
         model(input_ids=ids, attention_mask=am, pixel_values=pix)
         kept = vtok.stats(model)["per_sample"][0]["kept"]
     img = set((ids[0] == IMAGE_TOKEN).nonzero().squeeze(1).tolist())
-    assert sorted(set(kept) & img) == want and len(want) == k
+    return sorted(set(kept) & img)
+
+
+PREFIXES = {"short": [1, 5, 9], "wraps": list(range(20, 45))}  # image at 3–18, or at 25–40 (across 32)
+
+
+@pytest.mark.parametrize("prefix", sorted(PREFIXES))
+@pytest.mark.parametrize("k", [6, 11])
+def test_equals_the_hand_computation(model, k, prefix):
+    ids, am = left_pad([llava_prompt(PREFIXES[prefix], 1, [11, 12, 13, 14, 15, 16])])
+    pix = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    want = _hand_selection(model, ids, am, pix, 2, k)
+    assert _wrapped_kept(model, ids, am, pix, k) == want and len(want) == k
+    rank = _hand_selection(model, ids, am, pix, 2, k, order="rank")
+    assert _wrapped_kept(model, ids, am, pix, k, pivot_order="rank") == rank
+
+
+@pytest.mark.parametrize("prefix", sorted(PREFIXES))
+def test_equals_the_authors_retained_tokens(model, prefix):
+    """Where vtok's exact budget equals theirs (``k = 4 + 8 · q``, their ``keep = 8 · q``), the wrapper keeps what
+    their ``get_retained_image_token`` keeps (``test_fidelity_cdpruner_dart._dart_authors``: a real Python set of
+    absolute indices) on the same keys and states."""
+    from test_fidelity_cdpruner_dart import _dart_authors
+
+    ids, am = left_pad([llava_prompt(PREFIXES[prefix], 1, [11, 12, 13, 14, 15, 16])])
+    pix = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    keys, _, feats = _states(model, ids, am, pix, 2)
+    img = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
+    want = _dart_authors(feats.double(), keys.double(), int(img[0]), len(img), 8)
+    assert len(want) == 12 and _wrapped_kept(model, ids, am, pix, 12) == want
 
 
 def test_needs_a_layer_before_it(model):

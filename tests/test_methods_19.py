@@ -171,10 +171,17 @@ def test_cdpruner_hand_case_skips_duplicates_and_follows_relevance():
     tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     assert _select("cdpruner", tokens, 2).keep.tolist() == [[0, 2]]
     # a query along token 2: with the paper's positive relevance token 2 is the most relevant (r = 1 + 1e-6),
-    # the negated code default ranks it least relevant (r = 1e-6) and k = 1 keeps token 0
+    # the code's negated relevance ranks it least relevant (r = 1e-6) and k = 1 keeps token 0
     q = torch.tensor([[0.0, 1.0]])
     assert _select("cdpruner", tokens, 1, query=q, relevance_sign="positive").keep.tolist() == [[2]]
-    assert _select("cdpruner", tokens, 1, query=q).keep.tolist() == [[0]]
+    assert _select("cdpruner", tokens, 1, query=q, relevance_sign="negative").keep.tolist() == [[0]]
+    # "auto": one representation (tokens and query share a space) → positive; with relevance_features (the
+    # authors' CLIP image embeddings against CLIP text) → the code's negated relevance, measured on those features
+    assert _select("cdpruner", tokens, 1, query=q).keep.tolist() == [[2]]
+    rel = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])  # token 2 is now the one least like the query
+    assert _select("cdpruner", tokens, 1, query=q, relevance_features=rel).keep.tolist() == [[2]]
+    assert _select("cdpruner", tokens, 1, query=q, relevance_features=rel,
+                   relevance_sign="positive").keep.tolist() == [[0]]
 
 
 def test_cdpruner_rank_deficient_budget_is_exact():

@@ -110,13 +110,13 @@ def _frames(value: Any, tokens: Tensor) -> int:
     return int(value)
 
 
-@register_context("query", "a text / question embedding in the tokens' space, [B, D] or [B, Q, D]")
+@register_context("query", "a text / question embedding in the tokens' space (or in the space of "
+                  "'relevance_features' where given), [B, D] or [B, Q, D]")
 def _query(value: Any, tokens: Tensor) -> Tensor:
     value = _tensor("query", value)
-    b, d = tokens.shape[0], tokens.shape[-1]
-    if value.dim() not in (2, 3) or value.shape[0] != b or value.shape[-1] != d:
-        raise ValueError(f"context 'query' must have shape [B, D] or [B, Q, D] with B={b}, D={d}; "
-                         f"got {list(value.shape)}")
+    b = tokens.shape[0]
+    if value.dim() not in (2, 3) or value.shape[0] != b:  # D against the tokens or relevance_features: Context.build
+        raise ValueError(f"context 'query' must have shape [B, D] or [B, Q, D] with B={b}; got {list(value.shape)}")
     return value
 
 
@@ -133,7 +133,20 @@ class Context(dict):
                 raise ValueError(f"unknown context '{name}'; known: {sorted(CONTEXT_KEYS)}")
             ctx[name] = CONTEXT_KEYS[name].validate(value, tokens)
         ctx._check_frames(tokens.shape[1])
+        ctx._check_query(tokens)
         return ctx
+
+    def _check_query(self, tokens: Tensor) -> None:
+        """``query`` lives in the space of ``relevance_features`` where given, else in the tokens' space."""
+        if "query" not in self:
+            return
+        b, d = tokens.shape[0], tokens.shape[-1]
+        where = ""
+        if "relevance_features" in self:
+            d, where = self["relevance_features"].shape[-1], " (the width of 'relevance_features')"
+        if self["query"].shape[-1] != d:
+            raise ValueError(f"context 'query' must have shape [B, D] or [B, Q, D] with B={b}, D={d}{where}; "
+                             f"got {list(self['query'].shape)}")
 
     def _check_frames(self, n: int) -> None:
         """Keys that describe frames must agree with ``frames``: a per-frame ``grid`` (``h * w * T == N``) and
@@ -228,6 +241,45 @@ def _features(value: Any, tokens: Tensor) -> Tensor:
     if value.dim() != 3 or value.shape[:2] != (b, n):
         raise ValueError(f"context 'features' must have shape [B, N, Df] with B={b}, N={n}; got {list(value.shape)}")
     return value
+
+
+@register_context("relevance_features", "the tokens in the embedding space of 'query' where it is not the tokens' "
+                  "own (CDPruner: CLIP's image embeddings visual_projection(post_layernorm(h)) against CLIP text "
+                  "embeddings, while similarity stays on the tokens), [B, N, Dq]")
+def _relevance_features(value: Any, tokens: Tensor) -> Tensor:
+    value = _tensor("relevance_features", value)
+    b, n = tokens.shape[:2]
+    if value.dim() != 3 or value.shape[:2] != (b, n):
+        raise ValueError(f"context 'relevance_features' must have shape [B, N, Dq] with B={b}, N={n}; "
+                         f"got {list(value.shape)}")
+    return value
+
+
+def _index(name: str, value: Any, shape: str, want: tuple[int, ...] | None, b: int) -> Tensor:
+    """An integer index tensor ``[B, ·]`` of non-negative entries."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"context '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"context '{name}' must be an integer tensor, got {value.dtype}")
+    if value.dim() != 2 or value.shape[0] != b or (want is not None and tuple(value.shape) != want):
+        raise ValueError(f"context '{name}' must have shape {shape}; got {list(value.shape)}")
+    if value.numel() and bool((value < 0).any()):
+        raise ValueError(f"context '{name}' must be >= 0 everywhere")
+    return value
+
+
+@register_context("seq_index", "each token's index in its (unpadded) sequence, e.g. a VLM prompt, [B, N] integer "
+                  "(DART's pivot order follows it)")
+def _seq_index(value: Any, tokens: Tensor) -> Tensor:
+    b, n = tokens.shape[:2]
+    return _index("seq_index", value, f"[B, N] with B={b}, N={n}", (b, n), b)
+
+
+@register_context("text_seq_index", "the sequence index of each instruction token of 'text_features' / 'text_keys', "
+                  "[B, T] integer")
+def _text_seq_index(value: Any, tokens: Tensor) -> Tensor:
+    b = tokens.shape[0]
+    return _index("text_seq_index", value, f"[B, T] with B={b}", None, b)
 
 
 @register_context("text_features", "features of the instruction tokens after the image, in the space of 'features' "

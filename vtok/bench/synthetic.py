@@ -136,6 +136,29 @@ def _features(s: _Gen) -> Tensor:
     return s.out(s.tokens.float() @ (torch.eye(d, device=s.tokens.device) + 0.3 * s.randn(d, d) / math.sqrt(d)))
 
 
+def _relevance_features(s: _Gen) -> Tensor:
+    """``[B, N, D]``: the tokens through another random linear map (a second representation for relevance)."""
+    d = s.tokens.shape[-1]
+    return s.out(s.tokens.float() @ (s.randn(d, d) / math.sqrt(d)))
+
+
+def _seq_offset(b: int) -> Tensor:
+    """Where sample ``b``'s image starts in its "prompt": 35 + 7·b (LLaVA-1.5's system prompt is 35 tokens)."""
+    return 35 + 7 * torch.arange(b)[:, None]
+
+
+def _seq_index(s: _Gen) -> Tensor:
+    """``[B, N]`` int64: the image tokens' indices in a prompt, from ``35 + 7·b`` on."""
+    b, n = s.tokens.shape[:2]
+    return (_seq_offset(b) + torch.arange(n)).to(s.tokens.device)
+
+
+def _text_seq_index(s: _Gen) -> Tensor:
+    """``[B, 8]`` int64: the 8 instruction tokens' indices, right after the image of ``_seq_index``."""
+    b, n = s.tokens.shape[:2]
+    return (_seq_offset(b) + n + torch.arange(TEXT_TOKENS)).to(s.tokens.device)
+
+
 def _text_features(s: _Gen) -> Tensor:
     """``[B, 8, D]``: "instruction tokens" near the mean token (the ``query`` generator's recipe, 8 of them)."""
     b, _, d = s.tokens.shape
@@ -188,12 +211,16 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "self_cross_attn": _self_cross_attn,
     "text_rows_attn": _text_rows_attn,
     "text_relevance": _text_relevance,
+    "relevance_features": _relevance_features,
+    "seq_index": _seq_index,
+    "text_seq_index": _text_seq_index,
 }
 """Context key → generator. Shapes: ``cls_attn`` / ``mid_attn`` ``[B, N]``; ``text_attn`` ``[B, 8, N]``;
 ``prev_hidden`` ``[B, N, D]`` (tokens + 10 % noise); ``keys`` ``[B, N, D]``; ``attn`` ``[B, N, N]``; ``query``
 ``[B, D]``; ``grid`` ``(h, w)``; ``frames`` ``T | N``; ``sizes`` ones ``[B, N]``; ``frame_scores`` ``[B, T]``;
 ``features`` ``[B, N, D]``; ``text_features`` / ``text_keys`` ``[B, 8, D]``; ``self_cross_attn`` ``[B, 2, N]``;
-``text_rows_attn`` ``[B, 8, N]``; ``text_relevance`` ``[B, 8]``.
+``text_rows_attn`` ``[B, 8, N]``; ``text_relevance`` ``[B, 8]``; ``relevance_features`` ``[B, N, D]``; ``seq_index``
+``[B, N]`` / ``text_seq_index`` ``[B, 8]`` (int64 sequence indices: image from ``35 + 7·b``, the text right after it).
 Attention rows sum to 1. For a ``temporal`` method ``grid`` is the grid of one frame (``h * w * T == N``)."""
 
 

@@ -21,7 +21,7 @@ from vtok.kernels.reference import acc as _acc
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
-_SIGNS = ("negative", "positive")
+_SIGNS = ("auto", "negative", "positive")
 
 
 
@@ -29,9 +29,11 @@ def cdpruner_relevance(tokens: Tensor, query: Tensor | None, *, sign: str = "neg
                        theta: float | None = None) -> Tensor:
     """``[B, N]`` CDPruner relevance of ``tokens [B, N, D]`` to ``query`` (``[B, D]`` / ``[B, Q, D]``), in ``(0, 1]``.
 
-    ``s_i = ± mean_q cos(x_i, q)`` (``sign``), min–max normalised per sample to ``(s_i − min + 1e-6) / (max − min)``
-    (the authors' code; ``1`` everywhere when all scores are equal); with ``theta`` in ``[0, 1)`` the paper's optional
-    sharpening ``exp(α · r)``, ``α = θ / (2 (1 − θ))``. Without a query every relevance is ``1``.
+    ``tokens`` here are the representation relevance is measured in (``relevance_features`` where the method has
+    them). ``s_i = ± mean_q cos(x_i, q)`` (``sign``), min–max normalised per sample to
+    ``(s_i − min + 1e-6) / (max − min)`` (the authors' code; ``1`` everywhere when all scores are equal); with
+    ``theta`` in ``[0, 1)`` the paper's optional sharpening ``exp(α · r)``, ``α = θ / (2 (1 − θ))``. Without a query
+    every relevance is ``1``.
     """
     b, n = tokens.shape[:2]
     x = _acc(tokens)
@@ -91,31 +93,42 @@ def dpp_greedy(xn: Tensor, relevance: Tensor, k: int) -> Tensor:
     return out
 
 
-@register("cdpruner", family="diversity", uses=("query",), placement=Placement(layer=-2, at="output", prop_attn=False),
+@register("cdpruner", family="diversity", uses=("query", "relevance_features"),
+          placement=Placement(layer=-2, at="output", prop_attn=False),
           paper="CDPruner: Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in "
                 "MLLMs (arXiv 2506.10967)")
-def cdpruner_select(tokens: Tensor, k: int, ctx: Context, *, relevance_sign: str = "negative",
+def cdpruner_select(tokens: Tensor, k: int, ctx: Context, *, relevance_sign: str = "auto",
                     theta: float | None = None) -> Selection:
     """CDPruner: the ``k`` tokens of the greedy MAP of a DPP conditioned on the instruction (exact ``k``).
 
     Paper Sec. 3: conditional similarity ``L = diag(r) · S · diag(r)`` with ``S`` the cosine similarity of the
     visual tokens ``[B, N, D]`` and ``r`` their relevance to the instruction; the kept set maximises ``det(L_S)``,
-    approximated by greedy MAP inference (Chen et al. 2018, :func:`dpp_greedy`). Relevance
-    (:func:`cdpruner_relevance`) comes from ``query`` (``[B, D]`` or ``[B, Q, D]``: instruction embedding(s) in the
-    tokens' space; several rows are averaged, as the authors average CLIP text-segment embeddings). Without
-    ``query`` every ``r_i = 1`` (a plain, unconditional DPP over similarity).
+    approximated by greedy MAP inference (Chen et al. 2018, :func:`dpp_greedy`). Without ``query`` every
+    ``r_i = 1`` (a plain, unconditional DPP over similarity).
+
+    The authors' code (``encode_images``) uses two representations of the same tokens, and so does this method:
+
+    * ``S`` from ``tokens``: in their LLaVA the projector's output ``mm_projector(h)`` (the LLM's width), the tokens
+      the LLM receives.
+    * ``r`` (:func:`cdpruner_relevance`) from ``relevance_features [B, N, Dq]`` against ``query`` (``[B, Dq]`` or
+      ``[B, Q, Dq]``): in their LLaVA CLIP's image embeddings ``visual_projection(post_layernorm(h))`` of the
+      layer −2 patch features ``h`` against the CLIP text embeddings of the question (one per 77-token segment,
+      their cosines averaged). Without ``relevance_features`` relevance is measured on ``tokens``, and ``query``
+      must be in their space. ``vtok.compress(projected, "cdpruner", k, relevance_features=clip_image_embeds,
+      query=clip_text_embeds)`` is their computation.
 
     Where the authors' code differs from the paper text, vtok follows the code:
 
-    * ``relevance_sign="negative"`` (default): the code uses the *negated* mean cosine similarity
-      (``(-relevance).mean``); the authors report this as a property of CLIP's patch vs text embeddings (their
-      issues #9, #14). ``"positive"``: the paper's plain cosine similarity — the sensible choice for a query
-      embedding that is not CLIP's text embedding.
+    * ``relevance_sign``: the code uses the *negated* mean cosine similarity (``(-relevance).mean``), which the
+      authors report as a property of CLIP's patch vs text embeddings, seen only in CLIP (their issues #9, #14).
+      ``"auto"`` (default): ``"negative"`` (the code) where ``relevance_features`` is given (the authors' two
+      representations), ``"positive"`` (the paper's plain cosine) where ``tokens`` and ``query`` share one space —
+      e.g. ``vtok.wrap``'s projected features against the language model's text embeddings, its substitute on
+      models without a CLIP text tower. ``"negative"`` / ``"positive"`` force either.
     * min–max normalisation ``(s − min + 1e-6) / (max − min)`` is per sample here (the code normalises over the
-      whole batch, which couples samples).
+      whole batch, which couples samples; their LLaVA-1.5 runs one image per batch, so per sample is theirs).
     * ``theta`` (``None`` = off, the code's default): the optional relevance sharpening ``exp(α r)``,
       ``α = θ / (2 (1 − θ))``, ``θ`` in ``[0, 1)``, commented out in the code.
-    * the code computes ``S`` on the projector's output; here on ``tokens`` (pass projected tokens to match).
 
     Returns a plain-gather ``Selection``, ``keep [B, k]`` ascending.
     """
@@ -129,7 +142,9 @@ def cdpruner_select(tokens: Tensor, k: int, ctx: Context, *, relevance_sign: str
         raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    r = cdpruner_relevance(tokens, ctx.get("query"), sign=relevance_sign,
+    rel_x = ctx.get("relevance_features")
+    sign = relevance_sign if relevance_sign != "auto" else ("negative" if rel_x is not None else "positive")
+    r = cdpruner_relevance(tokens if rel_x is None else rel_x, ctx.get("query"), sign=sign,
                            theta=None if theta is None else float(theta))
     xn = F.normalize(_acc(tokens), dim=-1)
     return Selection.from_indices(dpp_greedy(xn, r.to(xn.dtype), k), n)

@@ -48,6 +48,9 @@ class Placement:
         resize_input: in a wrapped VLM whose vision tower takes any resolution (Qwen2-VL / Qwen2.5-VL), the image
             is resized *before* the tower so that the tower itself yields the method's pooled grid (``downsample``);
             towers of fixed resolution and plain tensors get the method's own (pooling) selection instead.
+        llm_only: for a method defined on the language model's own state, why (``vtok.wrap`` refuses it before the
+            language model, ``layer=None``, where it would silently read the vision tower's instead); ``None``: it
+            may run there.
     """
 
     layer: int | None = None
@@ -59,6 +62,7 @@ class Placement:
     attn_layer: str = "previous"
     resize_input: bool = False
     decode_kv: str = "stage"
+    llm_only: str | None = None
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,8 @@ _TOKEN_AXIS: dict[str, Mapping[int, tuple[int, int]]] = {  # key → {ndim: (bat
     "keys": {3: (0, 1), 4: (0, 2)},
     "prev_hidden": {3: (0, 1), 4: (1, 2)},
     "sizes": {2: (0, 1)},
+    "relevance_features": {3: (0, 1)},
+    "seq_index": {2: (0, 1)},
 }
 
 

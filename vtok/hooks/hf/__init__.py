@@ -51,7 +51,7 @@ def register_adapter(adapter: Any) -> Any:
 register_adapter(LlavaAdapter())
 
 _LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys",
-                "self_cross_attn", "text_rows_attn", "text_relevance"}
+                "self_cross_attn", "text_rows_attn", "text_relevance", "seq_index", "text_seq_index"}
 
 
 def llm_context(layer: int, method: str) -> frozenset[str]:
@@ -65,19 +65,14 @@ def llm_context(layer: int, method: str) -> frozenset[str]:
             - (set() if own else {"text_attn"}))
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
-# methods defined on the language model's own state: before it they would silently read the vision tower's instead
-IN_LLM_ONLY: dict[str, str] = {
-    "dart": "its pivots are the largest L1 norms of language-model layer K-1's keys, compared on the LLM's "
-            "final-normed hidden states, with instruction pivots; before the language model only the vision tower's "
-            "keys exist (the authors prune at layer=2)",
-}
-
 
 def placement_error(method: str, layer: int | None) -> str | None:
     """Why ``method`` cannot run at ``layer`` (``None``: before the language model) beyond its context, or ``None``
-    (the context check is separate: ``llm_context`` / the adapter's ``provides``)."""
-    if layer is None and method in IN_LLM_ONLY:
-        return f"method '{method}' runs inside the language model ({IN_LLM_ONLY[method]}); pass layer=K with K >= 1"
+    (the context check is separate: ``llm_context`` / the adapter's ``provides``). A method whose ``Placement``
+    declares ``llm_only`` (``dart``) is refused before the language model."""
+    why = get(method).placement.llm_only
+    if layer is None and why:
+        return f"method '{method}' runs inside the language model ({why}); pass layer=K with K >= 1"
     return None
 
 
@@ -338,5 +333,5 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 from vtok.hooks.hf.fitprune import FitSchedule, fit_fitprune  # noqa: E402  (uses wrap / unwrap above)
 
-__all__ = ["ADAPTERS", "IN_LLM_ONLY", "FitSchedule", "fit_fitprune", "placement_error", "register_adapter", "stats",
+__all__ = ["ADAPTERS", "FitSchedule", "fit_fitprune", "placement_error", "register_adapter", "stats",
            "supported", "unwrap", "wrap", "wrapped"]

@@ -605,8 +605,12 @@ class Runtime:
                                f"implementation must be 'sdpa' or 'eager'")
         for b, row in enumerate(slots):
             image_pos = torch.cat([s.positions for s in row]) if row else None
+            # each token's index in the sample's unpadded sequence at this stage (DART's pivot set)
+            seq = valid[b].long().cumsum(0) - 1 if info & {"seq_index", "text_seq_index"} else None
             for s in row:
                 e: dict[str, Tensor] = {}
+                if seq is not None and "seq_index" in info:
+                    e["seq_index"] = seq[s.positions]
                 if att is not None:
                     e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
                 if amax is not None:
@@ -628,6 +632,8 @@ class Runtime:
                     text = _after(prompt[b], s.positions, image_pos)  # the instruction after this image (DART's query)
                     e["text_features"] = norm(hidden[b, text])
                     e["text_keys"] = keys[b, :, -hidden.shape[1]:][:, text]
+                    if seq is not None and "text_seq_index" in info:
+                        e["text_seq_index"] = seq[text]
                 extra[s.record] = e
         picked = select_slots(hidden, slots, ks, stage.method, stage.options,
                               self._ctx(stage, hidden, prompt, slots, extra))
