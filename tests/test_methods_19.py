@@ -202,9 +202,11 @@ def test_cdpruner_bad_options():
 
 # --- PruMerge / PruMerge+ --------------------------------------------------------------------------------------
 
-def _prumerge_ref(x: torch.Tensor, keys: torch.Tensor, attn: list[float], k: int, d: int, merge: str) -> torch.Tensor:
+def _prumerge_ref(x: torch.Tensor, keys: torch.Tensor, attn: list[float], k: int, d: int, merge: str,
+                  emitted: bool = False) -> torch.Tensor:
     """One sample: top-d by attention, k − d evenly spaced among the rest, every other token to its most
-    key-similar kept token; output in ascending kept position."""
+    key-similar kept token; output in ascending kept position, or with ``emitted`` in the authors' order (the top-d by
+    descending attention, then the others ascending)."""
     n = x.shape[0]
     top = sorted(range(n), key=lambda i: (-attn[i], i))[:d]
     rest = [i for i in range(n) if i not in top]
@@ -223,6 +225,8 @@ def _prumerge_ref(x: torch.Tensor, keys: torch.Tensor, attn: list[float], k: int
         else:
             members = [i] + groups[i]
             rows.append(sum(attn[j] * x[j] for j in members) / sum(attn[j] for j in members))
+    if emitted:
+        rows = [rows[kept.index(i)] for i in top + sorted(extra)]
     return torch.stack(rows)
 
 
@@ -237,10 +241,11 @@ def test_prumerge_matches_loop_reference(name, k, share, merge):
     opts = {} if share is None else {"outlier_share": share}
     sel = _select(name, tokens, k, cls_attn=cls, keys=keys, merge=merge, **opts)
     out = sel.apply(tokens)
+    pos = _select(name, tokens, k, cls_attn=cls, keys=keys, merge=merge, order="position", **opts).apply(tokens)
     d = k if share is None else int(math.floor(share * k + 0.5))
     for b in range(2):
-        want = _prumerge_ref(tokens[b], keys[b], cls[b].tolist(), k, d, merge)
-        torch.testing.assert_close(out[b], want)
+        torch.testing.assert_close(out[b], _prumerge_ref(tokens[b], keys[b], cls[b].tolist(), k, d, merge, True))
+        torch.testing.assert_close(pos[b], _prumerge_ref(tokens[b], keys[b], cls[b].tolist(), k, d, merge))
 
 
 def test_prumerge_hand_case():
@@ -269,7 +274,11 @@ def test_prumerge_budget_is_the_iqr_outliers():
         assert mask[b].tolist() == (a > q3 + 1.5 * (q3 - q1)).tolist()
     m = prumerge_budget(cls)
     assert m.tolist() == mask.sum(1).clamp_min(1).tolist()
-    assert prumerge_budget(cls, plus=True).tolist() == (4 * m).clamp_max(50).tolist()
+    for b in range(2):  # PruMerge+: the outliers plus the authors' grid {0, s, 2s, ...} < N - 1 less the outliers
+        mb = int(m[b])
+        stride = max(1, (50 // mb) // 3)
+        grid = [p for p in range(0, 49, stride) if not mask[b, p]]
+        assert int(prumerge_budget(cls, plus=True)[b]) == mb + len(grid)
     k = int(m[0])
     keep = _select("prumerge", cls[:1, :, None].expand(1, 50, 3).contiguous(), k, cls_attn=cls[:1]).keep
     assert set(keep[0].tolist()) == set(mask[0].nonzero().flatten().tolist())
@@ -281,6 +290,9 @@ def test_prumerge_bad_options():
         _select("prumerge", tokens, 4, cls_attn=cls, merge="avg")
     with pytest.raises(ValueError, match="outlier_share"):
         _select("prumerge_plus", tokens, 4, cls_attn=cls, outlier_share=-0.1)
+    for name in ("prumerge", "prumerge_plus"):
+        with pytest.raises(ValueError, match="order"):
+            _select(name, tokens, 4, cls_attn=cls, order="sorted")
 
 
 # --- G-Prune ---------------------------------------------------------------------------------------------------
