@@ -136,19 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
                                 "task_options": {"hf_vlm_timing": {"prompts": str(prompts), "rounds": args.rounds}}})
             run_sweep(tcfg, str(args.out / "timing.jsonl"))
     att_path = args.out / "attention_mass.json"
+    att = None
     if att_path.exists():
         att = json.loads(att_path.read_text())
-    else:
+    elif args.attention_scenes > 0:  # 0: no attention-mass figure
         att = image_attention_mass(model, processor, task.heldout(args.attention_scenes))
         att_path.write_text(json.dumps(att, indent=1))
-    plot_attention_mass(att, args.out / "attention_mass.png")
+    if att is not None:
+        plot_attention_mass(att, args.out / "attention_mass.png")
     reports = {"accuracy": write_report(str(args.out / "accuracy.jsonl"))}
     if not args.no_timing:
         reports["timing"] = write_report(str(args.out / "timing.jsonl"))
     for name, rep in reports.items():
         print(f"## {name}\n\n{rep['markdown']}\n", flush=True)
-    print("attention mass on image tokens per layer: " + ", ".join(f"{v:.3f}" for v in att["image_attention_mass"])
-          + f" (image tokens' share {att['image_token_share']:.3f})", flush=True)
+    if att is not None:
+        print("attention mass on image tokens per layer: "
+              + ", ".join(f"{v:.3f}" for v in att["image_attention_mass"])
+              + f" (image tokens' share {att['image_token_share']:.3f})", flush=True)
     return {"reports": reports, "attention": att}
 
 
