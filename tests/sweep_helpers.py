@@ -31,3 +31,32 @@ def prompts_file(folder: Path, n: int = 2) -> Path:
 def comparable(rows: list[dict]) -> dict[str, tuple]:
     """id -> (cell, metrics, error): everything in a row but wall-clock timing, versions and host."""
     return {r["id"]: (r["cell"], r["metrics"], r.get("error")) for r in rows}
+
+
+def failing_eval_vit():
+    """The registered ``eval_vit_failing`` task: ``eval_vit`` whose ``inside`` forward raises ``RuntimeError`` for
+    the methods in ``.fail`` (in whatever process runs the shard: a Ray worker too, the task travels with it)."""
+    from vtok.sweep import TASKS, register_task
+    from vtok.sweep.vit_task import EvalVit
+
+    class EvalVitFailing(EvalVit):
+        name = "eval_vit_failing"
+        fail: frozenset[str] = frozenset()
+
+        def run(self, cells, progress):
+            import vtok.sweep.vit as vit
+
+            real, fail = vit.inside_logits, self.fail
+
+            def inside_logits(model, method, *args, **kwargs):
+                if method in fail:
+                    raise RuntimeError(f"told to fail: {method}")
+                return real(model, method, *args, **kwargs)
+
+            vit.inside_logits = inside_logits
+            try:
+                yield from super().run(cells, progress)
+            finally:
+                vit.inside_logits = real
+
+    return TASKS.get("eval_vit_failing") or register_task(EvalVitFailing())

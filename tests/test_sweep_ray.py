@@ -55,3 +55,23 @@ def test_without_ray_the_flag_says_how_to_install(monkeypatch, tmp_path):
     assert not (tmp_path / "r.jsonl").exists()
     with pytest.raises(ValueError, match=r"backend: 'dask' is not one of"):
         run_sweep(cfg, str(tmp_path / "r.jsonl"), backend="dask", show_progress=False)
+
+
+def test_ray_eval_vit_rows_arrive_cell_by_cell(local_ray, tmp_path):
+    """On a Ray worker too, an eval_vit shard's first cell is written before a later cell of the shard raises
+    (before: the whole shard failed together)."""
+    import sweep_helpers
+
+    ray.cloudpickle.register_pickle_by_value(sweep_helpers)
+    task = sweep_helpers.failing_eval_vit()
+    task.fail = frozenset({"divprune"})
+    try:
+        cfg = load_config({"tasks": ["eval_vit_failing"], "models": [str(vit_checkpoint(tmp_path))],
+                           "methods": ["random", "divprune", "uniform"], "keeps": [0.25], "placements": ["inside"],
+                           "shard_size": 3, "task_options": {"eval_vit_failing": {"limit": 6, "batch": 4}}})
+        summary = run_sweep(cfg, str(tmp_path / "r.jsonl"), backend="ray", show_progress=False)
+    finally:
+        task.fail = frozenset()
+    rows = {r["cell"]["method"]: r for r in summary.rows}
+    assert "failed" not in rows["random"] and rows["random"]["metrics"]["n"] == 6
+    assert rows["divprune"]["failed"] == "RuntimeError: told to fail: divprune" and "failed" in rows["uniform"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from benchmark_loader import ROOT, load_benchmark
-from sweep_helpers import comparable, vit_checkpoint
+from sweep_helpers import comparable, failing_eval_vit, vit_checkpoint
 from typer.testing import CliRunner
 
 from vtok.cli import app
@@ -113,6 +113,46 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(ckpt, straight, tmp_pa
     rows = [json.loads(ln) for ln in lines]  # every line parses
     assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
     assert comparable(rows) == comparable(straight[1].rows)
+
+
+def test_each_eval_vit_cell_is_written_as_it_finishes(ckpt, straight, tmp_path):
+    """One shard of three cells whose second raises: the first cell's row is already on disk, finished, and equal
+    to the uninterrupted run's (before: the shard's cells advanced batch by batch together, so the raise failed all
+    three)."""
+    task = failing_eval_vit()
+    task.fail = frozenset({"cls_attn"})
+    cfg = config(ckpt, tasks=["eval_vit_failing"], methods=["random", "cls_attn", "pool2d"], keeps=[0.25],
+                 placements=["inside"], shard_size=3, task_options={"eval_vit_failing": {"limit": 10, "batch": 4}})
+    out = tmp_path / "r.jsonl"
+    seen: list[tuple[str, int]] = []
+    summary = run_sweep(cfg, str(out), show_progress=False,
+                        on_row=lambda row: seen.append((row["cell"]["method"], _lines(out))))
+    assert seen[0] == ("random", 1)  # on disk when the driver hands it on, before the failing cell ran
+    rows = {r["cell"]["method"]: r for r in ResultsStore(out).rows()}
+    assert "failed" not in rows["random"] and rows["cls_attn"]["failed"] == "RuntimeError: told to fail: cls_attn"
+    assert len(summary.failed) == 2  # cls_attn, and pool2d: the shard's cells not yet finished
+    ref = {r["cell"]["method"]: r for r in straight[1].rows if r["cell"]["placement"] == "inside"
+           and r["cell"]["keep"] == 0.25}
+    assert rows["random"]["metrics"] == ref["random"]["metrics"]
+    task.fail = frozenset()
+    again = run_sweep(cfg, str(out), show_progress=False)  # the next run redoes only the unfinished cells
+    assert again.skipped == 1 and again.ran == 2 and not again.failed
+
+
+@pytest.mark.parametrize("budget_gb", ["0", "0.001", "0.003"])
+def test_cache_budget_changes_when_rows_arrive_never_the_numbers(ckpt, straight, tmp_path, monkeypatch, budget_gb):
+    """No cache (the shard's cells run batch by batch together), room for one batch's state, room for all: the same
+    rows, bit for bit, as the default run (and so as the benchmark's one-pass counts)."""
+    monkeypatch.setenv("VTOK_SWEEP_CACHE_GB", budget_gb)
+    rows = run_sweep(config(ckpt, placements=["inside", "after"], shard_size=12), str(tmp_path / "r.jsonl"),
+                     show_progress=False).rows
+    assert comparable(rows) == comparable(straight[1].rows)
+
+
+def test_bad_cache_budget_is_refused_before_any_cell(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("VTOK_SWEEP_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match=r"VTOK_SWEEP_CACHE_GB: expected a number of GiB >= 0 .*'lots'"):
+        config(ckpt)
 
 
 def test_cli_command_line_grid_and_report(ckpt, tmp_path):

@@ -93,17 +93,27 @@ class Prefixes:
         return self.cache[i]
 
 
-def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, int], **options) -> Tensor:
-    """Logits when ``method`` keeps ``keep`` of the final patch tokens and the head pools only those."""
-    depth = len(model.blocks)
+def after_reads(method: str, depth: int) -> dict[str, tuple[int, str]]:
+    """What ``after_logits`` reads from ``captured_forward``'s capture for ``method``: context name (and
+    ``"tokens"``, the final hidden states) -> (block, captured entry). Only these need to be kept for it."""
     info = vtok.get_method(method)
     score = "attn_received" if info.placement.score_rows == "all" else "cls_attn"
-    last, before, mid = cap[depth - 1], cap[depth - 2], cap[mid_block(method, depth)]
+    last = depth - 1
+    where = {"cls_attn": (last, score), "mid_attn": (mid_block(method, depth), score), "keys": (last, "keys"),
+             "attn": (last, "attn"), "prev_hidden": (depth - 2, "hidden")}
     want = info.needs | info.uses
-    ctx = {"cls_attn": last[score], "mid_attn": mid[score], "keys": last["keys"], "grid": grid,
-           "attn": last.get("attn"), "prev_hidden": before["hidden"]}
-    ctx = {k: v for k, v in ctx.items() if k in want}
-    out, _ = vtok.compress(model.norm(last["hidden"]), method, keep, **ctx, **options)
+    return {"tokens": (last, "hidden"), **{k: v for k, v in where.items() if k in want}}
+
+
+def after_logits(model, method: str, keep: float, cap: dict, grid: tuple[int, int], **options) -> Tensor:
+    """Logits when ``method`` keeps ``keep`` of the final patch tokens and the head pools only those. ``cap`` needs
+    only the entries ``after_reads`` names (a missing ``attn``: ``None``, as when it was not captured)."""
+    reads = after_reads(method, len(model.blocks))
+    ctx = {k: cap[i].get(entry) if entry == "attn" else cap[i][entry] for k, (i, entry) in reads.items()}
+    tokens = ctx.pop("tokens")
+    if "grid" in vtok.get_method(method).needs | vtok.get_method(method).uses:
+        ctx["grid"] = grid
+    out, _ = vtok.compress(model.norm(tokens), method, keep, **ctx, **options)
     pooled = out.mean(1)  # the head's mean pooling over the tokens it receives
     return model.head(model.fc_norm(pooled))
 
