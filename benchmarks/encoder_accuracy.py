@@ -41,7 +41,6 @@ main one, which replaces those methods' rows::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor
 
 import vtok
+from vtok.bench.digest import file_sha256
 from vtok.bench.eval_vit import CHECKPOINT, load_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
 from vtok.budget import resolve_k
@@ -373,11 +373,7 @@ def compare_sweep(state: dict, results: Path) -> list[str]:
 
 def checkpoint_digest(path: Path) -> str:
     """SHA-256 of the checkpoint file: a resumed run must measure the same weights, wherever the repo lives."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -51,7 +51,6 @@ bit-identical outputs here, open_clip (``nn.MultiheadAttention``) differs by a r
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -66,6 +65,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from vtok.bench.digest import file_sha256
 
 FORMAT = 1  # bump when the cached files change meaning: older caches are then ignored (and reconverted)
 LIBRARIES = ("timm", "open_clip", "hf")
@@ -222,14 +223,6 @@ def _hf_config(t: Tower, arch: Any) -> dict:
                 apply_layernorm=True, reshape_hidden_states=True, use_mask_token=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_tower(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Convert the tower's ONNX graph into the cache once; returns its directory (``model.safetensors``,
     ``config.json``, ``vtok_tower.json``). Already converted: returns at once unless ``force``."""
@@ -263,7 +256,7 @@ def convert_tower(name: str, cache_dir: str | os.PathLike | None = None, force: 
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_config(t, arch), indent=2) + "\n")
         meta = dict(name=name, wheel=f"{t.dist}=={_installed_version(t)}", onnx=f"{t.package}/{t.resource}",
-                    onnx_sha256=_sha256(onnx_file), format=FORMAT, arch=asdict(arch),
+                    onnx_sha256=file_sha256(onnx_file), format=FORMAT, arch=asdict(arch),
                     read_seconds=round(seconds, 3), int8_weights=t.graph == "clip")
         (tmp / "vtok_tower.json").write_text(json.dumps(meta, indent=2) + "\n")
         if force and final.exists():

@@ -13,7 +13,6 @@ imported lazily by ``get_task``. A task registered in the driver also runs on Ra
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import numbers
 from collections.abc import Callable, Iterator
@@ -157,13 +156,7 @@ def get_task(name: str) -> Task:
 
 
 def file_digest(path: Path, limit: int | None = None) -> str:
-    """SHA-256 of a file (its first ``limit`` bytes and its size when ``limit`` is set)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if limit is None:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(f.read(limit))
-            h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()[:16]
+    """SHA-256 of a file (its first ``limit`` bytes and its size when ``limit`` is set), 16 hex digits."""
+    from vtok.bench.digest import file_sha256
+
+    return file_sha256(path, limit)[:16]
