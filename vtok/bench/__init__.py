@@ -2,7 +2,8 @@
 
     import vtok.bench
     vit = vtok.bench.load_eval_vit()          # the committed Fashion-MNIST eval ViT (eval mode)
-    model, processor = vtok.bench.load_vlm()  # the small LLaVA on SmolLM2-135M (after `make vlm`)
+    model, processor = vtok.bench.load_clip_vlm()  # the small LLaVA on the real CLIP ViT-B/16 + SmolLM2-135M
+    model, processor = vtok.bench.load_vlm()  # the older one on a 64-token tower trained here
     ctx = vtok.bench.example_context("transprune", tokens)
     clip = vtok.bench.load_tower("clip_b16", library="timm")  # real pretrained CLIP ViT-B/16 (see bench/towers.py)
 
@@ -22,6 +23,7 @@ _LAZY = {
     "checkpoint_meta": "vtok.bench.eval_vit",
     "load_fashion_mnist": "vtok.bench.fashion_mnist",
     "load_vlm": "vtok.bench.vlm",
+    "load_clip_vlm": "vtok.bench.vlm_clip",
     "example_context": "vtok.bench.synthetic",
     "load_tower": "vtok.bench.towers",
     "convert_tower": "vtok.bench.towers",

