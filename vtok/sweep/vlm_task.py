@@ -104,22 +104,31 @@ def meta_model(folder: str | Path):
 _META: dict[str, Any] = {}
 
 
-def real_vlm_meta():
-    """The ``real_vlm`` model on the ``meta`` device, built from the recipe ``vtok.bench.vlm`` assembles it with
-    (``vlm_config``: the committed checkpoint's metadata and the LLM's config, no weights, no tokenizer), so the
-    checks need no assembled folder; if the recipe's LLM is not there, from the assembled folder's config.json."""
+def bench_vlm_meta(bench: str = "vtok.bench.vlm", name: str = "real_vlm"):
+    """A bench VLM (``bench``: ``vtok.bench.vlm`` or ``vtok.bench.vlm_clip``) on the ``meta`` device, built from the
+    recipe it is assembled with (``vlm_config``: the committed checkpoint's metadata and the LLM's config, no
+    weights, no tokenizer), so the checks need no assembled folder; if the recipe's LLM is not there, from the
+    assembled folder's config.json."""
+    import importlib
+
     from vtok.bench import vlm
 
-    key = f"real_vlm:{vlm.CHECKPOINT}:{vlm.LLM_CACHE}"
+    mod = importlib.import_module(bench)
+    key = f"{name}:{mod.CHECKPOINT}:{vlm.LLM_CACHE}"
     if key in _META:
         return _META[key]
     try:
-        return _meta(key, vlm.vlm_config, "'real_vlm' cannot be built from vtok.bench.vlm's recipe")
+        return _meta(key, mod.vlm_config, f"{name!r} cannot be built from {bench}'s recipe")
     except ValueError:
-        if not (vlm.VLM_FOLDER / "config.json").is_file():
+        if not (mod.VLM_FOLDER / "config.json").is_file():
             raise
-        _META[key] = meta_model(vlm.VLM_FOLDER)
+        _META[key] = meta_model(mod.VLM_FOLDER)
         return _META[key]
+
+
+def real_vlm_meta():
+    """The ``real_vlm`` model on the ``meta`` device (:func:`bench_vlm_meta` of ``vtok.bench.vlm``)."""
+    return bench_vlm_meta("vtok.bench.vlm", "real_vlm")
 
 
 def check_wrap_on(model, name: str, method: str, keep: float | int, placement: str, options: dict[str, Any]) -> None:
@@ -322,46 +331,54 @@ class RealVlm(_Placements):
 
     name = "real_vlm"
     description = "the small VLM trained here: exact-match accuracy on held-out Fashion-MNIST scenes (issue #17)"
+    bench = "vtok.bench.vlm"  # the module that builds, opens and asks the model
+    scenes = "vtok.bench.vlm_task"  # the module whose heldout(n, start) gives the scenes
     options = {"n": Option(int, 2000, minimum=1, doc="held-out scenes"),
                "start": Option(int, 0, minimum=0, doc="first held-out scene"),
                "batch": Option(int, 16, minimum=1, doc="scenes per generate call")}
 
+    def _bench(self):
+        import importlib
+
+        return importlib.import_module(self.bench)
+
     def check_cell(self, model: str, method: str, keep: float | int, placement: str,
                    method_options: dict[str, Any]) -> None:
-        if model != "real_vlm":
+        if model != self.name:
             return super().check_cell(model, method, keep, placement, method_options)
-        check_wrap_on(real_vlm_meta(), "real_vlm", method, keep, placement, method_options)
+        check_wrap_on(bench_vlm_meta(self.bench, self.name), self.name, method, keep, placement, method_options)
 
     def check_model(self, model: str, options: dict[str, Any]) -> None:
-        if model != "real_vlm" and not (Path(model) / "config.json").is_file():
-            raise ValueError(f"models: {model!r} is not a model of task 'real_vlm' (expected 'real_vlm' or a folder "
-                             f"holding the assembled VLM's config.json)")
+        if model != self.name and not (Path(model) / "config.json").is_file():
+            raise ValueError(f"models: {model!r} is not a model of task {self.name!r} (expected {self.name!r} or a "
+                             f"folder holding the assembled VLM's config.json)")
 
     def fingerprint(self, model: str) -> str:
-        if model == "real_vlm":
-            from vtok.bench.vlm import CHECKPOINT
-
-            return file_digest(CHECKPOINT) if CHECKPOINT.exists() else "untrained"
+        if model == self.name:
+            ckpt = self._bench().CHECKPOINT
+            return file_digest(ckpt) if ckpt.exists() else "untrained"
         files = sorted(p for p in Path(model).iterdir() if p.suffix in (".json", ".safetensors"))
         return "".join(file_digest(p, limit=1 << 20)[:4] for p in files)
 
     def run(self, cells, progress):
-        from vtok.bench import vlm
-        from vtok.bench import vlm_task as scenes_mod
+        import importlib
 
+        from vtok.bench import vlm_task as answers
+
+        bench = self._bench()
         c0 = cells[0]
-        model, processor = vlm.open_vlm(c0.model)
+        model, processor = bench.open_vlm(c0.model)
         opts = c0.task_options
-        scenes = scenes_mod.heldout(opts["n"], opts["start"])
+        scenes = importlib.import_module(self.scenes).heldout(opts["n"], opts["start"])
 
         def score():
             hits: dict[str, list[int]] = {}
             kept = tokens = 0
             for s in range(0, len(scenes), opts["batch"]):
                 chunk = scenes[s:s + opts["batch"]]
-                out = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
+                out = bench.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
                 for c, a in zip(chunk, out, strict=True):
-                    hits.setdefault(c.qtype, []).append(int(scenes_mod.exact_match(a, c.answer)))
+                    hits.setdefault(c.qtype, []).append(int(answers.exact_match(a, c.answer)))
                 b, a = _visual_counts(model)
                 tokens, kept = tokens + b, kept + a
             every = [h for v in hits.values() for h in v]
@@ -382,6 +399,22 @@ class RealVlm(_Placements):
             progress(i + 1, len(cells))
 
 
+class RealVlmClip(RealVlm):
+    """The small LLaVA on the real CLIP ViT-B/16 tower (``vtok.bench.vlm_clip``: 196 visual tokens, layer −2) on its
+    224-px scenes (``vtok.bench.clip_scenes``): exact-match accuracy of the wrapped model, beside keep = 1.0.
+
+    Model: ``real_vlm_clip`` (``vtok.bench.load_clip_vlm()``: the committed projector + LoRA around the converted
+    tower, assembled once) or a folder holding such a model. Options as ``real_vlm``.
+    """
+
+    name = "real_vlm_clip"
+    description = "the small VLM on the real CLIP ViT-B/16: exact-match accuracy on held-out 224-px scenes"
+    bench = "vtok.bench.vlm_clip"
+    scenes = "vtok.bench.clip_scenes"
+    options = {**RealVlm.options, "n": Option(int, 1000, minimum=1, doc="held-out scenes")}
+
+
 register_task(HfVlm())
 register_task(HfVlmTiming())
 register_task(RealVlm())
+register_task(RealVlmClip())
