@@ -130,3 +130,19 @@ def test_sweep_task_runs_pruning_on_the_clip_vlm(trained, tmp_path):
         assert by[method, 1.0]["accuracy"] == by[method, 1.0]["ref_accuracy"]
         assert by[method, 1.0]["kept_tokens"] == by[method, 1.0]["tokens"] == 196
         assert by[method, 0.25]["kept_tokens"] == 49 and by[method, 0.25]["n"] == 2
+
+
+def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
+    """demos/ask_vlm.py (its default, the CLIP VLM) on the tiny assembled folder: answers, 196-token budgets, PNG."""
+    import importlib.util as iu
+
+    from benchmark_loader import ROOT
+
+    spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
+    demo = iu.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rows = demo.main(["--model", str(trained[0] / "a" / "assembled"), "--methods", "random,fastv",
+                      "--keeps", "1.0,0.25", "--out", str(tmp_path / "out")])
+    assert [(r["method"], r["keep"], r["kept"]) for r in rows] == [("random", 1.0, 196), ("random", 0.25, 49),
+                                                                    ("fastv", 1.0, 196), ("fastv", 0.25, 49)]
+    assert (tmp_path / "out" / "vlm_kept_patches.png").exists()

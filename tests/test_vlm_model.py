@@ -211,7 +211,7 @@ def test_ask_vlm_demo_on_a_tiny_folder(tiny, tokenizer, tmp_path):
     folder = tmp_path / "vlm"
     tiny.save_pretrained(folder)
     vlm.build_processor(tokenizer).save_pretrained(folder)
-    rows = demo.main(["--model", str(folder), "--methods", "random,fastv", "--keeps", "1.0,0.25",
+    rows = demo.main(["--vlm", "fmnist", "--model", str(folder), "--methods", "random,fastv", "--keeps", "1.0,0.25",
                       "--out", str(tmp_path / "out")])
     assert [(r["method"], r["keep"], r["kept"]) for r in rows] == [("random", 1.0, 64), ("random", 0.25, 16),
                                                                     ("fastv", 1.0, 64), ("fastv", 0.25, 16)]
