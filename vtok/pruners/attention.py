@@ -17,7 +17,8 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
-from vtok.kernels.reference import acc as _acc
+from vtok.kernels.reference import acc
+from vtok.pruners._checks import check_choice, check_fraction, check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection, gather_tokens
 
@@ -25,14 +26,9 @@ from vtok.selection import Selection, gather_tokens
 # shared helpers
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check_k(k: int, n: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
-        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
-
-
 def _scores(x: Tensor) -> Tensor:
     """``[B, N]`` or per head ``[B, H, N]`` → ``[B, N]`` fp32 (fp64 for fp64 input; mean over heads)."""
-    x = _acc(x)
+    x = acc(x)
     return x.mean(1) if x.dim() == 3 else x
 
 
@@ -42,7 +38,7 @@ def _features(tokens: Tensor, ctx: Context) -> Tensor:
     keys = ctx.get("keys")
     if keys is None:
         return tokens
-    return _acc(keys).mean(1) if keys.dim() == 4 else keys
+    return acc(keys).mean(1) if keys.dim() == 4 else keys
 
 
 def _round_half_up(x: float) -> int:
@@ -51,7 +47,7 @@ def _round_half_up(x: float) -> int:
 
 def _rank_order(scores: Tensor) -> Tensor:
     """``[B, N]`` indices by descending score, ties → lowest index."""
-    return torch.sort(_acc(scores), dim=1, descending=True, stable=True).indices
+    return torch.sort(acc(scores), dim=1, descending=True, stable=True).indices
 
 
 def _remaining(mask: Tensor, count: int) -> Tensor:
@@ -59,17 +55,6 @@ def _remaining(mask: Tensor, count: int) -> Tensor:
     have exactly ``count`` of them)."""
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, :count]
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +70,7 @@ def cls_attn_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     original order; ties → lowest index.
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     return Selection(ops.stable_topk(_scores(ctx["cls_attn"]), k), n)
@@ -113,10 +98,10 @@ def fopru_select(tokens: Tensor, k: int, ctx: Context, *, mode: str = "rank") ->
     As in the paper, kept tokens are returned in original order. Ties → lowest row / token index.
     """
     b, n = tokens.shape[:2]
-    _check_choice("mode", mode, ("rank", "row"))
+    check_choice("mode", mode, ("rank", "row"))
     if mode == "row" and "grid" not in ctx:
         raise ValueError("fopru mode='row' needs context 'grid' = (h, w), the patch grid of the tokens")
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     sig = _scores(ctx["cls_attn"])
@@ -174,8 +159,8 @@ def hiprune_select(tokens: Tensor, k: int, ctx: Context, *, alpha: float = 0.1) 
     ``mid_attn`` / ``cls_attn``: ``[B, N]`` or ``[B, H, N]`` (head-averaged). Ties → lowest index.
     """
     b, n = tokens.shape[:2]
-    alpha = _check_fraction("alpha", alpha)
-    _check_k(k, n)
+    alpha = check_fraction("alpha", alpha)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     h, w = ctx["grid"]
@@ -230,9 +215,9 @@ def visionzip_select(tokens: Tensor, k: int, ctx: Context, *, dominant: float | 
     token to its own slot and each contextual token to its target's slot; ``coef`` holds the reference merge.
     """
     b, n = tokens.shape[:2]
-    _check_choice("merge", merge, _VZ_MERGE)
-    _check_choice("order", order, _VZ_ORDER)
-    _check_k(k, n)
+    check_choice("merge", merge, _VZ_MERGE)
+    check_choice("order", order, _VZ_ORDER)
+    check_k(k, n)
     if isinstance(dominant, bool) or not isinstance(dominant, (int, float)):
         raise ValueError(f"dominant must be a fraction in [0, 1] or an int count, got {dominant!r}")
     if isinstance(dominant, int):
@@ -240,7 +225,7 @@ def visionzip_select(tokens: Tensor, k: int, ctx: Context, *, dominant: float | 
             raise ValueError(f"dominant as a count must lie in [0, k={k}], got {dominant}")
         d = dominant
     else:
-        d = min(_round_half_up(_check_fraction("dominant", dominant) * k), k)
+        d = min(_round_half_up(check_fraction("dominant", dominant) * k), k)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     dev = tokens.device
@@ -269,7 +254,7 @@ def visionzip_select(tokens: Tensor, k: int, ctx: Context, *, dominant: float | 
     coef = None
     if merge == "reference":
         sizes = ctx.get("sizes")
-        w = torch.ones(b, n, device=dev, dtype=_acc(tokens).dtype) if sizes is None else sizes.to(_acc(tokens).dtype)
+        w = torch.ones(b, n, device=dev, dtype=acc(tokens).dtype) if sizes is None else sizes.to(acc(tokens).dtype)
         is_other = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, others, True)
         w_oth = torch.where(is_other, w, torch.zeros_like(w))
         total = torch.zeros(b, k, device=dev, dtype=w.dtype).scatter_add_(1, out, w_oth)
@@ -318,10 +303,10 @@ def zero_tprune_select(tokens: Tensor, k: int, ctx: Context, *, s_ratio: float =
     A tokens the lower-importance one is pruned first.
     """
     b, n = tokens.shape[:2]
-    s_ratio = _check_fraction("s_ratio", s_ratio)
+    s_ratio = check_fraction("s_ratio", s_ratio)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     r = n - k
@@ -361,11 +346,11 @@ def fastv_select(tokens: Tensor, k: int, ctx: Context, *, query_source: str = "l
     (Named ``query_source`` rather than ``query`` because ``query`` is a context key.) Ties → lowest index.
     """
     b, n = tokens.shape[:2]
-    _check_choice("query_source", query_source, ("last", "text", "all"))
-    _check_k(k, n)
+    check_choice("query_source", query_source, ("last", "text", "all"))
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    att = _acc(ctx["text_attn"])
+    att = acc(ctx["text_attn"])
     if att.dim() == 4:
         att = att.mean(1)
     if att.dim() == 3:

@@ -20,26 +20,14 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
-from vtok.pruners.attention import (
-    _acc,
-    _check_fraction,
-    _check_k,
-    _features,
-    _rank_order,
-    _remaining,
-    _scores,
-)
+from vtok.kernels.reference import acc
+from vtok.pruners._checks import check_fraction, check_k
+from vtok.pruners.attention import _features, _rank_order, _remaining, _scores
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection, gather_tokens
 
 # The feature layer of LLaVA (CLIP's penultimate block output), where these methods read [CLS] attention.
 _FEATURE_LAYER = Placement(layer=-2, at="output", prop_attn=False)
-
-
-def _check_int(name: str, value: object, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,7 +48,7 @@ def fastervlm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     default placement (the feature layer's output, layer −2, as in the paper).
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     return Selection(ops.stable_topk(_scores(ctx["cls_attn"]), k), n)
@@ -126,16 +114,17 @@ def vispruner_select(tokens: Tensor, k: int, ctx: Context, *, important_ratio: f
     lists are split ``ceil`` / ``floor`` (their code needs an even length). Returns ``keep [B, k]`` ascending.
     """
     b, n = tokens.shape[:2]
-    important_ratio = _check_fraction("important_ratio", important_ratio)
-    per_step = _check_int("per_step", per_step, 1)
-    _check_k(k, n)
+    important_ratio = check_fraction("important_ratio", important_ratio)
+    if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
+        raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     n_imp = min(int(k * important_ratio), k)
     order = _rank_order(_scores(ctx["cls_attn"]))  # [B, N] descending attention, ties → lowest index
     if n_imp == k:
         return Selection.from_indices(order[:, :k], n)
-    xn = F.normalize(_acc(tokens), dim=-1)
+    xn = F.normalize(acc(tokens), dim=-1)
     diverse = vispruner_diverse(xn, order[:, n_imp:], k - n_imp, per_step)
     return Selection.from_indices(torch.cat([order[:, :n_imp], diverse], 1), n)
 
@@ -256,12 +245,12 @@ def _prumerge(tokens: Tensor, ctx: Context, picks: Tensor, merge: str, order: st
     slot.scatter_(1, keep, torch.arange(k, device=dev).expand(b, k).contiguous())
     keys = ctx.get("keys")
     if keys is not None and keys.dim() == 4:  # [B, H, N, dh] → [B, N, H·dh]: k_proj output, heads concatenated
-        feats = _acc(keys).permute(0, 2, 1, 3).reshape(b, n, -1)
+        feats = acc(keys).permute(0, 2, 1, 3).reshape(b, n, -1)
     else:
         feats = _features(tokens, ctx)
     _, best = ops.cosine_argmax(gather_tokens(feats, pruned), gather_tokens(feats, keep))  # [B, n - k]
     slot.scatter_(1, pruned, best)
-    a = _scores(ctx["cls_attn"]).to(_acc(tokens).dtype)
+    a = _scores(ctx["cls_attn"]).to(acc(tokens).dtype)
     is_kept = ~pruned_mask
     if merge == "reference":
         coef = torch.where(is_kept, torch.ones_like(a), a)
@@ -317,7 +306,7 @@ def prumerge_select(tokens: Tensor, k: int, ctx: Context, *, merge: str = "refer
     """
     b, n = tokens.shape[:2]
     _check_options(merge, order)
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     return _prumerge(tokens, ctx, _rank_order(_scores(ctx["cls_attn"]))[:, :k], merge, order)
@@ -348,8 +337,8 @@ def prumerge_plus_select(tokens: Tensor, k: int, ctx: Context, *, outlier_share:
     """
     b, n = tokens.shape[:2]
     _check_options(merge, order)
-    share = None if outlier_share is None else _check_fraction("outlier_share", outlier_share)
-    _check_k(k, n)
+    share = None if outlier_share is None else check_fraction("outlier_share", outlier_share)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     score = _scores(ctx["cls_attn"])

@@ -18,14 +18,9 @@ from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
 from vtok.kernels.reference import acc, upcast_half
+from vtok.pruners._checks import check_int
 from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _slot_sizes(assign: Tensor, k: int, sizes: Tensor | None) -> Tensor:
@@ -200,8 +195,8 @@ def kmeans(tokens: Tensor, k: int, ctx: Context, *, seed: int = 0, iters: int = 
     for each cluster the member closest to its centroid (ties → lowest index), and slots are numbered so that
     ``keep`` is ascending; ``size`` = number (or total ``sizes``) of members.
     """
-    seed = _check_int("seed", seed, 0)
-    iters = _check_int("iters", iters, 1)
+    seed = check_int("seed", seed, 0)
+    iters = check_int("iters", iters, 1)
     b, n, d = tokens.shape
     if k >= n:
         return Selection.identity(b, n, tokens.device)
@@ -288,7 +283,7 @@ def kmedoids(tokens: Tensor, k: int, ctx: Context, *, init: str = "kkz", metric:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    iters = _check_int("iters", iters, 1)
+    iters = check_int("iters", iters, 1)
     tol = _check_tol(tol)
     b, n, d = tokens.shape
     if k >= n:
@@ -439,7 +434,7 @@ def dpc_knn(tokens: Tensor, k: int, ctx: Context, *, knn: int = 5, include_self:
     Returns a merging ``Selection``: ``keep`` = the centres (ascending), ``assign`` each token's centre slot,
     ``order`` the emission order.
     """
-    knn = _check_int("knn", knn, 1)
+    knn = check_int("knn", knn, 1)
     if order not in ("score", "position"):
         raise ValueError(f"order must be 'score' or 'position', got {order!r}")
     if not isinstance(include_self, bool):

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import reference as ref
-from vtok.kernels.reference import acc as _acc
+from vtok.kernels.reference import acc
+from vtok.pruners._checks import check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -34,7 +35,7 @@ def scope_greedy(tokens: Tensor, saliency: Tensor, k: int, *, alpha: float = 1.0
     (float64) over the tokens whose coverage ``m_v`` rose, instead of re-summing all ``N × N`` terms each step as the
     authors' code does; the same values up to rounding.
     """
-    x = _acc(tokens)
+    x = acc(tokens)
     b, n = x.shape[:2]
     sal = saliency.double().clamp_min(0) ** alpha
     out = torch.empty(b, k, dtype=torch.long, device=x.device)
@@ -113,10 +114,9 @@ def scope_select(tokens: Tensor, k: int, ctx: Context, *, alpha: float = 1.0, co
         raise ValueError(f"combine must be one of {list(_COMBINE)}, got {combine!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not float(alpha) >= 0:
         raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
-        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    sal = _acc(ctx["cls_attn"])
+    sal = acc(ctx["cls_attn"])
     sal = sal.mean(1) if sal.dim() == 3 else sal
     return Selection.from_indices(scope_greedy(tokens, sal, k, alpha=float(alpha), combine=combine), n)

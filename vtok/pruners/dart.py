@@ -20,7 +20,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc
-from vtok.pruners.clustering import _check_int
+from vtok.pruners._checks import check_int
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -138,7 +138,7 @@ def dart_select(tokens: Tensor, k: int, ctx: Context, *, pivot_image: int = 4, p
     #pivots · q`` vtok's quotas are theirs. Defaults: 4 + 4 pivots (their scripts). Returns ``keep [B, k]``.
     """
     b, n = tokens.shape[:2]
-    pivot_image, pivot_text = _check_int("pivot_image", pivot_image, 0), _check_int("pivot_text", pivot_text, 0)
+    pivot_image, pivot_text = check_int("pivot_image", pivot_image, 0), check_int("pivot_text", pivot_text, 0)
     if pivot_order not in _ORDERS:
         raise ValueError(f"pivot_order must be one of {list(_ORDERS)}, got {pivot_order!r}")
     if k == n:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import reference as ref
-from vtok.kernels.reference import acc as _acc
+from vtok.kernels.reference import acc
+from vtok.pruners._checks import check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -36,7 +37,7 @@ def cdpruner_relevance(tokens: Tensor, query: Tensor | None, *, sign: str = "neg
     every relevance is ``1``.
     """
     b, n = tokens.shape[:2]
-    x = _acc(tokens)
+    x = acc(tokens)
     if query is None:
         return torch.ones(b, n, dtype=x.dtype, device=x.device)
     q = query if query.dim() == 3 else query[:, None]
@@ -138,13 +139,12 @@ def cdpruner_select(tokens: Tensor, k: int, ctx: Context, *, relevance_sign: str
     if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
                               or not 0.0 <= float(theta) < 1.0):
         raise ValueError(f"theta must be None or a number in [0, 1), got {theta!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
-        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     rel_x = ctx.get("relevance_features")
     sign = relevance_sign if relevance_sign != "auto" else ("negative" if rel_x is not None else "positive")
     r = cdpruner_relevance(tokens if rel_x is None else rel_x, ctx.get("query"), sign=sign,
                            theta=None if theta is None else float(theta))
-    xn = F.normalize(_acc(tokens), dim=-1)
+    xn = F.normalize(acc(tokens), dim=-1)
     return Selection.from_indices(dpp_greedy(xn, r.to(xn.dtype), k), n)

@@ -25,7 +25,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc
-from vtok.pruners.attention import _check_k
+from vtok.pruners._checks import check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -43,7 +43,7 @@ def fitprune_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
     leaves them unspecified).
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     a = acc(ctx["self_cross_attn"])

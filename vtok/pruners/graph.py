@@ -18,7 +18,8 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as ref
-from vtok.kernels.reference import acc as _acc
+from vtok.kernels.reference import acc
+from vtok.pruners._checks import check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -33,7 +34,7 @@ def gprune_scores(tokens: Tensor, *, threshold: float = 0.5, temperature: float 
     (P^iters)_ij``: each token passes its information to its neighbours in proportion to similarity), and the
     score is ``s_j / deg_j``.
     """
-    x = _acc(tokens)
+    x = acc(tokens)
     n = x.shape[1]
     out = torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
     cache = ref.gram_groups(1, n) is not None  # one sample's N x N fits: transition blocks built once
@@ -55,11 +56,11 @@ def gprune_scores(tokens: Tensor, *, threshold: float = 0.5, temperature: float 
         deg = torch.cat([blk[1] for blk in kept]) if cache else torch.cat([transition(a)[1] for a in blocks])
         s = x[b].norm(dim=-1)
         for _ in range(iters):  # s P = Σ over row blocks of s[block] P[block], in block order on both paths
-            acc = torch.zeros_like(s)
+            nxt = torch.zeros_like(s)
             for i, a in enumerate(blocks):
                 p = kept[i][0] if cache else transition(a)[0]
-                acc = acc + s[a:a + ref.DEFAULT_CHUNK] @ p
-            s = acc
+                nxt = nxt + s[a:a + ref.DEFAULT_CHUNK] @ p
+            s = nxt
         out[b] = s / deg
     return out
 
@@ -89,8 +90,7 @@ def gprune_select(tokens: Tensor, k: int, ctx: Context, *, threshold: float = 0.
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
-        raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     scores = gprune_scores(tokens, threshold=float(threshold), temperature=float(temperature), iters=iters)

@@ -29,10 +29,11 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels.reference import acc, acc_dtype
-from vtok.pruners.attention import _check_k, fastv_select
-from vtok.pruners.clustering import _check_int, dpc_knn
+from vtok.pruners._checks import check_int, check_k, check_real
+from vtok.pruners.attention import fastv_select
+from vtok.pruners.clustering import dpc_knn
 from vtok.pruners.registry import Placement, register
-from vtok.pruners.temporal import _check_real, allocate, frame_layout
+from vtok.pruners.temporal import allocate, frame_layout
 from vtok.selection import Selection, gather_tokens
 
 HOLITOM = "HoliTom: Holistic Token Merging for Fast Video Large Language Models (arXiv 2505.21334)"
@@ -111,12 +112,12 @@ def holitom_select(tokens: Tensor, k: int, ctx: Context, *, tau: float = 0.8, ma
     misses ``k`` by a few tokens; their DPC-kNN adds ``rand·1e-6`` to densities (vtok breaks ties by index).
     """
     b, n, _ = tokens.shape
-    _check_k(k, n)
+    check_k(k, n)
     t, p, _ = frame_layout(tokens, ctx)
-    tau = _check_real("tau", tau, -1.0, 1.0)
-    max_window = _check_int("max_window", max_window, 1)
-    beta, dominant = _check_real("beta", beta, 0.0, 1.0), _check_real("dominant", dominant, 0.0, 1.0)
-    knn = _check_int("knn", knn, 1)
+    tau = check_real("tau", tau, -1.0, 1.0)
+    max_window = check_int("max_window", max_window, 1)
+    beta, dominant = check_real("beta", beta, 0.0, 1.0), check_real("dominant", dominant, 0.0, 1.0)
+    knn = check_int("knn", knn, 1)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     att = ctx.get("cls_attn")

@@ -18,8 +18,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc
-from vtok.pruners.attention import _check_choice, _check_k
-from vtok.pruners.clustering import _check_int
+from vtok.pruners._checks import check_choice, check_int, check_k
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
@@ -76,9 +75,9 @@ def mustdrop_select(tokens: Tensor, k: int, ctx: Context, *, window: int = 2, or
         ValueError: ``k`` below ``N − W (m − 1)`` (every block merged), a bad ``window`` or ``order``.
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
-    _check_choice("order", order, ("reference", "position"))
-    window = _check_int("window", window, 2)
+    check_k(k, n)
+    check_choice("order", order, ("reference", "position"))
+    window = check_int("window", window, 2)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     sim, win = window_similarity(tokens, ctx["grid"], window)
@@ -152,7 +151,7 @@ def mustdrop_llm_select(tokens: Tensor, k: int, ctx: Context, *, global_thr: flo
     the original ones.
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
+    check_k(k, n)
     m = _margins(ctx["text_rows_attn"], _check_thr("global_thr", global_thr),
                  _check_thr("individual_thr", individual_thr))
     if k == n:

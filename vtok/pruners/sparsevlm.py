@@ -29,10 +29,9 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc, acc_dtype
-from vtok.pruners.attention import _check_k
-from vtok.pruners.clustering import _check_int, dpc_knn
+from vtok.pruners._checks import check_int, check_k, check_real
+from vtok.pruners.clustering import dpc_knn
 from vtok.pruners.registry import Placement, register
-from vtok.pruners.temporal import _check_real
 from vtok.selection import Selection
 
 
@@ -67,11 +66,11 @@ def sparsevlm_budget(n: int, kept: int, *, recycle_ratio: float = 0.3, cluster_s
 
 
 def _check_ratio(value: object) -> float:
-    return _check_real("recycle_ratio", value, 0.0, 1.0)
+    return check_real("recycle_ratio", value, 0.0, 1.0)
 
 
 def _check_size(value: object) -> int:
-    return _check_int("cluster_size", value, 1)
+    return check_int("cluster_size", value, 1)
 
 
 def _split(n: int, k: int, ratio: float, per_cluster: int) -> tuple[int, int, int]:
@@ -136,7 +135,7 @@ def sparsevlm_select(tokens: Tensor, k: int, ctx: Context, *, recycle: bool = Tr
         ValueError: with ``recycle``, ``k`` below the all-deleted minimum (``sparsevlm_budget(N, 0)``, 18 of 576).
     """
     b, n = tokens.shape[:2]
-    _check_k(k, n)
+    check_k(k, n)
     if not isinstance(recycle, bool):
         raise ValueError(f"recycle must be a bool, got {recycle!r}")
     ratio, per = _check_ratio(recycle_ratio), _check_size(cluster_size)

@@ -19,6 +19,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc, acc_dtype
+from vtok.pruners._checks import check_int, check_real
 from vtok.pruners.baselines import _bins, pool_grid
 from vtok.pruners.registry import get, register
 from vtok.selection import Selection
@@ -44,21 +45,6 @@ def frame_layout(tokens: Tensor, ctx: Context) -> tuple[int, int, tuple[int, int
         raise ValueError(f"context 'grid' for video tokens must be the grid of one frame (h * w == N / frames = {p}), "
                          f"got {ctx['grid']} with frames={t}")
     return t, p, grid or (1, p)
-
-
-def _check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if (low is not None and v < low) or (high is not None and v > high):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {v}")
-    return v
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def allocate(total: int, weights: Tensor, caps: Tensor) -> Tensor:
@@ -145,7 +131,7 @@ def frame_merge(tokens: Tensor, k: int, ctx: Context, *, window: int | None = No
     """
     b, n, _ = tokens.shape
     t, p, _ = frame_layout(tokens, ctx)
-    win = t if window is None else _check_int("window", window, 1)
+    win = t if window is None else check_int("window", window, 1)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     _, sim = ops.segment_stats(tokens.detach(), t)  # [B, T, P], sim[:, 0] = 0
@@ -245,10 +231,10 @@ def segment_cluster(tokens: Tensor, k: int, ctx: Context, *, mode: str = "prunev
     """
     if mode not in ("prunevid", "fastvid"):
         raise ValueError(f"mode must be 'prunevid' or 'fastvid', got {mode!r}")
-    threshold = _check_real("threshold", threshold)
-    static_threshold = _check_real("static_threshold", static_threshold)
-    min_segments = _check_int("min_segments", min_segments, 1)
-    knn = _check_int("knn", knn, 1)
+    threshold = check_real("threshold", threshold)
+    static_threshold = check_real("static_threshold", static_threshold)
+    min_segments = check_int("min_segments", min_segments, 1)
+    knn = check_int("knn", knn, 1)
     b, n, d = tokens.shape
     t, p, _ = frame_layout(tokens, ctx)
     if k == n:
@@ -550,7 +536,7 @@ def temporal_pool(tokens: Tensor, k: int, ctx: Context, *, window: int | None = 
     cell's centre token. Budgets without such a factorisation raise ``ValueError`` (like ``pool2d``).
     """
     if window is not None:
-        window = _check_int("window", window, 1)
+        window = check_int("window", window, 1)
     b, n, _ = tokens.shape
     t, p, (h, w) = frame_layout(tokens, ctx)
     if k == n:

@@ -8,7 +8,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import upcast_half
-from vtok.pruners.clustering import _check_int
+from vtok.pruners._checks import check_int
 from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
 
@@ -53,7 +53,7 @@ def tome(tokens: Tensor, k: int, ctx: Context, *, protect_first: int = 0, order:
     of incoming sizes) for proportional attention (``+ log size`` on the attention logits), and ``order`` the
     emission order.
     """
-    p = _check_int("protect_first", protect_first, 0)
+    p = check_int("protect_first", protect_first, 0)
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {list(_ORDERS)}, got {order!r}")
     b, n, _ = tokens.shape
