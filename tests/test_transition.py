@@ -9,7 +9,7 @@ from memtools import max_alloc_bytes, nxn_bytes
 
 import vtok
 from vtok.context import Context
-from vtok.pruners.transition import instruction_attention, transition_variation
+from vtok.pruners.transprune import instruction_attention, transition_variation
 
 
 def _hand_case():

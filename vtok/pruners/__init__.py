@@ -1,25 +1,28 @@
 """Training-free token pruning and merging strategies, registered by name."""
 
-from vtok.pruners import (  # noqa: F401  (registration)
+# isort: off
+# Imported for registration, in registration order (the registry's insertion order).
+from vtok.pruners import (  # noqa: F401
     attention,
     baselines,
     cls_methods,
     clustering,
-    coverage,
+    scope,
     dart,
     diversity,
-    dpp,
+    cdpruner,
+    temporal,
     evs,
     fitprune,
-    graph,
+    gprune,
     holitom,
     mustdrop,
     sparsevlm,
-    temporal,
     tome,
-    transition,
+    transprune,
     vidcom2,
 )
+# isort: on
 from vtok.pruners.registry import FAMILIES, Method, Placement, get, methods, register
 
 __all__ = ["FAMILIES", "Method", "Placement", "get", "methods", "register"]
