@@ -15,6 +15,10 @@ Then ``vtok report`` tables (markdown + CSV + plots) for both JSONL files.
 
     python -m benchmarks.vlm_accuracy                          # the table in docs/benchmarks.md (needs `make vlm`)
     python -m benchmarks.vlm_accuracy --n 200 --methods random pool2d fastv --keeps 0.25   # a quick look
+    python -m benchmarks.vlm_accuracy --vlm clip --n 1000      # the VLM on the real CLIP ViT-B/16 (task real_vlm_clip)
+
+``--vlm fmnist`` (default) is the 64-token VLM (``vtok.bench.vlm``, configs ``vlm_accuracy*.yaml``); ``--vlm clip``
+the one on the real CLIP tower (``vtok.bench.vlm_clip``, 196 tokens, configs ``vlm_clip_accuracy*.yaml``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,22 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (ROOT / "configs" / "sweeps" / "vlm_accuracy.yaml", ROOT / "configs" / "sweeps" / "vlm_accuracy_llm.yaml")
+SWEEPS = ROOT / "configs" / "sweeps"
+# per bench VLM: its sweep task (= its model name), the module that opens / asks it, its scenes, its two configs
+VLMS = {
+    "fmnist": {"task": "real_vlm", "bench": "vtok.bench.vlm", "scenes": "vtok.bench.vlm_task",
+               "configs": (SWEEPS / "vlm_accuracy.yaml", SWEEPS / "vlm_accuracy_llm.yaml")},
+    "clip": {"task": "real_vlm_clip", "bench": "vtok.bench.vlm_clip", "scenes": "vtok.bench.clip_scenes",
+             "configs": (SWEEPS / "vlm_clip_accuracy.yaml", SWEEPS / "vlm_clip_accuracy_llm.yaml")},
+}
+CONFIGS = VLMS["fmnist"]["configs"]
+
+
+def _rgb(image):
+    """A scene as the processor takes it: grey ``[H, W]`` scenes repeated to RGB, RGB ones as they are."""
+    from vtok.bench import vlm_task as task
+
+    return task.to_rgb(image) if image.ndim == 2 else image
 
 
 @torch.no_grad()
@@ -34,7 +53,6 @@ def image_attention_mass(model, processor, scenes) -> dict[str, list[float]]:
     """Per LLM layer, the softmax mass the last prompt token puts on the image tokens (heads and scenes averaged),
     from eager attention weights; and the image tokens' share of the prompt (the mass of uniform attention)."""
     from vtok.bench import vlm
-    from vtok.bench import vlm_task as task
 
     cfg = model.config.text_config
     impl = cfg._attn_implementation
@@ -44,7 +62,7 @@ def image_attention_mass(model, processor, scenes) -> dict[str, list[float]]:
     try:
         for s in scenes:
             text = processor.apply_chat_template(vlm.prompt(s.question), add_generation_prompt=True)
-            inputs = processor(images=[task.to_rgb(s.image)], text=[text], return_tensors="pt")
+            inputs = processor(images=[_rgb(s.image)], text=[text], return_tensors="pt")
             att = model(**inputs, output_attentions=True).attentions
             img = inputs["input_ids"][0] == image_id
             row = torch.stack([a[0, :, -1, img].sum(-1).mean() for a in att])  # [layers]
@@ -79,13 +97,15 @@ def plot_attention_mass(res: dict, out: Path) -> None:
 def _configs(args) -> list:
     from vtok.sweep import load_config
 
+    spec = VLMS[args.vlm]
+    opts = {spec["task"]: {"n": args.n}}
     out = []
-    for path in CONFIGS:
-        cfg = load_config(path, models=[args.model], task_options={"real_vlm": {"n": args.n}})
+    for path in spec["configs"]:
+        cfg = load_config(path, models=[args.model], task_options=opts)
         methods = [m for m in cfg.methods if args.methods is None or m in args.methods]
         if methods:
             out.append(load_config(path, models=[args.model], methods=methods, keeps=args.keeps,
-                                   task_options={"real_vlm": {"n": args.n}}))
+                                   task_options=opts))
     return out
 
 
@@ -97,7 +117,7 @@ def _timing_prompts(processor, scenes, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, s in enumerate(scenes):
-        Image.fromarray(s.image).save(folder / f"scene_{i}.png")
+        Image.fromarray(_rgb(s.image)).save(folder / f"scene_{i}.png")
         text = processor.apply_chat_template(vlm.prompt(s.question), add_generation_prompt=True)
         lines.append(json.dumps({"prompt": text, "image": f"scene_{i}.png"}))
     path = folder / "prompts.jsonl"
@@ -107,7 +127,8 @@ def _timing_prompts(processor, scenes, folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="real_vlm", help="'real_vlm' (the committed weights) or an assembled folder")
+    ap.add_argument("--vlm", choices=sorted(VLMS), default="fmnist", help="which bench VLM (see above)")
+    ap.add_argument("--model", default=None, help="default: the --vlm's committed weights; or an assembled folder")
     ap.add_argument("--n", type=int, default=2000, help="held-out scenes for accuracy")
     ap.add_argument("--methods", nargs="+", default=None, help="only these methods (default: both configs' lists)")
     ap.add_argument("--keeps", nargs="+", type=float, default=None, help="default: the configs' 0.5 0.25 0.11 0.05")
@@ -118,16 +139,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "vlm_accuracy")
     args = ap.parse_args(argv)
 
-    from vtok.bench import vlm
-    from vtok.bench import vlm_task as task
+    import importlib
+
     from vtok.sweep import load_config, run_sweep, write_report
 
+    spec = VLMS[args.vlm]
+    bench, task = importlib.import_module(spec["bench"]), importlib.import_module(spec["scenes"])
+    args.model = args.model or spec["task"]
     args.out.mkdir(parents=True, exist_ok=True)
     configs = _configs(args)
     for cfg in configs:
         run_sweep(cfg, str(args.out / "accuracy.jsonl"))
-    model, processor = vlm.open_vlm(args.model)
-    folder = vlm.VLM_FOLDER if args.model == "real_vlm" else Path(args.model)
+    model, processor = bench.open_vlm(args.model)
+    folder = bench.VLM_FOLDER if args.model == spec["task"] else Path(args.model)
     if not args.no_timing:
         prompts = _timing_prompts(processor, task.heldout(args.timing_scenes), args.out / "timing")
         for cfg in configs:

@@ -114,10 +114,12 @@ def test_cli_refuses_bad_config_before_any_cell(ckpt, tmp_path):
     assert not out.exists()  # nothing ran
 
 
-@pytest.mark.parametrize("name", ["vlm_accuracy", "vlm_accuracy_llm"])
-def test_vlm_accuracy_configs_are_valid(name):
-    """Every method / placement pair of the small VLM's accuracy sweeps passes the checks (no cell runs here)."""
+@pytest.mark.parametrize("name, task", [("vlm_accuracy", "real_vlm"), ("vlm_accuracy_llm", "real_vlm"),
+                                        ("vlm_clip_accuracy", "real_vlm_clip"),
+                                        ("vlm_clip_accuracy_llm", "real_vlm_clip")])
+def test_vlm_accuracy_configs_are_valid(name, task):
+    """Every method / placement pair of the small VLMs' accuracy sweeps passes the checks (no cell runs here)."""
     from benchmark_loader import ROOT
 
     cfg = load_config(ROOT / "configs" / "sweeps" / f"{name}.yaml")
-    assert cfg.tasks == ["real_vlm"] and len(cfg.cells()) == len(cfg.methods) * 4
+    assert cfg.tasks == [task] and len(cfg.cells()) == len(cfg.methods) * 4

@@ -267,17 +267,9 @@ def llm_config_dict(cache: str | Path | None = None) -> dict:
     return AutoConfig.for_model(**cfg).to_dict()
 
 
-def vlm_config(weights: str | Path | None = None, cache: str | Path | None = None):
-    """The ``LlavaConfig`` that ``assemble`` gives the VLM of ``weights`` (default: the committed checkpoint),
-    built without loading any weights, the tokenizer or the LLM: the vision config from the checkpoint's metadata,
-    the LLM's from ``llm_config_dict``, and ``<image>`` added after the GGUF's vocabulary, as ``load_tokenizer``
-    adds it. Enough to build the model on the ``meta`` device (e.g. to check a sweep before the first assembly)."""
-    from safetensors import safe_open
-
-    weights = Path(weights) if weights is not None else CHECKPOINT
-    with safe_open(str(weights), "pt") as f:
-        saved = json.loads((f.metadata() or {}).get("config", "{}"))
-    vision, feature_layer = saved.get("vision"), saved.get("feature_layer", -1)
+def image_token(cache: str | Path | None = None) -> tuple[int, int]:
+    """``(id of <image>, tokenizer size)`` as :func:`load_tokenizer` gives them, read without loading it: from the
+    cached ``tokenizer.json``, else ``<image>`` added after the GGUF's vocabulary."""
     cache = Path(cache) if cache is not None else LLM_CACHE
     tok = cache / "tokenizer" / "tokenizer.json"
     if tok.is_file():  # the cached tokenizer: <image> as it was added
@@ -293,7 +285,21 @@ def vlm_config(weights: str | Path | None = None, cache: str | Path | None = Non
         image_id, n_tokens = n_tokens, n_tokens + 1
     if image_id is None:
         raise ValueError(f"{tok}: no {IMAGE_TOKEN!r} token")
-    return llava_config(llm_config_dict(cache), image_id, n_tokens, vision, feature_layer)
+    return image_id, n_tokens
+
+
+def vlm_config(weights: str | Path | None = None, cache: str | Path | None = None):
+    """The ``LlavaConfig`` that ``assemble`` gives the VLM of ``weights`` (default: the committed checkpoint),
+    built without loading any weights, the tokenizer or the LLM: the vision config from the checkpoint's metadata,
+    the LLM's from ``llm_config_dict``, and ``<image>`` added after the GGUF's vocabulary, as ``load_tokenizer``
+    adds it. Enough to build the model on the ``meta`` device (e.g. to check a sweep before the first assembly)."""
+    from safetensors import safe_open
+
+    weights = Path(weights) if weights is not None else CHECKPOINT
+    with safe_open(str(weights), "pt") as f:
+        saved = json.loads((f.metadata() or {}).get("config", "{}"))
+    vision, feature_layer = saved.get("vision"), saved.get("feature_layer", -1)
+    return llava_config(llm_config_dict(cache), *image_token(cache), vision, feature_layer)
 
 
 class LoRALinear(nn.Module):

@@ -114,10 +114,11 @@ def open_vlm(model: str | Path = "real_vlm_clip"):
     return vlm.open_vlm(model)
 
 
-def vlm_config(weights: str | Path | None = None, cache: str | Path | None = None):
-    """The ``LlavaConfig`` :func:`assemble` gives the VLM of ``weights`` (default: the committed checkpoint), built
-    without loading weights (see :func:`vtok.bench.vlm.vlm_config`)."""
-    return vlm.vlm_config(weights if weights is not None else CHECKPOINT, cache)
+def vlm_config(cache: str | Path | None = None):
+    """The ``LlavaConfig`` :func:`assemble` gives the VLM, built without loading any weights (the tower's config
+    from its conversion, the LLM's as :func:`vtok.bench.vlm.vlm_config` reads it): enough to build the model on
+    the ``meta`` device, e.g. to check a sweep before the first assembly or before any training."""
+    return vlm.llava_config(vlm.llm_config_dict(cache), *vlm.image_token(cache), vision_config(), FEATURE_LAYER)
 
 
 @torch.no_grad()
