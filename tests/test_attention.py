@@ -7,7 +7,7 @@ from memtools import max_alloc_bytes, nxn_bytes
 
 import vtok
 from vtok.context import Context
-from vtok.pruners.attention import wpr_importance
+from vtok.pruners.zero_tprune import wpr_importance
 
 # (method, options): every attention strategy, FoPru in both modes
 CONFIGS = [

@@ -24,7 +24,7 @@ import torch
 
 import vtok
 from tests.hf_tiny import _one_thread  # noqa: F401  (one intra-op thread for the tiny LLaVA)
-from vtok.pruners.cls_methods import prumerge_budget
+from vtok.pruners.prumerge import prumerge_budget
 
 N = 576
 SEEDS = range(100)

@@ -263,7 +263,7 @@ def test_prumerge_hand_case():
 def test_prumerge_budget_is_the_iqr_outliers():
     import numpy as np
 
-    from vtok.pruners.cls_methods import iqr_outliers, prumerge_budget
+    from vtok.pruners.prumerge import iqr_outliers, prumerge_budget
 
     g = torch.Generator().manual_seed(3)
     cls = torch.softmax(3 * torch.randn(2, 50, generator=g), -1)

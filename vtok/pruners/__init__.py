@@ -3,9 +3,17 @@
 # isort: off
 # Imported for registration, in registration order (the registry's insertion order).
 from vtok.pruners import (  # noqa: F401
-    attention,
+    cls_attn,
+    fopru,
+    hiprune,
+    visionzip,
+    zero_tprune,
+    fastv,
+    pdrop,
     baselines,
-    cls_methods,
+    fastervlm,
+    vispruner,
+    prumerge,
     clustering,
     scope,
     dart,

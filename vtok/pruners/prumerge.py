@@ -1,12 +1,5 @@
-"""Encoder-side [CLS]-attention methods for VLMs (issue #19): FasterVLM, VisPruner, LLaVA-PruMerge / PruMerge+.
-
-All three read the vision encoder's [CLS] attention at the feature layer (``cls_attn``, ``[B, N]`` or per head
-``[B, H, N]``, head-averaged as the authors' code does) and run before the LLM, on the patch features the
-projector receives. Where the authors' public code and the paper text differ, vtok follows the code by default and
-the docstrings say where. Ties go to the lowest token index (the authors use ``torch.topk`` / ``argsort``, whose
-tie order is unspecified). Every strategy returns the identity at ``k == N``.
-
-Shapes: ``B`` batch, ``N`` tokens, ``D`` features, ``H`` heads, ``Dk`` key features.
+"""LLaVA-PruMerge and its variant PruMerge+ (arXiv 2403.15388): [CLS]-attention outliers (PruMerge+: plus
+spatially uniform tokens) kept, every pruned token merged into its most key-similar kept token.
 """
 
 from __future__ import annotations
@@ -14,124 +7,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels import ops
-from vtok.kernels import reference as ref
 from vtok.kernels.reference import acc
+from vtok.pruners._attention import FEATURE_LAYER, head_mean, match_features, rank_order, remaining
 from vtok.pruners._checks import check_fraction, check_k
-from vtok.pruners.attention import _features, _rank_order, _remaining, _scores
-from vtok.pruners.registry import Placement, register
+from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
-
-# The feature layer of LLaVA (CLIP's penultimate block output), where these methods read [CLS] attention.
-_FEATURE_LAYER = Placement(layer=-2, at="output", prop_attn=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FasterVLM
-# ---------------------------------------------------------------------------------------------------------------
-
-@register("fastervlm", family="attention", needs=("cls_attn",), placement=_FEATURE_LAYER,
-          paper="FasterVLM: [CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM "
-                "Inference Faster (arXiv 2412.01818 v1)")
-def fastervlm_select(tokens: Tensor, k: int, ctx: Context) -> Selection:
-    """FasterVLM: keep the ``k`` patch tokens with the highest [CLS] attention at the encoder's feature layer.
-
-    Paper Sec. 3 (the [CLS] attention ``softmax(q_cls K^T / sqrt(d))`` of the layer whose output LLaVA feeds the
-    projector, averaged over heads, ranks the patch tokens; the top ones are kept before the projector). The
-    authors' code reads ``attentions[select_layer]`` (layer −2), row 0 (CLS), patch columns, mean over heads, then
-    ``topk`` and an index mask, so the kept tokens stay in original order — as here. ``tokens [B, N, D]``,
-    ``cls_attn`` ``[B, N]`` / ``[B, H, N]``. The ranking is the same as ``cls_attn``'s; ``fastervlm`` differs in its
-    default placement (the feature layer's output, layer −2, as in the paper).
-    """
-    b, n = tokens.shape[:2]
-    check_k(k, n)
-    if k == n:
-        return Selection.identity(b, n, tokens.device)
-    return Selection(ops.stable_topk(_scores(ctx["cls_attn"]), k), n)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# VisPruner
-# ---------------------------------------------------------------------------------------------------------------
-
-def vispruner_diverse(xn: Tensor, residual: Tensor, count: int, per_step: int = 8) -> Tensor:
-    """VisPruner's duplicate removal: shrink ``residual [B, R]`` (token indices) to ``[B, count]`` diverse ones.
-
-    ``xn [B, N, D]``: L2-normalised features. Each round splits the current residual list alternately
-    (``a`` = even positions, ``b`` = odd positions), scores every ``a`` token by its highest cosine similarity to
-    ``b`` and drops the ``r = min(per_step, R − count, |a|)`` most similar ``a`` tokens; the new list is
-    ``[kept a in descending similarity, b]`` (the authors' order, which the next round's split depends on).
-    Ties: among equally similar ``a`` tokens the earlier one in the list is dropped first. Where one sample's
-    ``N × N`` matrix fits ``reference.GRAM_MAX_ELEMENTS``, its cosine matrix is computed once (one GEMM) and each
-    round reads its ``|a| × |b|`` block; otherwise each round runs ``bmm`` over the batch in column blocks of
-    ``reference.DEFAULT_CHUNK`` (memory ``O(B · |a| · chunk)``).
-    """
-    b, n = xn.shape[:2]
-    if ref.gram_groups(1, n) is not None:  # per sample: one GEMM, then each round reads an |a| x |b| block
-        out = []
-        for i in range(b):
-            gram, res = xn[i] @ xn[i].T, residual[i]
-            while res.shape[0] > count:
-                a_idx, b_idx = res[::2], res[1::2]
-                r = min(per_step, res.shape[0] - count, a_idx.shape[0])
-                sim = gram.index_select(0, b_idx).amax(0)[a_idx]  # symmetric: max over b rows, read at a
-                keep_a = torch.sort(sim, descending=True, stable=True).indices[r:]
-                res = torch.cat([a_idx[keep_a], b_idx])
-            out.append(res)
-        return torch.stack(out)
-    chunk = ref.DEFAULT_CHUNK
-    while residual.shape[1] > count:
-        a_idx, b_idx = residual[:, ::2], residual[:, 1::2]
-        r = min(per_step, residual.shape[1] - count, a_idx.shape[1])
-        xa = gather_tokens(xn, a_idx)
-        sim = torch.stack([torch.bmm(xa, gather_tokens(xn, b_idx[:, c:c + chunk]).transpose(1, 2)).amax(-1)
-                           for c in range(0, b_idx.shape[1], chunk)]).amax(0)  # [B, |a|], O(B·|a|·chunk) memory
-        keep_a = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, r:]
-        residual = torch.cat([a_idx.gather(1, keep_a), b_idx], 1)
-    return residual
-
-
-@register("vispruner", family="attention", needs=("cls_attn",), placement=_FEATURE_LAYER,
-          paper="VisPruner: Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs "
-                "(ICCV 2025; arXiv 2412.01818 v2+, the revised FasterVLM paper)")
-def vispruner_select(tokens: Tensor, k: int, ctx: Context, *, important_ratio: float = 0.5,
-                     per_step: int = 8) -> Selection:
-    """VisPruner: important tokens by [CLS] attention plus diverse tokens left after removing near-duplicates.
-
-    Paper Sec. 4 (method): ``k_imp = floor(important_ratio · k)`` *important* tokens are the top of the
-    head-averaged ``cls_attn`` (``[B, N]`` / ``[B, H, N]``); the other ``N − k_imp`` tokens, in descending attention
-    order, are thinned to ``k − k_imp`` *diverse* tokens by repeated similarity-based duplicate removal
-    (:func:`vispruner_diverse`: alternate split, drop the ``per_step`` tokens most cosine-similar to the other
-    half, repeat), on the tokens themselves (the feature-layer outputs, as the authors' code does).
-
-    Options (the authors' code defaults): ``important_ratio`` in ``[0, 1]`` (``0.5``; ``floor`` as in their
-    ``int(T · r)``), ``per_step`` ≥ 1 tokens removed per round (``8``). Differences from the authors' code: a round
-    never removes more than the ``a`` half holds (their code breaks there for tiny residual lists) and odd-length
-    lists are split ``ceil`` / ``floor`` (their code needs an even length). Returns ``keep [B, k]`` ascending.
-    """
-    b, n = tokens.shape[:2]
-    important_ratio = check_fraction("important_ratio", important_ratio)
-    if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
-        raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
-    check_k(k, n)
-    if k == n:
-        return Selection.identity(b, n, tokens.device)
-    n_imp = min(int(k * important_ratio), k)
-    order = _rank_order(_scores(ctx["cls_attn"]))  # [B, N] descending attention, ties → lowest index
-    if n_imp == k:
-        return Selection.from_indices(order[:, :k], n)
-    xn = F.normalize(acc(tokens), dim=-1)
-    diverse = vispruner_diverse(xn, order[:, n_imp:], k - n_imp, per_step)
-    return Selection.from_indices(torch.cat([order[:, :n_imp], diverse], 1), n)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LLaVA-PruMerge / PruMerge+
-# ---------------------------------------------------------------------------------------------------------------
 
 _PM_MERGE = ("reference", "mean")
 _PM_ORDER = ("reference", "position")
@@ -144,7 +28,7 @@ def iqr_outliers(scores: Tensor, whisker: float = 1.5) -> Tensor:
     linear interpolation (numpy's default ``percentile``, as the authors' code), per sample (the code pools the
     whole batch), in float64 (the code casts to float32 first).
     """
-    s = _scores(scores)
+    s = head_mean(scores)
     q = torch.quantile(s.double(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=s.device), dim=1)  # [2, B]
     upper = q[1] + whisker * (q[1] - q[0])
     return s.double() > upper[:, None]
@@ -173,12 +57,12 @@ def prumerge_budget(cls_attn: Tensor, *, plus: bool = False) -> Tensor:
     :func:`prumerge_select`). At that ``k``, ``prumerge_plus``'s default keeps exactly their tokens. Use it as
     ``keep=int(prumerge_budget(cls_attn)[0])`` for one image (vtok budgets are one ``k`` per call).
     """
-    score = _scores(cls_attn)
+    score = head_mean(cls_attn)
     m = iqr_outliers(score).sum(1).clamp_min(1)
     if not plus:
         return m
     n = score.shape[-1]
-    rank = _rank_order(score)
+    rank = rank_order(score)
     counts = []
     for b, mb in enumerate(m.tolist()):
         top = set(rank[b, :mb].tolist())
@@ -198,7 +82,7 @@ def _plus_picks(score: Tensor, k: int) -> Tensor:
     plus evenly spaced others when it holds fewer."""
     b, n = score.shape
     dev = score.device
-    rank = _rank_order(score)
+    rank = rank_order(score)
     rows = []
     for i, m in enumerate(_outlier_counts(score)):
         d = min(m, k)
@@ -222,12 +106,12 @@ def _plus_picks(score: Tensor, k: int) -> Tensor:
 def _share_picks(score: Tensor, k: int, d: int) -> Tensor:
     """``[B, k]``: the top-``d`` tokens by descending score, then ``k − d`` evenly spaced other tokens ascending."""
     b, n = score.shape
-    rank = _rank_order(score)
+    rank = rank_order(score)
     top = rank[:, :d]
     if k == d:
         return top
     taken = torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, top, True)
-    rest = _remaining(taken, n - d)  # [B, n - d] ascending
+    rest = remaining(taken, n - d)  # [B, n - d] ascending
     pos = (torch.arange(k - d, device=score.device) * (n - d)) // (k - d)  # evenly spaced, first at 0
     return torch.cat([top, rest[:, pos]], 1)
 
@@ -240,17 +124,17 @@ def _prumerge(tokens: Tensor, ctx: Context, picks: Tensor, merge: str, order: st
     dev = tokens.device
     keep, slot_to_out = picks.sort(1)  # [B, k] ascending; slot s is emitted at slot_to_out[s]
     pruned_mask = torch.ones(b, n, dtype=torch.bool, device=dev).scatter_(1, keep, False)
-    pruned = _remaining(~pruned_mask, n - k)  # [B, n - k]
+    pruned = remaining(~pruned_mask, n - k)  # [B, n - k]
     slot = torch.full((b, n), -1, dtype=torch.long, device=dev)
     slot.scatter_(1, keep, torch.arange(k, device=dev).expand(b, k).contiguous())
     keys = ctx.get("keys")
     if keys is not None and keys.dim() == 4:  # [B, H, N, dh] → [B, N, H·dh]: k_proj output, heads concatenated
         feats = acc(keys).permute(0, 2, 1, 3).reshape(b, n, -1)
     else:
-        feats = _features(tokens, ctx)
+        feats = match_features(tokens, ctx)
     _, best = ops.cosine_argmax(gather_tokens(feats, pruned), gather_tokens(feats, keep))  # [B, n - k]
     slot.scatter_(1, pruned, best)
-    a = _scores(ctx["cls_attn"]).to(acc(tokens).dtype)
+    a = head_mean(ctx["cls_attn"]).to(acc(tokens).dtype)
     is_kept = ~pruned_mask
     if merge == "reference":
         coef = torch.where(is_kept, torch.ones_like(a), a)
@@ -274,7 +158,7 @@ def _check_options(merge: object, order: object) -> None:
         raise ValueError(f"order must be one of {list(_PM_ORDER)}, got {order!r}")
 
 
-@register("prumerge", family="attention", needs=("cls_attn",), uses=("keys",), merges=True, placement=_FEATURE_LAYER,
+@register("prumerge", family="attention", needs=("cls_attn",), uses=("keys",), merges=True, placement=FEATURE_LAYER,
           paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (arXiv 2403.15388)")
 def prumerge_select(tokens: Tensor, k: int, ctx: Context, *, merge: str = "reference",
                     order: str = "reference") -> Selection:
@@ -309,11 +193,11 @@ def prumerge_select(tokens: Tensor, k: int, ctx: Context, *, merge: str = "refer
     check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    return _prumerge(tokens, ctx, _rank_order(_scores(ctx["cls_attn"]))[:, :k], merge, order)
+    return _prumerge(tokens, ctx, rank_order(head_mean(ctx["cls_attn"]))[:, :k], merge, order)
 
 
 @register("prumerge_plus", family="attention", needs=("cls_attn",), uses=("keys",), merges=True,
-          placement=_FEATURE_LAYER,
+          placement=FEATURE_LAYER,
           paper="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models, PruMerge+ "
                 "(arXiv 2403.15388)")
 def prumerge_plus_select(tokens: Tensor, k: int, ctx: Context, *, outlier_share: float | None = None,
@@ -341,7 +225,7 @@ def prumerge_plus_select(tokens: Tensor, k: int, ctx: Context, *, outlier_share:
     check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)
-    score = _scores(ctx["cls_attn"])
+    score = head_mean(ctx["cls_attn"])
     if share is None:
         picks = _plus_picks(score, k)
     else:
