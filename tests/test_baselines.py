@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import vtok
 from vtok.context import Context
-from vtok.pruners.baselines import pool_grid
+from vtok.pruners._grid import pool_grid
 
 BASELINES = ["random", "uniform", "pool2d"]
 

@@ -16,7 +16,8 @@ from test_hf_qwen import _greedy_reference, _lm_logits, _reindex_reference  # no
 import vtok  # noqa: E402
 from tests.hf_tiny import image_features  # noqa: E402
 from vtok.hooks.hf import _resize, stats, unwrap, wrap  # noqa: E402
-from vtok.pruners.baselines import _bins, pool_grid  # noqa: E402
+from vtok.pruners._grid import grid_bins as _bins  # noqa: E402
+from vtok.pruners._grid import pool_grid  # noqa: E402
 
 # the Qwen tests' fixtures: both tiny families (module scope), one intra-op thread
 model, _one_thread = test_hf_qwen.model, test_hf_qwen._one_thread

@@ -20,7 +20,7 @@ from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners._checks import check_int, check_real
-from vtok.pruners.baselines import _bins, pool_grid
+from vtok.pruners._grid import grid_bins, pool_grid
 from vtok.pruners.registry import get, register
 from vtok.selection import Selection
 
@@ -543,9 +543,9 @@ def temporal_pool(tokens: Tensor, k: int, ctx: Context, *, window: int | None = 
         return Selection.identity(b, n, tokens.device)
     ot, oh, ow = pool_shape(t, h, w, k, window=window, spatial=bool(spatial))
     dev = tokens.device
-    tc, tm = _bins(t, ot, dev)
-    rc, rm = _bins(h, oh, dev)
-    cc, cm = _bins(w, ow, dev)
+    tc, tm = grid_bins(t, ot, dev)
+    rc, rm = grid_bins(h, oh, dev)
+    cc, cm = grid_bins(w, ow, dev)
     assign = ((tc[:, None, None] * oh + rc[None, :, None]) * ow + cc[None, None, :]).reshape(n)
     keep = ((tm[:, None, None] * h + rm[None, :, None]) * w + cm[None, None, :]).reshape(k)
     return Selection(keep.expand(b, k).contiguous(), n, assign.expand(b, n).contiguous())

@@ -44,7 +44,7 @@ def resize_rows(rows: Tensor, thw: tuple[int, int, int], out_hw: tuple[int, int]
 def spread(small: Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:
     """Tokens ``small [t·oh·ow, D]`` of the ``(oh, ow)`` grid placed over the ``(h, w)`` grid: every token of a
     ``pool2d`` cell gets its cell's token, so the cell's average is that token → ``[t·h·w, D]``."""
-    from vtok.pruners.baselines import _bins
+    from vtok.pruners._grid import grid_bins as _bins
 
     h, w = grid
     oh, ow = out_grid

@@ -40,7 +40,7 @@ from vtok.budget import resolve_k
 from vtok.hooks.hf import _resize, _vision, register_adapter
 from vtok.hooks.hf._runtime import ImageRecord
 from vtok.pruners import get as get_method
-from vtok.pruners.baselines import pool_grid
+from vtok.pruners._grid import pool_grid
 
 
 def _rotate_half(x: Tensor) -> Tensor:
