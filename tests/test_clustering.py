@@ -13,7 +13,7 @@ import vtok
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as R
-from vtok.pruners.clustering import kmeans_pp_init
+from vtok.pruners.kmeans import kmeans_pp_init
 
 METHODS = ["tome", "kmeans", "kmedoids", "dpc_knn"]
 MERGING = ["tome", "kmeans", "dpc_knn"]

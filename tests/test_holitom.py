@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
-from vtok.pruners.clustering import dpc_knn
+from vtok.pruners.dpc_knn import dpc_knn
 from vtok.pruners.holitom import holitom_segments, static_counts
 
 

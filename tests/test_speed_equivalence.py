@@ -151,7 +151,7 @@ def test_density_peaks_and_medoids_unchanged():
 
 
 def test_incremental_medoid_costs_are_the_full_sums():
-    from vtok.pruners.clustering import _member_costs
+    from vtok.pruners.kmedoids import _member_costs
 
     for dtype in (torch.float32, torch.float64):
         x = _inputs(700, dtype, seed=9, b=2, d=40)

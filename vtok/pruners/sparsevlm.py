@@ -30,7 +30,7 @@ from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners._checks import check_int, check_k, check_real
-from vtok.pruners.clustering import dpc_knn
+from vtok.pruners.dpc_knn import dpc_knn
 from vtok.pruners.registry import Placement, register
 from vtok.selection import Selection
 
