@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtok.kernels.reference import pairwise_distance, pairwise_distance_native, stable_topk, upcast_half
-from vtok.pruners.diversity import _central_token, _cls_scores, task_relevance
+from vtok.pruners.todre import _central_token, _cls_scores, task_relevance
 from vtok.selection import Selection, gather_tokens
 
 CHUNK = 256
