@@ -1,4 +1,5 @@
-"""Temporal strategies (vtok/pruners/temporal.py): hand-computed cases, explicit references, and real decoded videos
+"""Temporal strategies (vtok/pruners/{frame_merge,segment_cluster,per_frame,query_budget,temporal_pool}.py and their
+helpers in _video.py): hand-computed cases, explicit references, and real decoded videos
 (written by PyAV here) with a frozen stretch and a scene cut. The generic contract (exact budget, keep-all identity,
 batch = one by one, determinism) is checked for them in tests/test_all_methods.py."""
 
@@ -13,7 +14,10 @@ from hypothesis import strategies as st
 import vtok
 import vtok.video as V
 from vtok.images import patchify
-from vtok.pruners.temporal import allocate, even_budgets, frame_similarity, query_budgets, segment_frames
+from vtok.pruners._video import allocate
+from vtok.pruners.per_frame import even_budgets
+from vtok.pruners.query_budget import query_budgets
+from vtok.pruners.segment_cluster import frame_similarity, segment_frames
 from vtok.video.synthetic import write_video
 
 PATCH = 16
@@ -366,7 +370,7 @@ def test_frame_merge_equals_loop_reference(t, p, window, seed, data):
 @given(st.integers(1, 7), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1), st.data())
 def test_temporal_pool_equals_loop_reference_uneven_bins(t, h, w, seed, data):
     """Bins ``[floor(i·S/o), floor((i+1)·S/o))`` on every axis, one output per (time, row, column) cell, its mean."""
-    from vtok.pruners.temporal import pool_shape
+    from vtok.pruners.temporal_pool import pool_shape
 
     n = t * h * w
     k = data.draw(st.integers(1, n))

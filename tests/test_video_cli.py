@@ -113,7 +113,7 @@ def test_open_clip_text_scores_drive_query_budget(clip):
     emb = encoded.features["embed"]
     scores = enc.text_scores("a red circle", emb)
     counts = torch.bincount(res.selection.keep[0] // (res.before // 4), minlength=4)
-    from vtok.pruners.temporal import query_budgets
+    from vtok.pruners.query_budget import query_budgets
 
     assert torch.equal(counts, query_budgets(scores[None], res.after, res.before // 4, 0.25)[0])
     with pytest.raises(ValueError, match="open_clip"):

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels.reference import acc
+from vtok.pruners._video import frame_layout
 from vtok.pruners.registry import register
-from vtok.pruners.temporal import frame_layout
 from vtok.selection import Selection
 
 EVS = "EVS: Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM Inference (arXiv 2510.14624)"

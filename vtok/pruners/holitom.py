@@ -30,10 +30,10 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels.reference import acc, acc_dtype
 from vtok.pruners._checks import check_int, check_k, check_real
+from vtok.pruners._video import allocate, frame_layout
 from vtok.pruners.dpc_knn import dpc_knn
 from vtok.pruners.fastv import fastv_select
 from vtok.pruners.registry import Placement, register
-from vtok.pruners.temporal import allocate, frame_layout
 from vtok.selection import Selection, gather_tokens
 
 HOLITOM = "HoliTom: Holistic Token Merging for Fast Video Large Language Models (arXiv 2505.21334)"

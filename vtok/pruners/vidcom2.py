@@ -10,8 +10,8 @@ from torch import Tensor
 
 from vtok.context import Context
 from vtok.kernels.reference import acc
+from vtok.pruners._video import allocate, frame_layout
 from vtok.pruners.registry import register
-from vtok.pruners.temporal import allocate, frame_layout
 from vtok.selection import Selection
 
 VIDCOM2 = ("VidCom2: Video Compression Commander: Plug-and-Play Inference Acceleration for Video Large Language "
