@@ -192,3 +192,33 @@ def test_methods_of_an_unknown_family_is_refused():
     with pytest.raises(ValueError, match="family must be one of"):
         vtok.methods("bogus")
     assert vtok.methods("temporal") and all(m.family == "temporal" for m in vtok.methods("temporal"))
+
+
+def test_each_method_lives_in_the_module_named_after_it():
+    """Issue #32: ``vtok/pruners/<name>.py``, or ``<base>.py`` for a variant / other stage ``<base>_<suffix>`` of a
+    registered method ``<base>`` (the rule in ``vtok/pruners/__init__.py``); ``Method.source`` names the file."""
+    names = {m.name for m in vtok.methods()}
+    for m in vtok.methods():
+        folder, _, stem = m.source.removesuffix(".py").rpartition("/")
+        assert folder == "vtok/pruners", (m.name, m.source)
+        assert stem == m.name or (m.name.startswith(stem + "_") and stem in names), (m.name, m.source)
+    assert vtok.get_method("visionzip").source == "vtok/pruners/visionzip.py"
+    assert vtok.get_method("prumerge_plus").source == "vtok/pruners/prumerge.py"
+
+
+def test_source_of_a_method_defined_elsewhere():
+    """Outside the package the path is absolute; without a file (``exec``) it is ``None``."""
+    from pathlib import Path
+
+    from vtok.pruners.registry import Method
+
+    def local(tokens, k, ctx):
+        return None
+
+    def method(fn):
+        return Method("x", fn, "baseline", frozenset(), frozenset(), "p", False, "", {})
+
+    assert method(local).source == str(Path(__file__).resolve())
+    ns: dict = {}
+    exec("def built(tokens, k, ctx):\n    return None\n", ns)
+    assert method(ns["built"]).source is None

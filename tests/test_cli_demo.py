@@ -16,6 +16,22 @@ def test_methods_command_prints_table():
     assert "pool2d" in res.output and "random" in res.output and "family" in res.output
 
 
+def test_methods_command_shows_each_method_source_file():
+    """Issue #32: a ``source`` column names the file of every method, e.g. ``vtok/pruners/visionzip.py`` on
+    visionzip's row (``prumerge_plus``: ``prumerge.py``, the module of its base method)."""
+    import vtok
+
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    assert "source" in res.output
+    rows = {line.split("│")[1].strip(): line for line in res.output.splitlines() if line.startswith("│ ")
+            and line.split("│")[1].strip()}
+    for m in vtok.methods():
+        assert m.source in rows[m.name], (m.name, m.source)
+    assert "vtok/pruners/visionzip.py" in rows["visionzip"]
+    assert "vtok/pruners/prumerge.py" in rows["prumerge_plus"]
+
+
 def test_demo_command_writes_png(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--size", "64", "--keep", "0.5"])
     assert res.exit_code == 0, res.output

@@ -27,18 +27,19 @@ def _refuse(message: str) -> NoReturn:
 @app.command("methods")
 def methods_cmd(family: str = typer.Option(None, help="Only this family (baseline, attention, transition, "
                                            "diversity, clustering, temporal).")) -> None:
-    """List every registered strategy: family, context it needs, its position ids in a wrapped VLM, paper."""
+    """List every registered strategy: family, source file, context it needs, its position ids in a wrapped VLM,
+    paper."""
     import vtok
     from vtok.pruners.registry import FAMILIES
 
     if family is not None and family not in FAMILIES:
         _refuse(f"--family {family}: no such family; choose one of {', '.join(FAMILIES)}")
     table = Table(title="vtok strategies")
-    for col in ("method", "family", "needs", "uses", "merges", "vlm pos", "paper"):
-        table.add_column(col, overflow="fold")
+    for col in ("method", "family", "source", "needs", "uses", "merges", "vlm pos", "paper"):
+        table.add_column(col, overflow="fold", no_wrap=col == "source")
     for m in vtok.methods(family):
-        table.add_row(m.name, m.family, ", ".join(sorted(m.needs)) or "-", ", ".join(sorted(m.uses)) or "-",
-                      "yes" if m.merges else "", m.placement.positions, m.paper)
+        table.add_row(m.name, m.family, m.source or "-", ", ".join(sorted(m.needs)) or "-",
+                      ", ".join(sorted(m.uses)) or "-", "yes" if m.merges else "", m.placement.positions, m.paper)
     console.print(table)
 
 

@@ -9,9 +9,12 @@ import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vtok.context import CONTEXT_KEYS
 from vtok.selection import Selection
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # the vtok package folder
 
 FAMILIES = ("baseline", "attention", "transition", "diversity", "clustering", "temporal")
 
@@ -91,6 +94,22 @@ class Method:
         if self.fewest_fn is None:
             return 1
         return int(self.fewest_fn(n, dict(ctx or {}), **{**self.options, **options}))
+
+    @property
+    def source(self) -> str | None:
+        """The file that defines this method's function: ``"vtok/pruners/<name>.py"`` (a variant ``<base>_<suffix>``:
+        ``<base>.py``) for vtok's own methods, relative to the folder holding the package; the absolute path for a
+        method registered elsewhere; ``None`` where Python cannot tell (e.g. a function built by ``exec``)."""
+        try:
+            path = inspect.getsourcefile(inspect.unwrap(self.fn))
+        except TypeError:
+            return None
+        if path is None:
+            return None
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(_PACKAGE):
+            return (Path(_PACKAGE.name) / resolved.relative_to(_PACKAGE)).as_posix()
+        return str(resolved)
 
 
 _REGISTRY: dict[str, Method] = {}
