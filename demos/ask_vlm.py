@@ -1,6 +1,7 @@
 """Ask the small VLM about a held-out scene, with fewer visual tokens, and see which patches it kept.
 
     python demos/ask_vlm.py              # the VLM on the real CLIP ViT-B/16 (vtok.bench.load_clip_vlm()), scene 0
+                                         # (the 64-token one while the CLIP VLM's weights are not committed)
     python demos/ask_vlm.py --scene 7 --methods random,divprune,fastv --keeps 1.0,0.25,0.11
     python demos/ask_vlm.py --vlm fmnist   # the older 64-token VLM (vtok.bench.load_vlm())
     python demos/ask_vlm.py --vlm clip --model outputs/vlm/llava-smollm2-clip   # an assembled folder
@@ -73,8 +74,9 @@ def draw(scene: np.ndarray, rows: list[tuple[str, float, list[int], str]], out: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vlm", choices=("clip", "fmnist"), default="clip",
-                   help="clip: the VLM on the real CLIP ViT-B/16 (196 tokens); fmnist: the older 64-token one")
+    p.add_argument("--vlm", choices=("clip", "fmnist"), default=None,
+                   help="clip: the VLM on the real CLIP ViT-B/16 (196 tokens); fmnist: the older 64-token one "
+                        "(default: clip when its trained weights are committed, else fmnist)")
     p.add_argument("--model", default=None, help="an assembled folder of that VLM (default: the committed one)")
     p.add_argument("--scene", type=int, default=0, help="held-out scene index")
     p.add_argument("--methods", default="random,pool2d,divprune,fastv")
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from vtok.bench import clip_scenes, vlm, vlm_clip
     from vtok.bench import vlm_task as task
 
+    if args.vlm is None:
+        args.vlm = "clip" if vlm_clip.CHECKPOINT.exists() else "fmnist"
+        print(f"ask_vlm: the {args.vlm} VLM")
     bench, scenes, default = ((vlm_clip, clip_scenes, "real_vlm_clip") if args.vlm == "clip"
                               else (vlm, task, "real_vlm"))
     try:

@@ -133,7 +133,7 @@ def test_sweep_task_runs_pruning_on_the_clip_vlm(trained, tmp_path):
 
 
 def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
-    """demos/ask_vlm.py (its default, the CLIP VLM) on the tiny assembled folder: answers, 196-token budgets, PNG."""
+    """demos/ask_vlm.py --vlm clip on the tiny assembled folder: answers, 196-token budgets, PNG."""
     import importlib.util as iu
 
     from benchmark_loader import ROOT
@@ -141,7 +141,7 @@ def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
     spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
     demo = iu.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    rows = demo.main(["--model", str(trained[0] / "a" / "assembled"), "--methods", "random,fastv",
+    rows = demo.main(["--vlm", "clip", "--model", str(trained[0] / "a" / "assembled"), "--methods", "random,fastv",
                       "--keeps", "1.0,0.25", "--out", str(tmp_path / "out")])
     assert [(r["method"], r["keep"], r["kept"]) for r in rows] == [("random", 1.0, 196), ("random", 0.25, 49),
                                                                     ("fastv", 1.0, 196), ("fastv", 0.25, 49)]
