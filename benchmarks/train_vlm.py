@@ -211,10 +211,13 @@ def train_stage1(cfg: Config, log: Log) -> tuple[Stage1, int]:
 
 
 # ------------------------------------------------------------------ stage 2: projector + LoRA through the LLM
-def init_projector(model, stage1: Stage1, tokenizer, seed: int) -> None:
-    """Projector start: hidden units 0–7 = the stage-1 cell logits (7 classes + empty), mapped by ``linear_2`` onto
-    the LLM's embeddings of the class words (" nothing" for empty) scaled to one embedding at a typical logit;
-    units 8–15 = row / column logits; the other units random at 1/10 of the default scale."""
+def seed_projector(model, weight: torch.Tensor, bias: torch.Tensor, cell_logits: torch.Tensor, tokenizer,
+                   seed: int) -> None:
+    """Projector start from token heads ``weight [k, d]`` / ``bias [k]`` whose first 8 rows are class logits (7
+    classes + empty) and the rest row / column logits: hidden units ``0 … k−1`` = those logits, units 0–7 mapped by
+    ``linear_2`` onto the LLM's embeddings of the class words (" nothing" for empty), scaled to one embedding at a
+    typical logit (the mean GELU of the top class logit in ``cell_logits [.., 8]``); the other units random at 1/10
+    of the default scale."""
     proj = model.model.multi_modal_projector
     g = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight
@@ -223,17 +226,22 @@ def init_projector(model, stage1: Stage1, tokenizer, seed: int) -> None:
             bound = 1.0 / math.sqrt(lin.in_features)
             lin.weight.uniform_(-bound, bound, generator=g).mul_(0.1)
             lin.bias.zero_()
-        heads = torch.cat([stage1.cell.weight, stage1.row.weight, stage1.col.weight])
-        bias = torch.cat([stage1.cell.bias, stage1.row.bias, stage1.col.bias])
-        k = len(heads)
-        proj.linear_1.weight[:k] = heads
+        k = len(weight)
+        proj.linear_1.weight[:k] = weight
         proj.linear_1.bias[:k] = bias
-        pix = stage1_batch(seed + 1, 0, 16)[0]
-        logits = stage1.cell(stage1.features(pix)[:, 1:])
-        typical = float(F.gelu(logits.max(-1).values).mean().clamp_min(1.0))
+        typical = float(F.gelu(cell_logits.max(-1).values).mean().clamp_min(1.0))
         ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in (*task.WORDS, task.NOTHING)]
         proj.linear_2.weight[:, :len(ids)] = emb[ids].t() / typical
         proj.linear_2.weight[:, len(ids):k] = 0.0
+
+
+def init_projector(model, stage1: Stage1, tokenizer, seed: int) -> None:
+    """:func:`seed_projector` from the stage-1 cell / row / column heads (the typical logit read on 16 scenes)."""
+    with torch.no_grad():
+        heads = torch.cat([stage1.cell.weight, stage1.row.weight, stage1.col.weight])
+        bias = torch.cat([stage1.cell.bias, stage1.row.bias, stage1.col.bias])
+        logits = stage1.cell(stage1.features(stage1_batch(seed + 1, 0, 16)[0])[:, 1:])
+    seed_projector(model, heads, bias, logits, tokenizer, seed)
 
 
 def scene_questions(scene: task.Scene, seed: int, index: int, n: int) -> list[tuple[str, str]]:
@@ -286,14 +294,16 @@ def trainable(model) -> dict[str, nn.Parameter]:
             if k.startswith("model.multi_modal_projector.") or ".lora_" in k}
 
 
-def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16) -> dict:
-    """Exact-match accuracy (overall and per question type) of greedy answers through the chat template."""
+def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16, ask=None) -> dict:
+    """Exact-match accuracy (overall and per question type) of greedy answers through the chat template
+    (``ask(model, processor, images, questions)``, default :func:`vtok.bench.vlm.answer`)."""
+    ask = ask or vlm.answer
     model.eval()
     hits: dict[str, list[int]] = {}
     allh, preds = [], []
     for s in range(0, len(scenes), batch):
         chunk = scenes[s:s + batch]
-        out = vlm.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
+        out = ask(model, processor, [c.image for c in chunk], [c.question for c in chunk])
         for c, p in zip(chunk, out, strict=True):
             hit = int(task.exact_match(p, c.answer))
             hits.setdefault(c.qtype, []).append(hit)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_vlm import Log, atomic_save, check_resume, lr_factor, stage2_texts, trainable
+from benchmarks.train_vlm import (
+    Log,
+    atomic_save,
+    check_resume,
+    evaluate,
+    lr_factor,
+    seed_projector,
+    stage2_texts,
+    trainable,
+)
 from vtok.bench import clip_scenes as cs
 from vtok.bench import vlm, vlm_clip
 from vtok.bench import vlm_task as task
@@ -198,27 +206,13 @@ def train_stage1(cfg: Config, work: Path, log: Log) -> Heads:
 
 
 def init_projector(model, heads: Heads, feats: torch.Tensor, tokenizer, seed: int) -> None:
-    """Projector start: hidden units 0–7 = the stage-1 class logits (" nothing" for background) mapped by
-    ``linear_2`` onto the LLM's embeddings of the class words, scaled to one embedding at a typical logit; units
-    8–15 = row / column logits; the others random at 1/10 of the default scale (as ``train_vlm.init_projector``)."""
-    proj = model.model.multi_modal_projector
-    g = torch.Generator().manual_seed(seed)
-    emb = model.get_input_embeddings().weight
+    """``train_vlm.seed_projector`` from the stage-1 heads: hidden units 0–7 = the class logits mapped onto the
+    LLM's embeddings of the class words, 8–15 = row / column logits, the rest random at 1/10 scale."""
     with torch.no_grad():
-        for lin in (proj.linear_1, proj.linear_2):
-            bound = 1.0 / math.sqrt(lin.in_features)
-            lin.weight.uniform_(-bound, bound, generator=g).mul_(0.1)
-            lin.bias.zero_()
         w = torch.cat([heads.cell.weight, heads.row.weight, heads.col.weight])
         b = torch.cat([heads.cell.bias, heads.row.bias, heads.col.bias])
-        k = len(w)
-        proj.linear_1.weight[:k] = w
-        proj.linear_1.bias[:k] = b
         logits = heads.cell(feats[:16, 1:].float())
-        typical = float(F.gelu(logits.max(-1).values).mean().clamp_min(1.0))
-        ids = [tokenizer.encode(" " + word, add_special_tokens=False)[0] for word in (*task.WORDS, task.NOTHING)]
-        proj.linear_2.weight[:, :len(ids)] = emb[ids].t() / typical
-        proj.linear_2.weight[:, len(ids):k] = 0.0
+    seed_projector(model, w, b, logits, tokenizer, seed)
 
 
 # ------------------------------------------------------------------ 3. stage 2: projector + LoRA through the LLM
@@ -334,24 +328,6 @@ def train_stage2(cfg: Config, work: Path, heads: Heads, llm, tokenizer, log: Log
     return model, True
 
 
-# ------------------------------------------------------------------ 4. evaluation through the assembled model
-def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16) -> dict:
-    """Exact-match accuracy (overall and per question type) of greedy answers through the chat template."""
-    model.eval()
-    hits: dict[str, list[int]] = {}
-    allh, preds = [], []
-    for s in range(0, len(scenes), batch):
-        chunk = scenes[s:s + batch]
-        out = vlm_clip.answer(model, processor, [c.image for c in chunk], [c.question for c in chunk])
-        for c, p in zip(chunk, out, strict=True):
-            hit = int(task.exact_match(p, c.answer))
-            hits.setdefault(c.qtype, []).append(hit)
-            allh.append(hit)
-            preds.append(task.normalize_answer(p))
-    return {"accuracy": sum(allh) / len(allh), "n": len(allh), "accuracy_first200": float(np.mean(allh[:200])),
-            "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())}, "answers_first50": preds[:50]}
-
-
 def main(argv: list[str] | None = None, llm=None, tokenizer=None, tower=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
@@ -383,7 +359,7 @@ def main(argv: list[str] | None = None, llm=None, tokenizer=None, tower=None) ->
     full, processor = vlm_clip.load_clip_vlm(folder, weights=trained)
     t0 = time.perf_counter()
     scenes = cs.heldout(cfg.eval_n)
-    res = evaluate(full, processor, scenes)
+    res = evaluate(full, processor, scenes, ask=vlm_clip.answer)
     res["chance"] = task.chance_levels(scenes)
     res["eval_s"] = time.perf_counter() - t0
     res["config"] = dataclasses.asdict(cfg)

@@ -406,9 +406,12 @@ def load_trained(model, state: dict[str, Tensor], config: dict) -> Any:
     return model
 
 
-def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None) -> Path:
+def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None, build=None,
+             processor=None) -> Path:
     """Write a complete LLaVA folder (model with LoRA merged + processor with chat template) from the trained
-    ``weights`` and the LLM; skipped when ``folder`` already holds this exact ``weights`` file."""
+    ``weights`` and the LLM; skipped when ``folder`` already holds this exact ``weights`` file. ``build(llm,
+    tokenizer, config)`` makes the untrained model (default: :func:`build_vlm` with the saved vision config) and
+    ``processor(tokenizer)`` its processor (default: :func:`build_processor`)."""
     folder, weights = Path(folder), Path(weights)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     stamp = folder / "vtok_weights.json"
@@ -417,31 +420,39 @@ def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None) 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     llm = llm if llm is not None else load_llm()
     state, config, meta = read_trained(weights)
-    model = build_vlm(llm, tokenizer, vision=config.get("vision"))
+    if build is None:
+        model = build_vlm(llm, tokenizer, vision=config.get("vision"))
+    else:
+        model = build(llm, tokenizer, config)
     load_trained(model, state, config)
     merge_lora(model)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    build_processor(tokenizer).save_pretrained(folder)
+    (processor or build_processor)(tokenizer).save_pretrained(folder)
     stamp.write_text(json.dumps({"sha256": digest, "weights": str(weights), "meta": meta}, indent=1))
     return folder
+
+
+def load_assembled(path: Path, weights: Path, assemble_fn, missing: str):
+    """``(model, processor)`` from the folder ``path``, assembled from ``weights`` by ``assemble_fn(path, weights)``
+    when they exist; ``FileNotFoundError`` (``missing`` says how to train them) when neither exists."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if weights.exists():
+        assemble_fn(path, weights)
+    elif not (path / "config.json").exists():
+        raise FileNotFoundError(f"no trained VLM weights at {weights}; {missing}")
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(str(path))
 
 
 def load_vlm(path: str | Path | None = None, weights: str | Path | None = None):
     """``(model, processor)`` of the trained VLM: ``path`` (default ``outputs/vlm/llava-smollm2-fmnist``) is
     assembled from ``weights`` (default: the committed checkpoint) when needed, then loaded with
     ``from_pretrained``. Raises ``FileNotFoundError`` naming ``make vlm`` when no trained weights exist."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    path = Path(path) if path is not None else VLM_FOLDER
-    weights = Path(weights) if weights is not None else CHECKPOINT
-    if weights.exists():
-        assemble(path, weights)
-    elif not (path / "config.json").exists():
-        raise FileNotFoundError(f"no trained VLM weights at {weights}; train them with `make vlm` "
-                                "(benchmarks/train_vlm.py)")
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(str(path))
+    return load_assembled(Path(path) if path is not None else VLM_FOLDER,
+                          Path(weights) if weights is not None else CHECKPOINT, assemble,
+                          "train them with `make vlm` (benchmarks/train_vlm.py)")
 
 
 def open_vlm(model: str | Path = "real_vlm"):
@@ -462,13 +473,13 @@ def prompt(question: str) -> list[dict]:
 
 @torch.no_grad()
 def answer(model, processor, images: list, questions: list[str], max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers of ``model`` to ``questions`` about ``images`` (uint8 ``[112, 112]`` scenes), through the
-    processor's chat template, batched with left padding."""
+    """Greedy answers of ``model`` to ``questions`` about ``images`` (uint8 scenes, grey ``[H, W]`` or RGB
+    ``[H, W, 3]``), through the processor's chat template, batched with left padding."""
     if len(images) != len(questions):
         raise ValueError(f"images and questions must have the same length, got {len(images)} and {len(questions)}")
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(prompt(q), add_generation_prompt=True) for q in questions]
-    rgb = [task.to_rgb(im) for im in images]
+    rgb = [task.to_rgb(im) if im.ndim == 2 else im for im in images]
     inputs = processor(images=rgb, text=texts, return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

