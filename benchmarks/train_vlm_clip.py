@@ -17,7 +17,8 @@ LLaVA-1.5's recipe with the tower frozen, so its features are computed once:
    autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is ``(s·batch + i) mod train_n``, its questions are
    drawn afresh each pass over the scenes (a pure function of seed, scene, pass). State saved every
    ``--save-every`` steps (atomically); every ``--eval-every`` steps, teacher-forced accuracy on 200 cached held-out
-   scenes (all answer tokens argmax-correct).
+   scenes (all answer tokens argmax-correct). To train further on a new schedule, copy ``stage1.pt`` and
+   ``features/`` into a new ``--work`` and pass ``--init <old work>/stage2_last.pt``.
 4. **Evaluation**: the LLaVA folder is assembled (real tower, LoRA merged), loaded with ``from_pretrained`` and asked
    ``--eval-n`` held-out questions with greedy ``generate`` in fp32; the result goes to ``--work/eval.json`` and into
    the ``--out`` checkpoint's metadata.
@@ -71,6 +72,7 @@ class Config:
     lr_lora: float = 1e-3
     lora_r: int = 8
     warmup: int = 50
+    init: str | None = None  # stage 2 starts from this run's projector + LoRA (a stage2_last.pt or --out file)
     work: str = "outputs/vlm_clip/train"
     out: str = str(vlm_clip.CHECKPOINT)
     save_every: int = 25
@@ -263,7 +265,18 @@ def build_stage2(cfg: Config, heads: Heads, feats: torch.Tensor, llm, tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
     vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed)
-    for p in trainable(model).values():
+    params = trainable(model)
+    if cfg.init:
+        if cfg.init.endswith(".safetensors"):
+            state = {k: v for k, v in vlm.read_trained(cfg.init)[0].items() if k in params}
+        else:
+            state = torch.load(cfg.init, weights_only=False)["trainable"]
+        if set(state) != set(params):
+            raise ValueError(f"--init {cfg.init}: its projector / LoRA keys do not match this model")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+    for p in params.values():
         p.requires_grad_(True)
     return model
 

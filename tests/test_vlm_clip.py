@@ -146,3 +146,22 @@ def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
     assert [(r["method"], r["keep"], r["kept"]) for r in rows] == [("random", 1.0, 196), ("random", 0.25, 49),
                                                                     ("fastv", 1.0, 196), ("fastv", 0.25, 49)]
     assert (tmp_path / "out" / "vlm_kept_patches.png").exists()
+
+
+def test_init_continues_from_a_finished_run(trained, tokenizer, tmp_path):
+    """``--init``: a new run (its own schedule, the old run's features and stage 1) starts stage 2 from the old
+    run's projector + LoRA."""
+    train = load_benchmark("train_vlm_clip")
+    old = trained[0] / "a"
+    (tmp_path / "c").mkdir()
+    shutil.copytree(old / "features", tmp_path / "c" / "features")
+    shutil.copy(old / "stage1.pt", tmp_path / "c" / "stage1.pt")
+    with pytest.raises(SystemExit):
+        train.main([*_args(tmp_path / "c", tmp_path / "c.safetensors"), "--init", str(old / "stage2_last.pt"),
+                    "--steps2", "8", "--stop-after", "0"], llm=tiny_llm(tokenizer), tokenizer=tokenizer)
+    started = torch.load(tmp_path / "c" / "stage2_last.pt", weights_only=False)
+    done = torch.load(old / "stage2_last.pt", weights_only=False)
+    assert started["step"] == 0 and started["trainable"].keys() == done["trainable"].keys()
+    for k, v in started["trainable"].items():
+        assert torch.equal(v, done["trainable"][k]), k
+    assert "features" not in (tmp_path / "c" / "log.txt").read_text()  # nothing recomputed
