@@ -313,6 +313,20 @@ def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16, ask=No
             "per_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())}, "answers_first50": preds[:50]}
 
 
+def copy_init(params: dict[str, nn.Parameter], init: str) -> None:
+    """Copy a previous run's projector + LoRA (``--init``: a ``stage2_last.pt`` or a saved ``.safetensors``) into
+    ``params``; ``ValueError`` when its keys differ."""
+    if init.endswith(".safetensors"):
+        state = {k: v for k, v in vlm.read_trained(init)[0].items() if k in params}
+    else:
+        state = torch.load(init, weights_only=False)["trainable"]
+    if set(state) != set(params):
+        raise ValueError(f"--init {init}: its projector / LoRA keys do not match this model")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
 def build_stage2(cfg: Config, stage1: Stage1, llm, tokenizer):
     torch.manual_seed(cfg.seed)
     model = vlm.build_vlm(llm, tokenizer, vision=cfg.vision, seed=cfg.seed)
@@ -323,15 +337,7 @@ def build_stage2(cfg: Config, stage1: Stage1, llm, tokenizer):
     vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed)
     params = trainable(model)
     if cfg.init:
-        if cfg.init.endswith(".safetensors"):
-            state = {k: v for k, v in vlm.read_trained(cfg.init)[0].items() if k in params}
-        else:
-            state = torch.load(cfg.init, weights_only=False)["trainable"]
-        if set(state) != set(params):
-            raise ValueError(f"--init {cfg.init}: its projector / LoRA keys do not match this model")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        copy_init(params, cfg.init)
     for p in params.values():
         p.requires_grad_(True)
     return model

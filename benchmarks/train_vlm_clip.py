@@ -42,6 +42,7 @@ from benchmarks.train_vlm import (
     Log,
     atomic_save,
     check_resume,
+    copy_init,
     evaluate,
     lr_factor,
     seed_projector,
@@ -267,15 +268,7 @@ def build_stage2(cfg: Config, heads: Heads, feats: torch.Tensor, llm, tokenizer)
     vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed)
     params = trainable(model)
     if cfg.init:
-        if cfg.init.endswith(".safetensors"):
-            state = {k: v for k, v in vlm.read_trained(cfg.init)[0].items() if k in params}
-        else:
-            state = torch.load(cfg.init, weights_only=False)["trainable"]
-        if set(state) != set(params):
-            raise ValueError(f"--init {cfg.init}: its projector / LoRA keys do not match this model")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        copy_init(params, cfg.init)
     for p in params.values():
         p.requires_grad_(True)
     return model
