@@ -228,9 +228,11 @@ def conversations(cells: torch.Tensor, qa: list, seed: int, index: int, n: int, 
     return own + [task.ask(c, rng)[:2] for _ in range(n - len(own))]
 
 
-def features_loss(model, tokenizer, feats: torch.Tensor, convs: list[list[tuple[str, str]]]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens, the image tokens being ``projector(feats[:, 1:])`` (LLaVA's
-    ``default`` select strategy: [CLS] dropped) placed as ``LlavaModel`` places them."""
+def features_loss(model, tokenizer, feats: torch.Tensor,
+                  convs: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(loss, (logits [S, V], targets [S], sel [B, T]))``: mean cross-entropy of the ``S`` answer tokens (their
+    positions ``sel``), the image tokens being ``projector(feats[:, 1:])`` (LLaVA's ``default`` select strategy:
+    [CLS] dropped) placed as ``LlavaModel`` places them."""
     ids, mask, targets = stage2_texts(tokenizer, convs, feats.shape[1] - 1)
     emb = model.get_input_embeddings()(ids)
     img = model.model.multi_modal_projector(feats[:, 1:].float())
@@ -238,7 +240,8 @@ def features_loss(model, tokenizer, feats: torch.Tensor, convs: list[list[tuple[
     emb = emb.masked_scatter(where, img.to(emb.dtype))
     h = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
     sel = targets != -100
-    return F.cross_entropy(model.lm_head(h[sel]).float(), targets[sel]), (ids, targets, h, sel)
+    logits = model.lm_head(h[sel])
+    return F.cross_entropy(logits.float(), targets[sel]), (logits, targets[sel], sel)
 
 
 @torch.no_grad()
@@ -249,9 +252,10 @@ def teacher_forced(model, tokenizer, feats: torch.Tensor, qa: list, batch: int =
     for s in range(0, len(qa), batch):
         convs = [[(q, a)] for q, a, _ in qa[s:s + batch]]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, (ids, targets, h, sel) = features_loss(model, tokenizer, feats[s:s + batch], convs)
-            pred = model.lm_head(h).argmax(-1)
-        ok = ((pred == targets) | ~sel).all(1)
+            _, (logits, targets, sel) = features_loss(model, tokenizer, feats[s:s + batch], convs)
+        wrong = torch.zeros_like(sel)
+        wrong[sel] = logits.argmax(-1) != targets  # the answer tokens only: logits were computed for them alone
+        ok = ~wrong.any(1)
         for j, (_, _, qt) in enumerate(qa[s:s + batch]):
             hits.setdefault(qt, []).append(int(ok[j]))
     model.train()
