@@ -343,6 +343,11 @@ class Runtime:
 
         return get(stage.method).uses
 
+    def pre_context(self) -> frozenset[str]:
+        """The context keys the pre-LLM stage reads (its ``needs`` and optional ``uses``); empty without one. An
+        adapter's feature hook computes only these (public engine API for adapters)."""
+        return self.pre.needs | self._uses(self.pre) if self.pre is not None else frozenset()
+
     def _prefill(self, kw: dict[str, Any]):
         t0 = time.perf_counter()
         kw = self._prefill_inputs(kw)

@@ -79,7 +79,7 @@ class LlavaAdapter:
     def install(self, model, rt) -> list[Any]:
         inner = model.model
         orig = inner.get_image_features
-        needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
+        needs = rt.pre_context()
         want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
         layers = self._tower_layers(model)
         li = self._feature_layer(model) % (len(layers) + 1) - 1

@@ -93,7 +93,7 @@ class LlavaNextAdapter(LlavaAdapter):
         inner = model.model
         orig = inner.get_image_features
         sig = inspect.signature(orig)
-        needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
+        needs = rt.pre_context()
         want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
         placement = get_method(rt.pre.method).placement if rt.pre is not None else None
         rows = getattr(placement, "score_rows", "cls")

@@ -114,7 +114,7 @@ class QwenVLAdapter:
         inner = model.model
         orig = inner.get_image_features
         orig_video = inner.get_video_features
-        needs = (rt.pre.needs | rt._uses(rt.pre)) if rt.pre is not None else frozenset()
+        needs = rt.pre_context()
         want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
         tower = self._tower(model)
         bi = self.block_index(model)
