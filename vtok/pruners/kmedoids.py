@@ -95,13 +95,18 @@ def kmedoids(tokens: Tensor, k: int, ctx: Context, *, init: str = "kkz", metric:
         new = ops.cluster_medoids(x, labels, k, metric=metric)
         if init == "central":
             new = new.sort(1).values
-        shift = (gather_tokens(x, new) - gather_tokens(x, med)).pow(2).sum(-1).sqrt().sum(1)
-        stop = (shift < tol) | (new == med).all(1)
-        med = torch.where(done[:, None], med, new)  # a converged sample keeps its medoids
-        done = done | stop
+        med, done = _update(x, med, new, done, tol)
         if bool(done.all()):
             break
     return Selection(med.sort(1).values, n)
+
+
+def _update(x: Tensor, med: Tensor, new: Tensor, done: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """One medoid update ``med → new`` (``[B, k]``) for the samples not yet converged (``done [B]``): a sample stops
+    when its medoids move less than ``tol`` in total (Euclidean, on ``x [B, N, D]``) or not at all."""
+    shift = (gather_tokens(x, new) - gather_tokens(x, med)).pow(2).sum(-1).sqrt().sum(1)
+    stop = (shift < tol) | (new == med).all(1)
+    return torch.where(done[:, None], med, new), done | stop  # a converged sample keeps its medoids
 
 
 def _kmedoids_matrix(x: Tensor, k: int, init: str, metric: str, iters: int, tol: float) -> Tensor:
@@ -132,10 +137,7 @@ def _kmedoids_matrix(x: Tensor, k: int, init: str, metric: str, iters: int, tol:
             cost = _member_costs(dist, labels, prev, cost, k)
             new = _cluster_argmin(cost, labels, k)
             prev = labels
-        shift = (gather_tokens(x, new) - gather_tokens(x, med)).pow(2).sum(-1).sqrt().sum(1)
-        stop = (shift < tol) | (new == med).all(1)
-        med = torch.where(done[:, None], med, new)  # a converged sample keeps its medoids
-        done = done | stop
+        med, done = _update(x, med, new, done, tol)
         if bool(done.all()):
             break
     return med.sort(1).values

@@ -12,7 +12,7 @@ from vtok.context import Context
 from vtok.kernels import reference as ref
 from vtok.kernels.reference import acc
 from vtok.pruners._attention import FEATURE_LAYER, head_mean, rank_order
-from vtok.pruners._checks import check_fraction, check_k
+from vtok.pruners._checks import check_fraction, check_int, check_k
 from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
 
@@ -74,8 +74,7 @@ def vispruner_select(tokens: Tensor, k: int, ctx: Context, *, important_ratio: f
     """
     b, n = tokens.shape[:2]
     important_ratio = check_fraction("important_ratio", important_ratio)
-    if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
-        raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
+    per_step = check_int("per_step", per_step, 1)
     check_k(k, n)
     if k == n:
         return Selection.identity(b, n, tokens.device)

@@ -10,7 +10,7 @@ from torch import Tensor
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.pruners._attention import match_features, rank_order, round_half_up
-from vtok.pruners._checks import check_fraction, check_k
+from vtok.pruners._checks import check_fraction, check_int, check_k
 from vtok.pruners.registry import register
 from vtok.selection import Selection, gather_tokens
 
@@ -47,10 +47,9 @@ def zero_tprune_select(tokens: Tensor, k: int, ctx: Context, *, s_ratio: float =
     A tokens the lower-importance one is pruned first.
     """
     b, n = tokens.shape[:2]
-    s_ratio = check_fraction("s_ratio", s_ratio)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     check_k(k, n)
+    s_ratio = check_fraction("s_ratio", s_ratio)
+    iters = check_int("iters", iters, 1)
     if k == n:
         return Selection.identity(b, n, tokens.device)
     r = n - k
