@@ -52,6 +52,24 @@ def resolve_k(keep: Keep, n: int, *, name: str = "keep") -> int:
     raise TypeError(f"{name} must be an int count or a float ratio in (0, 1], got {type(keep).__name__}")
 
 
+def check_keep(keep: object, name: str = "keep") -> Keep:
+    """``keep`` checked for the range that needs no ``N`` (an int count ``>= 1`` or a ratio in ``(0, 1]``) and
+    returned as ``int`` / ``float``; ``TypeError`` if it is not a number, ``ValueError`` (naming ``name``) if out of
+    range. :func:`resolve_k` checks a count against ``N`` later."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"{name} must be a float ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"{name}: {keep} is out of range (an int count must be >= 1; fewer would leave zero "
+                             "image tokens)")
+        return int(keep)
+    value = float(keep)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name}: {value} is out of range (a ratio must be in (0, 1]; 0 would leave zero image "
+                         "tokens)")
+    return value
+
+
 _COUNT = re.compile(r"[+-]?[0-9]+")
 
 

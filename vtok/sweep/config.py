@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtok.budget import keep_from_text
+from vtok.budget import check_keep, keep_from_text
 
 KEYS = ("name", "tasks", "models", "methods", "keeps", "placements", "seeds", "method_options", "task_options",
         "shard_size")
@@ -110,21 +109,16 @@ def _as_list(key: str, value: Any) -> list:
 
 
 def _check_keep(value: Any) -> float | int:
+    """A ``keeps`` entry (a number, or text as ``--keep`` takes it) checked by ``budget.check_keep``."""
     if isinstance(value, str):
         try:
             value = keep_from_text(value)
         except ValueError:
             raise ValueError(f"keeps: {value!r} is not a number (a ratio in (0, 1] or an int count >= 1)") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"keeps: {value!r} is not a number (a ratio in (0, 1] or an int count >= 1)")
-    if isinstance(value, numbers.Integral):
-        if value < 1:
-            raise ValueError(f"keeps: {value} is out of range (an int count must be >= 1)")
-        return int(value)
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"keeps: {value} is out of range (a ratio must be in (0, 1])")
-    return value
+    try:
+        return check_keep(value, "keeps")
+    except TypeError:
+        raise ValueError(f"keeps: {value!r} is not a number (a ratio in (0, 1] or an int count >= 1)") from None
 
 
 def parse_yaml(text: str, source: str = "<config>") -> dict:
