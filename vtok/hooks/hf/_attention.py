@@ -5,6 +5,10 @@ delegate under ``"sdpa"`` and ``"eager"`` that, only for the modules a wrapped m
 softmax rows of the query positions asked for from the (RoPE-applied) ``query`` / ``key`` it is handed, then calls
 the original function unchanged. Nothing switches to eager and no full attention matrix is built.
 
+``CAPTURES`` names what a watching callback may compute from one call (``vtok.hooks.hf.providers`` cuts the context
+keys from them): ``"last_row"`` (the last query row, heads averaged), ``"head_max"`` / ``"head_mean"`` (every query
+row, heads max- / mean-reduced) and ``"keys"`` (the RoPE'd keys themselves).
+
 Some transformers versions (4.x) call their module's own ``eager_attention_forward`` directly for ``"eager"``,
 bypassing ``ALL_ATTENTION_FUNCTIONS``; for those, ``watch`` also puts a delegate in place of that module-level function
 (the one from the watched module's Python module), and the ``"eager"`` entry then calls the saved original, so a
@@ -132,3 +136,19 @@ def head_reduced_attention(query: Tensor, key: Tensor, mask: Tensor | None, scal
         else:
             out = torch.maximum(out, a) if reduce == "max" else out.add_(a)
     return out / h if reduce == "mean" else out
+
+
+def _keys(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
+    """The keys as the attention got them: ``[B, Hk, K, dh]``, RoPE applied."""
+    return key
+
+
+Capture = Callable[[Tensor, Tensor, Tensor | None, float | None], Tensor]
+CAPTURES: dict[str, Capture] = {
+    "last_row": last_row_attention,  # [B, K]
+    "head_max": lambda q, k, m, s: head_reduced_attention(q, k, m, s, "max"),  # [B, Q, K]
+    "head_mean": lambda q, k, m, s: head_reduced_attention(q, k, m, s, "mean"),  # [B, Q, K]
+    "keys": _keys,  # [B, Hk, K, dh]
+}
+"""Capture name → ``fn(query [B, H, Q, dh], key [B, Hk, K, dh], mask, scaling)``: what a stage's providers read
+from one attention call."""

@@ -9,6 +9,14 @@ features and vision-side context during the model's own forward; the language-mo
   language model on it; in-LLM stages do the same to the hidden states at their layer;
 * **decode** (the cache holds a pruned prompt): maps the attention mask, position ids and cache positions that
   ``generate`` computed for the unpruned prompt onto the pruned one.
+
+The engine names no context key: a stage's context comes from the providers (``vtok.hooks.hf.providers``) of its
+method's ``needs | uses``. ``install`` watches the attention modules their captures name (``_attention.CAPTURES``, at
+the layer each provider says), keeps the hidden states of earlier layers where a ``"history"`` provider asks, and a
+prefill computes the ``"prompt"`` providers once on the input embeddings; each stage then cuts every provider per
+image record from a ``RecordView``. Captures land in ``_CallState.captures`` (capture → stage layer, freed when the
+stage reads them), per-prompt values in ``_CallState.per_prompt`` and the values of ``keep`` providers in
+``_CallState.per_record(key)`` (per stage layer, per record).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from vtok.hooks.hf._sequence import (
     select_slots,
 )
 from vtok.hooks.hf._sequence import budgets as slot_budgets
+from vtok.hooks.hf.providers import Provider, RecordView, for_stage
 
 
 @dataclass
@@ -117,17 +126,19 @@ class _CallState:
     inllm: dict[int, _InLLM] = field(default_factory=dict)
     phase: str = "prefill"
     pre: bool = False
-    prev_hidden: list[Tensor] = field(default_factory=list)
-    text_attn: dict[int, Tensor] = field(default_factory=dict)
-    keys: dict[int, Tensor] = field(default_factory=dict)  # per in-LLM stage layer: the keys its attention layer saw
-    attn_max: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-max (FitPrune)
-    attn_mean: dict[int, Tensor] = field(default_factory=dict)  # per stage layer: [B, L, L] head-mean (SparseVLM)
-    relevance: dict[int, Tensor] = field(default_factory=dict)  # per record: [T] text relevance (SparseVLM)
-    self_cross: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # per stage layer, per record: [2, n]
-    probing: bool = False  # a layer's own attention is being run for its text_attn (PyramidDrop), not its output
+    history: list[Tensor] = field(default_factory=list)  # [B, L, D] entering each layer since the last stage
+    captures: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # capture -> stage layer -> [B, ...]
+    per_prompt: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # "prompt" provider -> record -> value
+    kept: dict[str, dict[int, dict[int, Tensor]]] = field(default_factory=dict)  # key -> stage layer -> record
+    probing: bool = False  # a layer's own attention is being run for a stage's captures, not for its output
     slots_in: list[list[Slot]] = field(default_factory=list)
     valid_in: Tensor | None = None
     tail: int = 0  # generate(use_cache=False): the tokens generated so far, at the end of every row (never scored)
+
+    def per_record(self, key: str) -> dict[int, dict[int, Tensor]]:
+        """Per stage layer, per record, the value of ``key`` its stage was given in this prefill, for the providers
+        that keep theirs (``Provider.keep``); empty for any other key."""
+        return self.kept.get(key, {})
 
 
 def _prompt_only(valid: Tensor, tail: int) -> Tensor:
@@ -138,21 +149,6 @@ def _prompt_only(valid: Tensor, tail: int) -> Tensor:
     out = valid.clone()
     out[:, valid.shape[1] - tail:] = False
     return out
-
-
-def _after(valid: Tensor, positions: Tensor, image_pos: Tensor) -> Tensor:
-    """Positions of the valid non-image tokens after an image (its last token at ``positions.max()``)."""
-    after = valid.clone()
-    after[: int(positions.max()) + 1] = False
-    after[image_pos] = False
-    return after.nonzero().squeeze(1)
-
-
-def _self_cross(attn: Tensor, image: Tensor, text: Tensor) -> Tensor:
-    """FitPrune's two scores ``[2, n]`` from a head-max attention matrix ``attn [L, L]``: the attention each image token
-    receives from the image's own tokens (summed, divided by their count) and from ``text`` (summed)."""
-    cols = attn[:, image]
-    return torch.stack([cols[image].sum(0) / len(image), cols[text].sum(0)])
 
 
 class Runtime:
@@ -179,6 +175,29 @@ class Runtime:
         # stage keep only the final visual tokens in their KV cache
         self.retro = range(max(self.inllm[0].layer - 1, 0), self.inllm[-1].layer) \
             if decode_kv == "final" and self.inllm else range(0)
+        # the providers of each stage's context (per in-LLM stage layer; the pre-LLM stage's under None)
+        self._providers: dict[int | None, list[Provider]] = {
+            s.layer: for_stage(s.needs | self._uses(s), s.layer is not None) for s in stages}
+        self._plan = self._capture_plan()
+        self._probes = {ly for reqs in self._plan.values() for ly, _, probe in reqs if probe}
+        # the stages that read the hidden states of the layers before them ("history" providers)
+        self._history = [s.layer for s in self.inllm if any(p.llm == "history" for p in self._providers[s.layer])]
+
+    def _capture_plan(self) -> dict[int, list[tuple[int, frozenset[str], bool]]]:
+        """Per decoder layer whose attention module is watched: ``(stage layer, captures, own layer)`` of every stage
+        whose providers read it; ``own layer``: captured only while the stage's own attention is probed on the
+        sequence entering it (``Placement.attn_layer == "own"``). Captures before layer 0 do not exist."""
+        plan: dict[int, list[tuple[int, frozenset[str], bool]]] = {}
+        for s in self.inllm:
+            own = self._own_attention(s)
+            per_layer: dict[int, set[str]] = {}
+            for p in self._providers[s.layer]:
+                at = p.attention_layer(s.layer, own)
+                if p.capture is not None and at >= 0:
+                    per_layer.setdefault(at, set()).add(p.capture)
+            for at, names in per_layer.items():
+                plan.setdefault(at, []).append((s.layer, frozenset(names), at == s.layer))
+        return plan
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -189,22 +208,15 @@ class Runtime:
         if self.inllm:
             layers = self.adapter.decoder_layers(self.model)
             first = min(s.layer for s in self.inllm)
-            want_prev = any("prev_hidden" in s.needs for s in self.inllm)
             for i, layer in enumerate(layers):
-                if i >= first or want_prev or i in self.retro:
+                if i >= first or self._history or i in self.retro:
                     orig = layer.forward
                     layer.forward = self._make_layer_forward(i, orig)
                     self._undo.append(lambda layer=layer: delattr(layer, "forward"))
-            for s in self.inllm:
-                info = s.needs | self._uses(s)
-                if info & {"text_attn", "keys", "self_cross_attn", "text_rows_attn"}:
-                    own = self._own_attention(s)
-                    attn = self.adapter.self_attention(layers[s.layer if own else s.layer - 1])
-                    cb = self._make_attn_capture(s.layer, probe_only=own, text_attn="text_attn" in info,
-                                                 keys="keys" in info, attn_max="self_cross_attn" in info,
-                                                 attn_mean="text_rows_attn" in info)
-                    _attention.watch(attn, cb)
-                    self._undo.append(lambda attn=attn: _attention.unwatch(attn))
+            for at, requests in self._plan.items():
+                attn = self.adapter.self_attention(layers[at])
+                _attention.watch(attn, self._make_attn_capture(requests))
+                self._undo.append(lambda attn=attn: _attention.unwatch(attn))
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
@@ -312,29 +324,32 @@ class Runtime:
             raise ValueError(f"keep has {len(stage.keep)} per-sample values but the batch has {b_sz} samples")
         return stage.keep
 
-    def _query(self, x: Tensor, valid: Tensor, slots: list[list[Slot]]) -> list[Tensor]:
-        """Per sample, the mean embedding of its text tokens ``[D]`` (the ``query`` context)."""
-        out = []
-        for b, row in enumerate(slots):
-            m = valid[b].clone()
-            for s in row:
-                m[s.positions] = False
-            out.append(x[b, m].float().mean(0).to(x.dtype) if bool(m.any()) else x[b, valid[b]].mean(0))
-        return out
-
-    def _ctx(self, stage: Stage, x: Tensor, valid: Tensor, slots: list[list[Slot]], extra: dict[int, dict]
-             ) -> dict[int, dict[str, Any]]:
-        """Per record, the context ``stage`` reads; ``valid [B, L]`` marks the prompt tokens (``_prompt_only``)."""
-        info_keys = stage.needs | self._uses(stage)
+    def _ctx(self, stage: Stage, x: Tensor, valid: Tensor, prompt: Tensor, slots: list[list[Slot]],
+             captures: dict[str, Tensor] | None = None) -> dict[int, dict[str, Any]]:
+        """Per record, the context ``stage`` reads: before the language model the adapter's (``ImageRecord.ctx``),
+        and every provider of the stage (``self._providers``) cut from a ``RecordView`` of ``x [B, L, D]`` (the
+        sequence the stage sees), ``valid [B, L]``, ``prompt [B, L]`` (``_prompt_only``) and ``captures`` (capture
+        → ``[B, ...]``); an ``"attention"`` provider only where its capture exists, a ``keep`` one kept."""
+        wanted = stage.needs | self._uses(stage)
+        providers = [p for p in self._providers[stage.layer] if p.capture is None or p.capture in (captures or {})]
+        st = self.state if stage.layer is not None else None  # a pre-LLM stage runs before the call's state exists
+        norm = getattr(self.lm, "norm", None)
         ctx: dict[int, dict[str, Any]] = {}
-        query = self._query(x, valid, slots) if "query" in info_keys else None  # valid: the prompt's only
         for b, row in enumerate(slots):
+            image_pos = torch.cat([s.positions for s in row]) if row else None
             for s in row:
-                c = {k: v for k, v in self.records[s.record].ctx.items() if k in info_keys} if stage.layer is None \
+                c = {k: v for k, v in self.records[s.record].ctx.items() if k in wanted} if stage.layer is None \
                     else {}
-                c.update({k: v for k, v in extra.get(s.record, {}).items() if k in info_keys})
-                if query is not None:
-                    c["query"] = query[b]
+                view = RecordView(b, s.record, s.positions, image_pos, x, valid[b], prompt[b], captures or {},
+                                  st.history if st is not None else (), norm,
+                                  st.per_prompt if st is not None else {})
+                for p in providers:
+                    value = p.cut(view)
+                    if value is None:
+                        continue
+                    c[p.key] = value
+                    if p.keep and st is not None:
+                        st.kept.setdefault(p.key, {}).setdefault(stage.layer, {})[s.record] = value
                 ctx[s.record] = c
         return ctx
 
@@ -414,7 +429,7 @@ class Runtime:
                    zip(row_k, [len(s.positions) - (0 if s.protected is None else int(s.protected.sum()))
                                for s in row], strict=True)):
                 picked = select_slots(x, slots, ks, self.pre.method, self.pre.options,
-                                      self._ctx(self.pre, x, _prompt_only(valid, st.tail), slots, {}))
+                                      self._ctx(self.pre, x, valid, _prompt_only(valid, st.tail), slots))
                 res = rebuild(x, valid, slots, picked)
                 full = pos_in if pos_in is not None else reindex_1d(valid)
                 if self.positions == "original":
@@ -443,23 +458,23 @@ class Runtime:
                     pos3 = pos if pos.dim() == 2 else pos[-3:].amax(0)
                     st.next_pos = pos3.masked_fill(~res.valid, -1).amax(-1) + 1
         st.slots_in, st.valid_in = slots, valid
-        if any("text_relevance" in s.needs | self._uses(s) for s in self.inllm):
-            self._relevance(st, kw["inputs_embeds"])
+        self._per_prompt(st, kw["inputs_embeds"])
         self.state = st
         return kw
 
-    @staticmethod
-    def _relevance(st: _CallState, x: Tensor) -> None:
-        """SparseVLM's per-image text relevance from the language model's input embeddings ``x [B, L, D]``, once per
-        prompt (the text after each image keeps its order through every later stage)."""
-        from vtok.pruners.sparsevlm import text_relevance
-
-        valid = _prompt_only(st.valid, st.tail)
+    def _per_prompt(self, st: _CallState, x: Tensor) -> None:
+        """The ``"prompt"`` providers of the in-LLM stages, once per prompt on the language model's input embeddings
+        ``x [B, L, D]`` (the text after each image keeps its order through every later stage)."""
+        providers = {p.key: p for s in self.inllm for p in self._providers[s.layer] if p.llm == "prompt"}
+        if not providers:
+            return
+        prompt = _prompt_only(st.valid, st.tail)
         for b, row in enumerate(st.slots):
             image_pos = torch.cat([s.positions for s in row]) if row else None
             for s in row:
-                text = _after(valid[b], s.positions, image_pos)
-                st.relevance[s.record] = text_relevance(x[b, s.positions], x[b, text])
+                view = RecordView(b, s.record, s.positions, image_pos, x, st.valid[b], prompt[b])
+                for key, p in providers.items():
+                    st.per_prompt.setdefault(key, {})[s.record] = p.compute(view)
 
     # ------------------------------------------------------------------ decode
     def _decode(self, kw: dict[str, Any]):
@@ -492,24 +507,27 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------ in-LLM stages
-    def _make_attn_capture(self, layer: int, probe_only: bool = False, text_attn: bool = True, keys: bool = False,
-                           attn_max: bool = False, attn_mean: bool = False):
+    def _make_attn_capture(self, requests: list[tuple[int, frozenset[str], bool]]):
+        """The callback of one watched attention module: for each ``(stage layer, captures, own layer)`` request
+        (``_capture_plan``), the named ``_attention.CAPTURES`` of this prefill's call into ``state.captures``; an
+        ``own layer`` request only while the stage's own attention is probed."""
         def cb(query, key, mask, scaling, module):
             st = self.state
-            if st is None or st.phase != "prefill" or query.shape[2] < 2 or (probe_only and not st.probing):
+            if st is None or st.phase != "prefill" or query.shape[2] < 2:
+                return
+            todo = [(layer, names) for layer, names, own in requests if st.probing or not own]
+            if not todo:
                 return
             if st.tail:  # an uncached generate step: score as its prompt alone (causal: the same rows)
                 t = st.tail
                 query, key = query[:, :, :-t], key[:, :, :-t]
                 mask = mask[..., :-t, :-t] if isinstance(mask, Tensor) else mask
-            if text_attn:
-                st.text_attn[layer] = _attention.last_row_attention(query, key, mask, scaling)
-            if attn_max:
-                st.attn_max[layer] = _attention.head_reduced_attention(query, key, mask, scaling)
-            if attn_mean:
-                st.attn_mean[layer] = _attention.head_reduced_attention(query, key, mask, scaling, "mean")
-            if keys:
-                st.keys[layer] = key  # [B, Hk, L, dh], RoPE applied (DART's key norms)
+            done: dict[str, Tensor] = {}
+            for layer, names in todo:
+                for name in names:
+                    if name not in done:
+                        done[name] = _attention.CAPTURES[name](query, key, mask, scaling)
+                    st.captures.setdefault(name, {})[layer] = done[name]
 
         return cb
 
@@ -520,9 +538,10 @@ class Runtime:
         return get(stage.method).placement.attn_layer == "own"
 
     def _probe_own_attention(self, i: int, j: int, hidden: Tensor, kw: dict[str, Any]) -> None:
-        """PyramidDrop-style ``text_attn`` of layer ``i`` itself: its attention module run once on
-        ``input_layernorm(hidden)`` (the sequence entering the layer, so with the previous stage's mask and positions)
-        without a KV cache; the capture callback reads the last query row. Costs one extra attention of that layer."""
+        """The captures a stage at layer ``i`` reads from layer ``i`` itself (``Placement.attn_layer == "own"``): its
+        attention module run once on ``input_layernorm(hidden)`` (the sequence entering the layer, so with the
+        previous stage's mask and positions) without a KV cache, while the capture callback records. Costs one extra
+        attention of that layer."""
         layer = self.adapter.decoder_layers(self.model)[i]
         norm = getattr(layer, "input_layernorm", None)
         if norm is None:
@@ -562,16 +581,15 @@ class Runtime:
             if st.phase == "decode" and i in self.retro and st.inllm:
                 j = max(st.inllm)  # its cache now holds the final tokens
             if st.phase == "prefill":
-                nxt = [s.layer for s in self.inllm if s.layer > i]
-                if nxt and any("prev_hidden" in s.needs for s in self.inllm if s.layer > i):
-                    st.prev_hidden.append(hidden)
+                if any(ly > i for ly in self._history):
+                    st.history.append(hidden)
                 if j is not None and self.inllm[j].layer == i:
                     t0 = time.perf_counter()
-                    if "text_attn" in self.inllm[j].needs and self._own_attention(self.inllm[j]):
+                    if i in self._probes:
                         self._probe_own_attention(i, j, hidden, kw)
                     hidden = self._apply_stage(j, hidden)
                     self.wrapper_s += time.perf_counter() - t0
-                    st.prev_hidden = []
+                    st.history = []
             if j is not None:
                 self._adjust_kwargs(j, st, kw, hidden)
             return orig(hidden, *args, **kw)
@@ -589,59 +607,15 @@ class Runtime:
         slots = st.slots
         b_sz = hidden.shape[0]
         ks = slot_budgets(slots, self._keeps(stage, b_sz), resolve_k, self._image_of())
-        extra: dict[int, dict[str, Tensor]] = {}
-        att = st.text_attn.get(stage.layer)
-        if "text_attn" in stage.needs and att is None:
-            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
-                               f"implementation must be 'sdpa' or 'eager'")
-        info = stage.needs | self._uses(stage)
-        keys = st.keys.get(stage.layer)
-        if "keys" in stage.needs and keys is None:
-            raise RuntimeError(f"vtok: no attention keys were captured before layer {stage.layer}; the attention "
-                               f"implementation must be 'sdpa' or 'eager'")
-        norm = getattr(self.lm, "norm", None) if info & {"features", "text_features"} else None
-        amax = st.attn_max.pop(stage.layer, None)  # [B, L, L]: read once, freed with this stage
-        amean = st.attn_mean.pop(stage.layer, None)
-        if "text_rows_attn" in stage.needs and amean is None:
-            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
-                               f"implementation must be 'sdpa' or 'eager'")
-        if "self_cross_attn" in stage.needs and amax is None:
-            raise RuntimeError(f"vtok: no attention was captured before layer {stage.layer}; the attention "
-                               f"implementation must be 'sdpa' or 'eager'")
-        for b, row in enumerate(slots):
-            image_pos = torch.cat([s.positions for s in row]) if row else None
-            # each token's index in the sample's unpadded sequence at this stage (DART's pivot set)
-            seq = valid[b].long().cumsum(0) - 1 if info & {"seq_index", "text_seq_index"} else None
-            for s in row:
-                e: dict[str, Tensor] = {}
-                if seq is not None and "seq_index" in info:
-                    e["seq_index"] = seq[s.positions]
-                if att is not None:
-                    e["text_attn"] = att[b, -hidden.shape[1]:][s.positions]
-                if amax is not None:
-                    e["self_cross_attn"] = _self_cross(amax[b, -hidden.shape[1]:, -hidden.shape[1]:], s.positions,
-                                                       _after(prompt[b], s.positions, image_pos))
-                    st.self_cross.setdefault(stage.layer, {})[s.record] = e["self_cross_attn"]
-                if amean is not None:
-                    text = _after(prompt[b], s.positions, image_pos)
-                    e["text_rows_attn"] = amean[b, -hidden.shape[1]:, -hidden.shape[1]:][text][:, s.positions]
-                if s.record in st.relevance and "text_relevance" in info:
-                    e["text_relevance"] = st.relevance[s.record]
-                if st.prev_hidden:
-                    e["prev_hidden"] = torch.stack([h[b, s.positions] for h in st.prev_hidden])
-                if keys is not None and "keys" in info:
-                    e["keys"] = keys[b, :, -hidden.shape[1]:][:, s.positions]  # [Hk, n, dh]
-                if norm is not None and "features" in info:
-                    e["features"] = norm(hidden[b, s.positions])
-                if keys is not None and norm is not None and {"text_features", "text_keys"} <= info:
-                    text = _after(prompt[b], s.positions, image_pos)  # the instruction after this image (DART's query)
-                    e["text_features"] = norm(hidden[b, text])
-                    e["text_keys"] = keys[b, :, -hidden.shape[1]:][:, text]
-                    if seq is not None and "text_seq_index" in info:
-                        e["text_seq_index"] = seq[text]
-                extra[s.record] = e
+        captures = {}  # read once, freed with this stage
+        for p in self._providers[stage.layer]:
+            got = st.captures.get(p.capture, {}).pop(stage.layer, None) if p.capture is not None else None
+            if got is not None:
+                captures[p.capture] = got
+            if p.capture is not None and p.capture not in captures and p.key in stage.needs:
+                raise p.missing(stage.layer)
         picked = select_slots(hidden, slots, ks, stage.method, stage.options,
-                              self._ctx(stage, hidden, prompt, slots, extra))
+                              self._ctx(stage, hidden, valid, prompt, slots, captures))
         res = rebuild(hidden, valid, slots, picked)
         new_index_lm = torch.where(res.index >= 0, index_lm.gather(1, res.index.clamp_min(0)),
                                    torch.full_like(res.index, -1))

@@ -14,11 +14,8 @@ import torch
 from torch import Tensor
 
 from vtok.api import compress
+from vtok.hooks.hf.providers import TOKEN_DIM  # the token dimension of each per-record context tensor
 from vtok.pruners import get as get_method
-
-# the token dimension of each per-image context tensor (cls_attn [N] / [H, N], keys [N, Dk] / [H, N, dh], ...)
-TOKEN_DIM = {"cls_attn": -1, "mid_attn": -1, "text_attn": -1, "keys": -2, "prev_hidden": -2, "features": -2,
-             "self_cross_attn": -1, "text_rows_attn": -1, "relevance_features": -2, "seq_index": -1}
 
 
 @dataclass

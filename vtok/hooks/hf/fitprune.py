@@ -63,7 +63,7 @@ def _scores(model: Any, inputs: Mapping[str, Any], stages: Mapping[int, int | fl
     with torch.no_grad(), wrapped(model, "fitprune", [stages[ly] for ly in layers], layer=layers):
         model(**inputs, use_cache=False)
         per_image = stats(model)["per_image"]
-        got = model._vtok_runtime.state.self_cross
+        got = model._vtok_runtime.state.per_record("self_cross_attn")  # per stage layer, per record
         scores = {ly - 1: next(iter(got[ly].values())) for ly in layers if got.get(ly)}  # the one image's
     return scores, per_image
 
