@@ -607,12 +607,14 @@ class Runtime:
         slots = st.slots
         b_sz = hidden.shape[0]
         ks = slot_budgets(slots, self._keeps(stage, b_sz), resolve_k, self._image_of())
-        captures = {}  # read once, freed with this stage
+        captures: dict[str, Tensor] = {}  # capture -> [B, ...]: read once, freed with this stage
         for p in self._providers[stage.layer]:
-            got = st.captures.get(p.capture, {}).pop(stage.layer, None) if p.capture is not None else None
+            if p.capture is None:
+                continue
+            got = st.captures.get(p.capture, {}).pop(stage.layer, None)
             if got is not None:
                 captures[p.capture] = got
-            if p.capture is not None and p.capture not in captures and p.key in stage.needs:
+            if p.capture not in captures and p.key in stage.needs:
                 raise p.missing(stage.layer)
         picked = select_slots(hidden, slots, ks, stage.method, stage.options,
                               self._ctx(stage, hidden, valid, prompt, slots, captures))
