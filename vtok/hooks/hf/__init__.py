@@ -35,20 +35,9 @@ from typing import Any
 import torch
 
 from vtok.hooks.hf._runtime import Runtime, Stage
-from vtok.hooks.hf.llava import LlavaAdapter
+from vtok.hooks.hf.adapter import ADAPTERS, VLMAdapter, discover, find_adapter, register_adapter
+from vtok.hooks.hf.llava import LlavaAdapter  # noqa: F401  (registered on import: ADAPTERS lists LLaVA from the start)
 from vtok.pruners import get
-
-ADAPTERS: dict[str, Any] = {}
-
-
-def register_adapter(adapter: Any) -> Any:
-    """Register an adapter instance for the model class names it lists in ``adapter.names``."""
-    for name in adapter.names:
-        ADAPTERS[name] = adapter
-    return adapter
-
-
-register_adapter(LlavaAdapter())
 
 _LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys",
                 "self_cross_attn", "text_rows_attn", "text_relevance", "seq_index", "text_seq_index"}
@@ -77,25 +66,19 @@ def placement_error(method: str, layer: int | None) -> str | None:
 
 
 def supported() -> list[str]:
-    """The model classes ``wrap`` accepts."""
+    """The model classes ``wrap`` accepts (after discovering the adapter modules)."""
     _load_optional()
     return sorted(ADAPTERS)
 
 
 def _load_optional() -> None:
-    import importlib
-
-    for mod in ("llava_next", "qwen2_vl"):
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(f"vtok.hooks.hf.{mod}")
+    """Import the adapter modules (``vtok.hooks.hf.adapter.discover``: no list to edit for a new family)."""
+    discover()
 
 
-def _adapter(model: Any) -> Any:
-    _load_optional()
-    for cls in type(model).__mro__:
-        if cls.__name__ in ADAPTERS:
-            return ADAPTERS[cls.__name__]
-    raise TypeError(f"vtok.wrap does not support {type(model).__name__}; supported: {sorted(ADAPTERS)}")
+def _adapter(model: Any) -> VLMAdapter:
+    """The registered adapter of ``model``'s class; ``TypeError`` listing the supported ones otherwise."""
+    return find_adapter(model)
 
 
 def _check_keep(keep: Any, name: str) -> None:

@@ -7,128 +7,125 @@ Each image is one record of ``(image_size / patch)²`` tokens (``N + 1`` with ``
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from vtok.hooks.hf import _vision
 from vtok.hooks.hf._runtime import ImageRecord
-from vtok.pruners import get as get_method
+from vtok.hooks.hf.adapter import FeatureCall, Undo, VLMAdapter, features_of, register_adapter
+
+if TYPE_CHECKING:
+    from vtok.hooks.hf._runtime import Runtime
+    from vtok.pruners.registry import Placement
+
+VISION_KEYS = frozenset({"cls_attn", "keys", "mid_attn"})  # the context read from the tower's attention
 
 
-class LlavaAdapter:
+@register_adapter
+class LlavaAdapter(VLMAdapter):
     """Model-specific glue for LLaVA; the ``Runtime`` does the rest."""
 
     names = ("LlavaForConditionalGeneration",)
-    rope = "1d"
-
-    # --- structure
-    def inner(self, model):
-        return model.model
-
-    def language_model(self, model):
-        return model.model.language_model
-
-    def decoder_layers(self, model):
-        return self.language_model(model).layers
-
-    def self_attention(self, layer):
-        return layer.self_attn
-
-    def image_token_ids(self, model) -> list[int]:
-        cfg = model.config
-        return [getattr(cfg, "image_token_id", None) or cfg.image_token_index]
-
-    def attn_implementation(self, model) -> str:
-        return model.config.text_config._attn_implementation or "sdpa"
-
-    def num_layers(self, model) -> int:
-        return len(self.decoder_layers(model))
+    positions = "1d"
 
     # --- vision side
-    def _tower(self, model):
-        vt = model.model.vision_tower
+    def tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        vt = self.inner(model).vision_tower
         return getattr(vt, "vision_model", vt)  # transformers 4.x nests the CLIP / SigLIP body in .vision_model
 
-    def _tower_layers(self, model):
-        return self._tower(model).encoder.layers
+    def tower_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return self.tower(model).encoder.layers
 
-    def _feature_layer(self, model) -> int:
-        fl = model.config.vision_feature_layer
-        return fl[-1] if isinstance(fl, (list, tuple)) else fl
+    def feature_layer(self, model: torch.nn.Module) -> int:
+        """The encoder layer producing the configured ``vision_feature_layer`` (its last entry when a list)."""
+        return self._producing_layer(model, model.config.vision_feature_layer)
 
-    def _has_cls(self, model) -> bool:
-        return hasattr(self._tower(model).embeddings, "class_embedding")
+    def _producing_layer(self, model: torch.nn.Module, fl: int | Any) -> int:
+        """The encoder layer whose output is hidden state ``fl`` (an index into ``hidden_states``; ``-1``: the
+        embeddings, no layer)."""
+        fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
+        return fl % (len(self.tower_layers(model)) + 1) - 1
 
-    def _drops_cls(self, model) -> bool:
+    def _call_feature_layer(self, model: torch.nn.Module, call: FeatureCall) -> int:
+        """The feature layer of one ``get_image_features`` call (LLaVA: the configured one)."""
+        return self.feature_layer(model)
+
+    def _has_cls(self, model: torch.nn.Module) -> bool:
+        return hasattr(self.tower(model).embeddings, "class_embedding")
+
+    def _drops_cls(self, model: torch.nn.Module) -> bool:
         return self._has_cls(model) and model.config.vision_feature_select_strategy == "default"
 
-    def provides(self, model) -> set[str]:
-        """Context keys the pre-LLM stage can give."""
+    def provides(self, model: torch.nn.Module) -> set[str]:
+        """Context keys the pre-LLM stage can give: the tower's attention context when a layer produces the
+        features."""
         out = {"grid", "query"}
-        layers = self._tower_layers(model)
-        h = self._feature_layer(model) % (len(layers) + 1)
-        if h >= 1:
-            out |= {"cls_attn", "keys", "mid_attn"}
+        if self.feature_layer(model) >= 0:
+            out |= VISION_KEYS
         return out
 
-    def install(self, model, rt) -> list[Any]:
-        inner = model.model
-        orig = inner.get_image_features
-        needs = rt.pre_context()
-        want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
-        layers = self._tower_layers(model)
-        li = self._feature_layer(model) % (len(layers) + 1) - 1
-        placement = get_method(rt.pre.method).placement if rt.pre is not None else None
-        # HiPrune-style anchors: the layer floor(mid_layer · depth) of the tower, at or before the feature layer
-        mi = li if placement is None or placement.mid_layer is None else min(
-            int(placement.mid_layer * len(layers)), li)
-        rows = placement.score_rows if placement is not None else "cls"
-        watch = sorted({li} | ({mi} if "mid_attn" in want else set())) if want else []
-        captured: dict[int, Tensor] = {}
+    # --- hooks
+    def install(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
+        want = VISION_KEYS & set(rt.pre_context()) & self.provides(model)
+        placement = self.pre_placement(rt)
+        layers = self.tower_layers(model)
 
-        def hook_for(i):
-            def pre_hook(module, args, kwargs):
-                captured[i] = args[0] if args else kwargs["hidden_states"]
-            return pre_hook
+        def watched(call: FeatureCall) -> tuple[int, int, set[str]]:
+            """``(feature layer, mid layer, keys to compute)`` of one call."""
+            li = self._call_feature_layer(model, call)
+            return li, self._mid_layer(placement, li, len(layers)), want if li >= 0 else set()
 
-        @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
-        def get_image_features(*args, **kwargs):
-            captured.clear()
-            handles = [layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in watch]
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            t0 = time.perf_counter()
-            feats = out.pooler_output if hasattr(out, "pooler_output") else out
-            feats = list(feats) if isinstance(feats, Tensor) else feats
-            ctx = self._context(model, layers[li], captured[li], want, rows=rows) if li in captured else {}
-            if "mid_attn" in want and mi in captured:
-                ctx["mid_attn"] = self._context(model, layers[mi], captured[mi], {"cls_attn"}, rows=rows)["cls_attn"]
-            recs = []
-            for i, f in enumerate(feats):
-                n = f.shape[0]
-                side = math.isqrt(n)
-                recs.append(ImageRecord(n=n, image=i, grid=(side, side) if side * side == n else None,
-                                        ctx={k: v[i] for k, v in ctx.items()}))
-            rt.add_records(out, recs)
-            rt.wrapper_s += time.perf_counter() - t0
-            return out
+        def watch(call: FeatureCall) -> dict[int, torch.nn.Module]:
+            li, mi, use = watched(call)
+            keys = ({li} if use - {"mid_attn"} else set()) | ({mi} if "mid_attn" in use else set())
+            return {i: layers[i] for i in sorted(keys)}
 
-        inner.get_image_features = get_image_features
-        return [lambda: delattr(inner, "get_image_features")]
+        def make_records(out: Any, call: FeatureCall) -> list[ImageRecord]:
+            li, mi, use = watched(call)
+            rows = placement.score_rows if placement is not None else "cls"
+            got = call.captured
+            ctx: dict[str, Tensor] = {}
+            if li in got and use - {"mid_attn"}:
+                ctx.update(self._context(model, layers[li], got[li], use - {"mid_attn"}, rows))
+            if "mid_attn" in use and mi in got:
+                ctx["mid_attn"] = self._context(model, layers[mi], got[mi], {"cls_attn"}, rows)["cls_attn"]
+            return self._records(model, list(features_of(out)), call, ctx)
+
+        return [self.hook_features(model, rt, "get_image_features", watch, make_records),
+                *self._install_video(model, rt)]
+
+    @staticmethod
+    def _mid_layer(placement: Placement | None, li: int, depth: int) -> int:
+        """HiPrune-style anchors: the layer ``floor(mid_layer · depth)`` of the tower, at or before the feature
+        layer ``li`` (``li`` itself without a ``mid_layer``)."""
+        mid = getattr(placement, "mid_layer", None)
+        return li if mid is None else min(int(mid * depth), li)
+
+    def _install_video(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
+        """Hooks of the video features (none: LLaVA has no video input)."""
+        return []
+
+    def _records(self, model: torch.nn.Module, feats: list[Tensor], call: FeatureCall, ctx: dict[str, Tensor]
+                 ) -> list[ImageRecord]:
+        """One record per image (``feats[i] [n, D]``), square grids; ``ctx`` values ``[images, ...]``."""
+        recs = []
+        for i, f in enumerate(feats):
+            n = f.shape[0]
+            side = math.isqrt(n)
+            recs.append(ImageRecord(n=n, image=i, grid=(side, side) if side * side == n else None,
+                                    ctx={k: v[i] for k, v in ctx.items()}))
+        return recs
 
     @torch.no_grad()
-    def _context(self, model, layer, hidden: Tensor, want: set[str], rows: str = "cls") -> dict[str, Tensor]:
-        """``cls_attn`` (``rows="cls"``: the CLS row, or mean received attention without CLS; ``"all"``: attention
-        received, averaged over heads and all query rows) and ``keys`` of one tower layer, CLS column dropped when
-        the features drop it."""
+    def _context(self, model: torch.nn.Module, layer: torch.nn.Module, hidden: Tensor, want: set[str],
+                 rows: str = "cls") -> dict[str, Tensor]:
+        """``cls_attn [n, N]`` (``rows="cls"``: the CLS row, or mean received attention without CLS; ``"all"``:
+        attention received, averaged over heads and all query rows) and ``keys [n, H, N, dh]`` of one tower layer
+        for its input ``hidden [n, T, D]`` (one row per image or crop), CLS column dropped when the features drop
+        it."""
         q, k, scale = _vision.qk(layer, hidden)
         drop = 1 if self._drops_cls(model) else 0
         out: dict[str, Tensor] = {}

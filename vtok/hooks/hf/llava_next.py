@@ -41,22 +41,24 @@ flattened). No ``cls_attn`` / ``keys`` for video frames: a pre-LLM method that n
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from vtok.hooks.hf import _vision, register_adapter
 from vtok.hooks.hf._runtime import ImageRecord
-from vtok.hooks.hf.llava import LlavaAdapter
+from vtok.hooks.hf.adapter import FeatureCall, Undo, features_of, register_adapter
+from vtok.hooks.hf.llava import VISION_KEYS, LlavaAdapter
 
-_VISION_KEYS = ("cls_attn", "keys", "mid_attn")
+if TYPE_CHECKING:
+    from vtok.hooks.hf._runtime import Runtime
 
 
+@register_adapter
 class LlavaNextAdapter(LlavaAdapter):
-    """LLaVA-NeXT: base view + unpadded high-res grid with image-newline tokens (see the module docstring)."""
+    """LLaVA-NeXT: base view + unpadded high-res grid with image-newline tokens (see the module docstring). It
+    provides LLaVA's context keys (``grid`` of base views only until the engine keeps the grid of records with
+    protected tokens)."""
 
     names = ("LlavaNextForConditionalGeneration",)
 
@@ -66,104 +68,56 @@ class LlavaNextAdapter(LlavaAdapter):
 
         return image_size_to_num_patches
 
-    def _crops(self, model, image_sizes: Tensor, call: dict[str, Any]) -> list[int]:
-        fn = self._num_patches()
-        return [fn(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
-                   patch_size=model.config.vision_config.image_size) for s in image_sizes]
+    def _crop_count(self, model: torch.nn.Module, image_size: Tensor) -> int:
+        """Crops of one image of ``image_size`` (base view + anyres tiles)."""
+        return self._num_patches()(image_size=image_size, grid_pinpoints=model.config.image_grid_pinpoints,
+                                   patch_size=model.config.vision_config.image_size)
 
-    def _pack(self, model, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor, call: dict[str, Any]
-              ) -> list[Tensor]:
-        strategy = call.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
-        packed, _ = model.model.pack_image_features(per_image, image_sizes, vision_feature_select_strategy=strategy,
-                                                    image_newline=newline)
+    def _crops(self, model: torch.nn.Module, image_sizes: Tensor, args: dict[str, Any]) -> list[int]:
+        return [self._crop_count(model, s) for s in image_sizes]
+
+    def _pack_options(self, model: torch.nn.Module, args: dict[str, Any]) -> dict[str, Any]:
+        """The family's own arguments of ``pack_image_features`` for one call's ``args``."""
+        strategy = args.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
+        return {"vision_feature_select_strategy": strategy}
+
+    def _pack(self, model: torch.nn.Module, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor,
+              args: dict[str, Any]) -> list[Tensor]:
+        """The model's own ``pack_image_features`` of per-crop tensors ``per_image[i] [crops_i, N, C]``."""
+        packed, _ = self.inner(model).pack_image_features(per_image, image_sizes, image_newline=newline,
+                                                          **self._pack_options(model, args))
         return packed
 
-    # --- hook
-    def provides(self, model) -> set[str]:
-        """Context keys the pre-LLM stage can give (``grid`` of base views only until the engine keeps the grid of
-        records with protected tokens; see the module docstring)."""
-        out = {"grid", "query"}
-        if self._feature_layer(model) % (len(self._tower_layers(model)) + 1) >= 1:
-            out |= {"cls_attn", "keys", "mid_attn"}
-        return out
+    # --- hooks
+    def _call_feature_layer(self, model: torch.nn.Module, call: FeatureCall) -> int:
+        """The call's ``vision_feature_layer`` argument, else the configured one."""
+        fl = call.arguments.get("vision_feature_layer")
+        return self._producing_layer(model, model.config.vision_feature_layer if fl is None else fl)
 
-    def install(self, model, rt) -> list[Any]:
-        from vtok.pruners import get as get_method
+    def _install_video(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
+        if getattr(self.inner(model), "get_video_features", None) is None:
+            return []
 
-        inner = model.model
-        orig = inner.get_image_features
-        sig = inspect.signature(orig)
-        needs = rt.pre_context()
-        want = {"cls_attn", "keys", "mid_attn"} & set(needs) & self.provides(model)
-        placement = get_method(rt.pre.method).placement if rt.pre is not None else None
-        rows = getattr(placement, "score_rows", "cls")
-        mid = getattr(placement, "mid_layer", None)
-        layers = self._tower_layers(model)
-        captured: dict[int, Tensor] = {}
+        def make_records(out: Any, call: FeatureCall) -> list[ImageRecord]:
+            args = call.arguments
+            pix = args.get("pixel_values_videos", args.get("pixel_values"))  # 4.x names it pixel_values
+            # transformers 5.x returns the newline with the frames (pooler_output), 4.x appends it in forward
+            return self._video_records(model, rt, features_of(out), int(pix.shape[1]), hasattr(out, "pooler_output"))
 
-        def hook_for(i: int):
-            def pre_hook(module, args, kwargs):
-                captured[i] = args[0] if args else kwargs["hidden_states"]
-
-            return pre_hook
-
-        @functools.wraps(orig)  # keeps the signature: generate() inspects it to pre-encode the images
-        def get_image_features(*args, **kwargs):
-            call = sig.bind_partial(*args, **kwargs).arguments
-            fl = call.get("vision_feature_layer")
-            fl = model.config.vision_feature_layer if fl is None else fl
-            fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
-            li = fl % (len(layers) + 1) - 1  # the tower layer producing the features (its input is captured)
-            mi = li if mid is None else min(int(mid * len(layers)), li)  # HiPrune's middle layer
-            use = want if li >= 0 else set()
-            watch = sorted(({li} if use - {"mid_attn"} else set()) | ({mi} if "mid_attn" in use else set()))
-            captured.clear()
-            handles = [layers[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in watch]
-            try:
-                out = orig(*args, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            feats = out.pooler_output if hasattr(out, "pooler_output") else out
-            ctx: dict[str, Tensor] = {}
-            if li in captured and use - {"mid_attn"}:
-                ctx.update(self._crop_context(model, layers[li], captured[li], use - {"mid_attn"}, rows))
-            if "mid_attn" in use and mi in captured:
-                ctx["mid_attn"] = self._crop_context(model, layers[mi], captured[mi], {"cls_attn"}, rows)["cls_attn"]
-            rt.add_records(out, self._records(model, list(feats), call, ctx))
-            return out
-
-        inner.get_image_features = get_image_features
-        undo = [lambda: delattr(inner, "get_image_features")]
-        orig_video = getattr(inner, "get_video_features", None)
-        if orig_video is not None:
-            vsig = inspect.signature(orig_video)
-
-            @functools.wraps(orig_video)
-            def get_video_features(*args, **kwargs):
-                out = orig_video(*args, **kwargs)
-                feats = out.pooler_output if hasattr(out, "pooler_output") else out
-                call = vsig.bind_partial(*args, **kwargs).arguments
-                pix = call.get("pixel_values_videos", call.get("pixel_values"))  # 4.x names it pixel_values
-                # transformers 5.x returns the newline with the frames (pooler_output), 4.x appends it in forward
-                rt.add_records(out, self._video_records(model, rt, feats, int(pix.shape[1]),
-                                                        hasattr(out, "pooler_output")))
-                return out
-
-            inner.get_video_features = get_video_features
-            undo.append(lambda: delattr(inner, "get_video_features"))
-        return undo
+        return [self.hook_features(model, rt, "get_video_features", None, make_records)]
 
     def _video_records(self, model, rt, feats: Tensor, frames: int, newline: bool) -> list[ImageRecord]:
         """Records of the videos of one ``get_video_features`` call (none: LLaVA-NeXT has no video input)."""
         return []
 
     @torch.no_grad()
-    def _records(self, model, feats: list[Tensor], call: dict[str, Any], ctx: dict[str, Tensor]
+    def _records(self, model: torch.nn.Module, feats: list[Tensor], call: FeatureCall, ctx: dict[str, Tensor]
                  ) -> list[ImageRecord]:
-        """The records of every image, from the model's own packing applied to per-crop indicator / context."""
-        image_sizes = call["image_sizes"]
-        crops = self._crops(model, image_sizes, call)
+        """The records of every image, from the model's own packing applied to per-crop indicator / context
+        (``ctx`` values per crop: ``[crops, N]`` scores, ``keys [crops, H, N, dh]``)."""
+        args = call.arguments
+        image_sizes = args["image_sizes"]
+        crops = self._crops(model, image_sizes, args)
         total = sum(crops)
         if len(crops) != len(feats):
             raise RuntimeError(f"vtok: {len(feats)} packed images but {len(crops)} image sizes")
@@ -184,7 +138,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise RuntimeError(f"vtok: the vision tower saw {per_crop.shape[0]} crops, expected {total}")
         newline = per_crop.new_zeros(per_crop.shape[-1])
         newline[0] = -1.0
-        packed = self._pack(model, list(per_crop.split(crops)), image_sizes, newline, call)
+        packed = self._pack(model, list(per_crop.split(crops)), image_sizes, newline, args)
         recs: list[ImageRecord] = []
         for i, (f, p) in enumerate(zip(feats, packed, strict=True)):
             if p.shape[0] != f.shape[0]:
@@ -211,25 +165,11 @@ class LlavaNextAdapter(LlavaAdapter):
                 recs.append(ImageRecord(n=b - a, image=i, grid=grid, protected=pr, ctx=c))
         return recs
 
-    @torch.no_grad()
-    def _crop_context(self, model, layer, hidden: Tensor, want: set[str], rows: str) -> dict[str, Tensor]:
-        """Per crop, from one tower layer's input: ``cls_attn [crops, N]`` (the CLS row when the tower has a CLS
-        token and ``rows == "cls"``, else the attention received, averaged over heads and query rows) and ``keys
-        [crops, H, N, dh]``; the CLS column dropped when the features drop it."""
-        q, k, scale = _vision.qk(layer, hidden)
-        drop = 1 if self._drops_cls(model) else 0
-        out: dict[str, Tensor] = {}
-        if "cls_attn" in want:
-            use_cls = self._has_cls(model) and rows == "cls"
-            out["cls_attn"] = (_vision.cls_row(q, k, scale) if use_cls else _vision.received(q, k, scale))[:, drop:]
-        if "keys" in want:
-            out["keys"] = k[:, :, drop:]
-        return out
-
     def _tokens_per_crop(self, model, side: int) -> int:
         return side * side + (1 if self._has_cls(model) and not self._drops_cls(model) else 0)
 
 
+@register_adapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision images: LLaVA-NeXT's layout, the high-res grid bilinearly shrunk to ``anyres_max_M`` crops,
     and a single crop (base view + one newline) per image in multi-image samples."""
@@ -241,13 +181,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
         return image_size_to_num_patches
 
-    def _crops(self, model, image_sizes: Tensor, call: dict[str, Any]) -> list[int]:
-        many = call.get("batch_num_images")
+    def _crops(self, model: torch.nn.Module, image_sizes: Tensor, args: dict[str, Any]) -> list[int]:
+        many = args.get("batch_num_images")
         patch = [True] * len(image_sizes) if many is None else [int(n) == 1 for n in many for _ in range(int(n))]
-        fn = self._num_patches()
-        return [fn(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
-                   patch_size=model.config.vision_config.image_size) if p else 1
-                for s, p in zip(image_sizes, patch, strict=True)]
+        return [self._crop_count(model, s) if p else 1 for s, p in zip(image_sizes, patch, strict=True)]
 
     def image_token_ids(self, model) -> list[int]:
         cfg = model.config
@@ -261,7 +198,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         in time order, then one ``image_newline`` (protected); ``grid`` the pooled frame's ``(s, s)``. No vision-side
         scores: a method needing them refuses videos."""
         if rt.pre is not None:
-            missing = sorted(rt.pre.needs & set(_VISION_KEYS))
+            missing = sorted(rt.pre.needs & VISION_KEYS)
             if missing:
                 raise NotImplementedError(f"vtok: LLaVA-OneVision videos carry no vision-side {missing}, which "
                                           f"'{rt.pre.method}' needs before the language model; use a method without "
@@ -277,13 +214,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                             frames=frames if grid is not None else None, video=True)
                 for i in range(int(feats.shape[0]))]
 
-    def _pack(self, model, per_image: list[Tensor], image_sizes: Tensor, newline: Tensor, call: dict[str, Any]
-              ) -> list[Tensor]:
-        aspect = call.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
-        packed, _ = model.model.pack_image_features(per_image, image_sizes, image_newline=newline,
-                                                    vision_aspect_ratio=aspect)
-        return packed
-
-
-register_adapter(LlavaNextAdapter())
-register_adapter(LlavaOnevisionAdapter())
+    def _pack_options(self, model: torch.nn.Module, args: dict[str, Any]) -> dict[str, Any]:
+        return {"vision_aspect_ratio": args.get("vision_aspect_ratio") or model.config.vision_aspect_ratio}

@@ -30,17 +30,21 @@ each kept token's ``(t, h, w)`` offset from the video's start and closes the gap
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from vtok.budget import resolve_k
-from vtok.hooks.hf import _resize, _vision, register_adapter
+from vtok.hooks.hf import _resize, _vision
 from vtok.hooks.hf._runtime import ImageRecord
-from vtok.pruners import get as get_method
+from vtok.hooks.hf.adapter import FeatureCall, Undo, VLMAdapter, features_of, register_adapter
 from vtok.pruners._grid import pool_grid
+
+if TYPE_CHECKING:
+    from vtok.hooks.hf._runtime import Runtime
+
+_BLOCK_INPUTS = ("hidden_states", "cu_seqlens", "position_embeddings")
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -55,131 +59,114 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return ((xf * cos) + (_rotate_half(xf) * sin)).to(x.dtype)
 
 
-class QwenVLAdapter:
+def _block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a vision block receives: ``hidden_states [S, D]``, ``cu_seqlens`` and ``position_embeddings``."""
+    got = dict(zip(_BLOCK_INPUTS, args, strict=False))
+    got.update({k: kwargs[k] for k in _BLOCK_INPUTS if k in kwargs})
+    return got
+
+
+def _feature_list(out: Any) -> list[Tensor]:
+    """The per-image (per-video) features of a feature method's output: ``[n_i, D]`` each."""
+    feats = features_of(out)
+    return list(feats) if not isinstance(feats, Tensor) else [feats]
+
+
+@register_adapter
+class QwenVLAdapter(VLMAdapter):
     """Model-specific glue for Qwen2-VL / Qwen2.5-VL; the ``Runtime`` does the rest."""
 
     names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    rope = "mrope"
+    positions = "mrope"
     cls_block: int | None = None  # vision block of cls_attn / keys; None: see the module docstring
 
-    # --- structure
-    def inner(self, model):
-        return model.model
-
-    def language_model(self, model):
-        return model.model.language_model
-
-    def decoder_layers(self, model):
-        return self.language_model(model).layers
-
-    def self_attention(self, layer):
-        return layer.self_attn
-
-    def image_token_ids(self, model) -> list[int]:
+    def image_token_ids(self, model: torch.nn.Module) -> list[int]:
         return [model.config.image_token_id, model.config.video_token_id]
 
-    def attn_implementation(self, model) -> str:
-        return model.config.text_config._attn_implementation or "sdpa"
-
-    def num_layers(self, model) -> int:
-        return len(self.decoder_layers(model))
-
     # --- vision side
-    def _tower(self, model):
-        return model.model.visual
+    def tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.inner(model).visual
 
-    def _merge(self, model) -> int:
-        return int(self._tower(model).spatial_merge_size)
+    def tower_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return self.tower(model).blocks
 
-    def _windowed(self, model) -> bool:
-        return hasattr(self._tower(model), "fullatt_block_indexes")
+    def feature_layer(self, model: torch.nn.Module) -> int:
+        return self.block_index(model)
 
-    def block_index(self, model) -> int:
+    def _merge(self, model: torch.nn.Module) -> int:
+        return int(self.tower(model).spatial_merge_size)
+
+    def _windowed(self, model: torch.nn.Module) -> bool:
+        return hasattr(self.tower(model), "fullatt_block_indexes")
+
+    def block_index(self, model: torch.nn.Module) -> int:
         """The vision block whose attention gives ``cls_attn`` / ``keys``."""
-        blocks = self._tower(model).blocks
+        blocks = self.tower_layers(model)
         depth = len(blocks)
         if self.cls_block is not None:
             return self.cls_block % depth
         if self._windowed(model):
-            full = [i % depth for i in self._tower(model).fullatt_block_indexes if -depth <= i < depth]
+            full = [i % depth for i in self.tower(model).fullatt_block_indexes if -depth <= i < depth]
             if full:
                 return max(full)
         return depth - 1
 
-    def provides(self, model) -> set[str]:
+    def provides(self, model: torch.nn.Module) -> set[str]:
         """Context keys the pre-LLM stage can give."""
         return {"grid", "frames", "query", "cls_attn", "keys"}
 
-    def install(self, model, rt) -> list[Any]:
-        inner = model.model
-        orig = inner.get_image_features
-        orig_video = inner.get_video_features
-        needs = rt.pre_context()
-        want = {"cls_attn", "keys"} & set(needs) & self.provides(model)
-        tower = self._tower(model)
-        bi = self.block_index(model)
-        block = tower.blocks[bi]
-        merge = self._merge(model)
-        captured: list[dict[str, Any]] = []
-        resize = rt.pre is not None and get_method(rt.pre.method).placement.resize_input
-
-        def pre_hook(module, args, kwargs):
-            names = ("hidden_states", "cu_seqlens", "position_embeddings")
-            got = dict(zip(names, args, strict=False))
-            got.update({k: kwargs[k] for k in names if k in kwargs})
-            captured.append(got)
-
-        def features(orig_fn, grid_key: str, token: int, video: bool):
-            sig = inspect.signature(orig_fn)
-
-            @functools.wraps(orig_fn)  # keeps the signature: generate() inspects it to pre-encode the inputs
-            def hooked(*args, **kwargs):
-                if resize and not video:
-                    return self._downsampled(model, rt, orig_fn, sig, grid_key, token, args, kwargs)
-                captured.clear()
-                handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True) if want else None
-                try:
-                    out = orig_fn(*args, **kwargs)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                feats = out.pooler_output if hasattr(out, "pooler_output") else out
-                feats = list(feats) if not isinstance(feats, Tensor) else [feats]
-                thw = sig.bind_partial(*args, **kwargs).arguments.get(grid_key, kwargs.get(grid_key))
-                sizes = [int(f.shape[0]) for f in feats]
-                ctx = (self._context(model, block, captured[0], thw, sizes, want, kwargs)
-                       if want and captured and thw is not None else {})
-                recs = []
-                for i, n in enumerate(sizes):
-                    grid = frames = None
-                    if thw is not None:
-                        t, h, w = (int(v) for v in thw[i])
-                        if t * (h // merge) * (w // merge) == n and (video or t == 1):
-                            grid, frames = (h // merge, w // merge), t  # an image is one frame
-                    recs.append(ImageRecord(n=n, image=i, grid=grid, ctx={k: v[i] for k, v in ctx.items()},
-                                            token=token, frames=frames, video=video))
-                rt.add_records(out, recs)
-                return out
-
-            return hooked
-
+    # --- hooks
+    def install(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
+        want = {"cls_attn", "keys"} & set(rt.pre_context()) & self.provides(model)
+        block = self.tower_layers(model)[self.block_index(model)]
+        placement = self.pre_placement(rt)
+        resize = placement is not None and placement.resize_input
         cfg = model.config
-        get_image_features = features(orig, "image_grid_thw", cfg.image_token_id, False)
-        get_video_features = features(orig_video, "video_grid_thw", cfg.video_token_id, True)
+        undo = []
+        for name, grid_key, token, video in (("get_image_features", "image_grid_thw", cfg.image_token_id, False),
+                                             ("get_video_features", "video_grid_thw", cfg.video_token_id, True)):
+            if resize and not video:
+                run = functools.partial(self._downsample, model, rt, grid_key)
+                undo.append(self.hook_features(model, rt, name, None, functools.partial(self._planned, token=token),
+                                               run=run))
+            else:
+                records = functools.partial(self._records, model, block, grid_key, token, video, want)
+                undo.append(self.hook_features(model, rt, name, {0: block} if want else None, records,
+                                               capture=_block_input))
+        return undo
 
-        inner.get_image_features = get_image_features
-        inner.get_video_features = get_video_features
-        return [lambda: delattr(inner, "get_image_features"), lambda: delattr(inner, "get_video_features")]
+    def _records(self, model: torch.nn.Module, block: torch.nn.Module, grid_key: str, token: int, video: bool,
+                 want: set[str], out: Any, call: FeatureCall) -> list[ImageRecord]:
+        """One record per image (video) of a call, ``grid`` / ``frames`` from its ``(t, h, w)`` patch grid."""
+        feats = _feature_list(out)
+        thw = call.arguments.get(grid_key, call.kwargs.get(grid_key))
+        sizes = [int(f.shape[0]) for f in feats]
+        got = call.captured.get(0)
+        ctx = (self._context(model, block, got, thw, sizes, want, call.kwargs)
+               if want and got is not None and thw is not None else {})
+        merge = self._merge(model)
+        recs = []
+        for i, n in enumerate(sizes):
+            grid = frames = None
+            if thw is not None:
+                t, h, w = (int(v) for v in thw[i])
+                if t * (h // merge) * (w // merge) == n and (video or t == 1):
+                    grid, frames = (h // merge, w // merge), t  # an image is one frame
+            recs.append(ImageRecord(n=n, image=i, grid=grid, ctx={k: v[i] for k, v in ctx.items()},
+                                    token=token, frames=frames, video=video))
+        return recs
 
-    def _downsampled(self, model, rt, orig_fn, sig, grid_key: str, token: int, args, kwargs):
+    def _downsample(self, model: torch.nn.Module, rt: Runtime, grid_key: str, orig_fn: Any, call: FeatureCall
+                    ) -> Any:
         """``downsample``: each image resized to the ``pool2d`` grid of its budget *before* the tower; the tower's
         tokens of the smaller image are spread over the cells of the full grid (``_resize.spread``) so the placeholders
-        still match and the strategy's cell average returns exactly them."""
+        still match and the strategy's cell average returns exactly them. The plan ``[(grid, pooled grid, n)]`` per
+        image goes to ``call.state["plan"]`` (``_planned``)."""
         keeps = rt.pre.keep
         if any(k != keeps[0] for k in keeps):
             raise NotImplementedError("vtok: downsample on Qwen2-VL needs one keep for the whole batch (the images "
                                       "are resized inside the vision call, before they are matched to samples)")
-        bound = sig.bind(*args, **kwargs)
+        bound = call.signature.bind(*call.args, **call.kwargs)
         pixels, thw = bound.arguments["pixel_values"], bound.arguments[grid_key]
         vc = model.config.vision_config
         p, m, tp = int(vc.patch_size), self._merge(model), int(vc.temporal_patch_size)
@@ -203,16 +190,20 @@ class QwenVLAdapter:
         bound.arguments["pixel_values"] = torch.cat(rows)
         bound.arguments[grid_key] = torch.tensor(grids, dtype=thw.dtype, device=thw.device)
         out = orig_fn(*bound.args, **bound.kwargs)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        feats = list(feats) if not isinstance(feats, Tensor) else [feats]
+        feats = _feature_list(out)
         full = [f if og is None else _resize.spread(f, grid, og) for f, (grid, og, _) in zip(feats, plan, strict=True)]
-        recs = [ImageRecord(n=n, image=i, grid=grid, token=token, frames=1) for i, (grid, _, n) in enumerate(plan)]
         if hasattr(out, "pooler_output"):
             out.pooler_output = tuple(full)
         else:
             out = tuple(full)
-        rt.add_records(out, recs)
+        call.state["plan"] = plan
         return out
+
+    @staticmethod
+    def _planned(out: Any, call: FeatureCall, token: int) -> list[ImageRecord]:
+        """The records of a downsampled call: one per image of the full grid (``_downsample``'s plan)."""
+        return [ImageRecord(n=n, image=i, grid=grid, token=token, frames=1)
+                for i, (grid, _, n) in enumerate(call.state["plan"])]
 
     @torch.no_grad()
     def _context(self, model, block, got: dict[str, Any], thw: Tensor, sizes: list[int], want: set[str],
@@ -249,7 +240,7 @@ class QwenVLAdapter:
         for name in ("image_window_index", "window_index"):
             if kwargs.get(name) is not None:
                 return kwargs[name]
-        tower = self._tower(model)
+        tower = self.tower(model)
         try:
             from transformers.vision_utils import get_vision_window_index
         except ImportError:  # transformers 4.x: a method of the tower
@@ -258,5 +249,3 @@ class QwenVLAdapter:
                                            window_size=tower.window_size, patch_size=tower.patch_size)
         return index
 
-
-register_adapter(QwenVLAdapter())
