@@ -32,10 +32,24 @@ def test_every_key_a_method_reads_has_a_provider_or_is_known_not_given():
     assert set(PROVIDERS) <= set(CONTEXT_KEYS)
 
 
+# the wrapper's in-LLM context and layer-0 rule as they were written by hand before the registry (the reference)
+_REF_LLM_CONTEXT = frozenset({"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features",
+                              "text_keys", "self_cross_attn", "text_rows_attn", "text_relevance", "seq_index",
+                              "text_seq_index"})
+
+
+def _ref_llm_context(layer: int, method: str) -> frozenset[str]:
+    if layer > 0:
+        return _REF_LLM_CONTEXT
+    own = vtok.pruners.get(method).placement.attn_layer == "own"
+    return (_REF_LLM_CONTEXT - {"prev_hidden", "keys", "text_keys", "self_cross_attn", "text_rows_attn"}
+            - (set() if own else {"text_attn"}))
+
+
 def test_every_llm_key_of_the_wrapper_has_an_llm_provider():
     from vtok.hooks.hf import _LLM_CONTEXT
 
-    assert {k for k, p in PROVIDERS.items() if p.llm is not None} == set(_LLM_CONTEXT)
+    assert {k for k, p in PROVIDERS.items() if p.llm is not None} == set(_LLM_CONTEXT) == _REF_LLM_CONTEXT
 
 
 def test_providers_are_complete():
@@ -57,7 +71,7 @@ def test_llm_context_agrees_with_the_wrappers(layer):
     from vtok.hooks.hf import llm_context as wrapper_llm_context
 
     for name in METHODS:
-        assert llm_context(layer, name) == wrapper_llm_context(layer, name), name
+        assert llm_context(layer, name) == wrapper_llm_context(layer, name) == _ref_llm_context(layer, name), name
 
 
 def test_token_dims_are_the_wrappers():

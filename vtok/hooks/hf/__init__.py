@@ -34,24 +34,14 @@ from typing import Any
 
 import torch
 
+from vtok.budget import check_keep
 from vtok.hooks.hf._runtime import Runtime, Stage
 from vtok.hooks.hf.adapter import ADAPTERS, VLMAdapter, discover, find_adapter, register_adapter
 from vtok.hooks.hf.llava import LlavaAdapter  # noqa: F401  (registered on import: ADAPTERS lists LLaVA from the start)
+from vtok.hooks.hf.providers import PROVIDERS, llm_context
 from vtok.pruners import get
 
-_LLM_CONTEXT = {"text_attn", "prev_hidden", "query", "grid", "keys", "features", "text_features", "text_keys",
-                "self_cross_attn", "text_rows_attn", "text_relevance", "seq_index", "text_seq_index"}
-
-
-def llm_context(layer: int, method: str) -> frozenset[str]:
-    """The context keys an in-LLM stage entering decoder layer ``layer`` can give ``method`` (besides ``frames``).
-    Nothing ran before layer 0, so it has no earlier hidden states, keys or attention, unless the method reads its
-    own layer's attention (``Placement.attn_layer="own"``)."""
-    if layer > 0:
-        return frozenset(_LLM_CONTEXT)
-    own = get(method).placement.attn_layer == "own"
-    return (frozenset(_LLM_CONTEXT) - {"prev_hidden", "keys", "text_keys", "self_cross_attn", "text_rows_attn"}
-            - (set() if own else {"text_attn"}))
+_LLM_CONTEXT = frozenset(k for k, p in PROVIDERS.items() if p.llm is not None)  # what an in-LLM stage can get
 _UNSUPPORTED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
@@ -79,16 +69,6 @@ def _load_optional() -> None:
 def _adapter(model: Any) -> VLMAdapter:
     """The registered adapter of ``model``'s class; ``TypeError`` listing the supported ones otherwise."""
     return find_adapter(model)
-
-
-def _check_keep(keep: Any, name: str) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise TypeError(f"{name} must be a float ratio in (0, 1] or an int count >= 1, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        if keep < 1:
-            raise ValueError(f"{name} as a count must be >= 1 (a keep that leaves zero image tokens), got {keep}")
-    elif not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"{name} as a ratio must be in (0, 1] (0 would leave zero image tokens), got {keep}")
 
 
 def _stage_methods(method: Any, n: int) -> list[str]:
@@ -131,7 +111,7 @@ def _stages(adapter: Any, model: Any, method: Any, keep: Any, layer: Any, option
         prev = ly
     for ks in keeps:
         for j, k in enumerate(ks):
-            _check_keep(k, "keep" if len(ks) == 1 else f"keep[{j}]")
+            check_keep(k, "keep" if len(ks) == 1 else f"keep[{j}]")
     ratios = [ks[0] for ks in keeps if len(ks) == 1 and isinstance(ks[0], float)]
     if len(ratios) == len(keeps) and any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
         raise ValueError(f"stage budgets must not grow from stage to stage, got keep={keep}")
@@ -316,5 +296,5 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 from vtok.hooks.hf.fitprune import FitSchedule, fit_fitprune  # noqa: E402  (uses wrap / unwrap above)
 
-__all__ = ["ADAPTERS", "FitSchedule", "fit_fitprune", "placement_error", "register_adapter", "stats",
-           "supported", "unwrap", "wrap", "wrapped"]
+__all__ = ["ADAPTERS", "FitSchedule", "VLMAdapter", "fit_fitprune", "llm_context", "placement_error",
+           "register_adapter", "stats", "supported", "unwrap", "wrap", "wrapped"]
