@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.context import Context
 from vtok.pruners._grid import pool_grid
 

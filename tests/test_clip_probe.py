@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from benchmark_loader import load_benchmark
 
+from tests.helpers.script_loader import load_benchmark
 from vtok.bench.fashion_mnist import load_fashion_mnist
 from vtok.budget import resolve_k
 from vtok.sweep.vit import Prefixes, grid_of

@@ -3,13 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
-from memtools import max_alloc_bytes, nxn_bytes
 from sklearn.cluster import KMeans
 
 import vtok
+from tests.helpers.hyp_settings import examples
+from tests.helpers.memtools import max_alloc_bytes, nxn_bytes
 from vtok.context import Context
 from vtok.kernels import ops
 from vtok.kernels import reference as R

@@ -2,11 +2,11 @@ import re
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.budget import parse_keep, resolve_k
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 
 
 def _reference(x, keys, k, pi=4, pt=4, feats=None, tf=None, tk=None, seq=None, tseq=None):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from benchmark_loader import load_benchmark
 from timm.models.vision_transformer import VisionTransformer
 
 import vtok
+from tests.helpers.script_loader import load_benchmark
 from vtok.bench.eval_vit import build_eval_vit, save_eval_vit
 
 

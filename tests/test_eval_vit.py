@@ -1,6 +1,6 @@
 import torch
-from benchmark_loader import load_benchmark
 
+from tests.helpers.script_loader import load_benchmark
 from vtok.bench.eval_vit import build_eval_vit, checkpoint_meta, load_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
 

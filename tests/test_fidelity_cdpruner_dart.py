@@ -17,10 +17,15 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import (
+    IMAGE_TOKEN,
+    _one_thread,  # noqa: F401  (autouse: one intra-op thread per module)
+    left_pad,
+    llava_prompt,
+    tiny_llava,
+)
 from vtok.pruners.dart import cpython_set_order
 
 N = 576
@@ -217,7 +222,7 @@ def test_cdpruner_through_the_wrapper_is_the_substitute(model, k):
     input space: the projected image features (the tokens, which also give the similarity, as the authors') against
     the mean input embedding of the prompt's text tokens, with the paper's positive cosine (``"auto"``); per image,
     a left-padded batch of two prompts (three images)."""
-    from test_hf_wrap import _image_features, _pix
+    from tests.test_hf_wrap import _image_features, _pix
 
     rows = [llava_prompt([1, 5, 9], 1, [11, 12, 13]), llava_prompt([3], 2, [11, 12, 13, 14, 15])]
     ids, am = left_pad(rows)

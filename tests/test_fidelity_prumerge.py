@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import _one_thread  # noqa: F401  (one intra-op thread for the tiny LLaVA)
+from tests.helpers.hf_tiny import _one_thread  # noqa: F401  (one intra-op thread for the tiny LLaVA)
 from vtok.pruners.prumerge import prumerge_budget
 
 N = 576

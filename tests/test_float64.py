@@ -17,13 +17,13 @@ import traceback
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.bench.synthetic import example_context
 from vtok.context import Context
 from vtok.kernels import ops

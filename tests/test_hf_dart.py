@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
 
@@ -51,7 +51,7 @@ def _states(model, ids, am, pix, layer):
 def _hand_selection(model, ids, am, pix, layer, k, order="set"):
     """DART by hand (``test_dart._reference``) on ``_states``; ``order="set"``: the pivots in the order of a Python set
     of their sequence indices (the wrapper's default), ``"rank"``: image pivots first."""
-    from test_dart import _reference
+    from tests.test_dart import _reference
 
     keys, hidden, feats = _states(model, ids, am, pix, layer)
     img = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
@@ -88,7 +88,7 @@ def test_equals_the_authors_retained_tokens(model, prefix):
     """Where vtok's exact budget equals theirs (``k = 4 + 8 · q``, their ``keep = 8 · q``), the wrapper keeps what
     their ``get_retained_image_token`` keeps (``test_fidelity_cdpruner_dart._dart_authors``: a real Python set of
     absolute indices) on the same keys and states."""
-    from test_fidelity_cdpruner_dart import _dart_authors
+    from tests.test_fidelity_cdpruner_dart import _dart_authors
 
     ids, am = left_pad([llava_prompt(PREFIXES[prefix], 1, [11, 12, 13, 14, 15, 16])])
     pix = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(4))
@@ -118,7 +118,7 @@ def test_generate_batch_equals_one_by_one(model):
 
 
 def test_qwen2_vl_generate_batch_equals_one_by_one():
-    from hf_tiny_qwen import images, left_pad, qwen_prompt, tiny_qwen2_vl
+    from tests.helpers.hf_tiny_qwen import images, left_pad, qwen_prompt, tiny_qwen2_vl
 
     m = tiny_qwen2_vl()
     grids = [[(1, 8, 8)], [(1, 4, 8), (1, 8, 4)]]

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-import test_hf_qwen  # noqa: E402
-from hf_tiny_qwen import IMAGE_TOKEN, MERGE, PATCH, images, left_pad, n_tokens, qwen_prompt  # noqa: E402
-from hf_tiny_qwen import TEMPORAL as TP  # noqa: E402
-from test_hf_qwen import _greedy_reference, _lm_logits, _reindex_reference  # noqa: E402
-
 import vtok  # noqa: E402
-from tests.hf_tiny import image_features  # noqa: E402
+from tests import test_hf_qwen  # noqa: E402
+from tests.helpers.hf_tiny import image_features  # noqa: E402
+from tests.helpers.hf_tiny_qwen import IMAGE_TOKEN, MERGE, PATCH, images, left_pad, n_tokens, qwen_prompt  # noqa: E402
+from tests.helpers.hf_tiny_qwen import TEMPORAL as TP  # noqa: E402
+from tests.test_hf_qwen import _greedy_reference, _lm_logits, _reindex_reference  # noqa: E402
 from vtok.hooks.hf import _resize, stats, unwrap, wrap  # noqa: E402
 from vtok.pruners._grid import grid_bins as _bins  # noqa: E402
 from vtok.pruners._grid import pool_grid  # noqa: E402
@@ -187,8 +186,8 @@ def test_per_sample_keeps_are_refused(model):
 
 def test_llava_downsample_is_grid_pooling():
     """A fixed-resolution tower (LLaVA's CLIP): downsample = pool2d, exactly."""
-    from hf_tiny import left_pad as llava_pad
-    from hf_tiny import llava_prompt, tiny_llava
+    from tests.helpers.hf_tiny import left_pad as llava_pad
+    from tests.helpers.hf_tiny import llava_prompt, tiny_llava
 
     m = tiny_llava()
     ids, mask = llava_pad([llava_prompt([1, 2], 1, [3, 4, 5]), llava_prompt([6], 2, [3])])

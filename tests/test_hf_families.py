@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 
 import vtok
+from tests.helpers.hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 from vtok.hooks.hf import llm_context
 from vtok.hooks.hf.tiny import TINY_FAMILIES, tiny_inputs, tiny_model
 

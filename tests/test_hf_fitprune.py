@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hyp_settings import examples
 from vtok.pruners.fitprune import budget_reached, deletion_count, layer_flops
 
 

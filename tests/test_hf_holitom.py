@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, eager_forward, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, tiny_llava
 from tests.test_hf_sparsevlm import _layerwise_logits, _sample
 
 pytest.importorskip("transformers")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import image_features
-from tests.hf_tiny_next import image_tokens, left_pad, pixels, prompt, tiny_llava_next, tiny_llava_onevision
+from tests.helpers.hf_tiny import image_features
+from tests.helpers.hf_tiny_next import image_tokens, left_pad, pixels, prompt, tiny_llava_next, tiny_llava_onevision
 from vtok.budget import resolve_k
 
 pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, image_features, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, image_features, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from hf_tiny_qwen import (  # noqa: E402
+import vtok  # noqa: E402
+from tests.helpers.hf_tiny import _one_thread, image_features  # noqa: E402, F401  (_one_thread: autouse)
+from tests.helpers.hf_tiny_qwen import (  # noqa: E402
     IMAGE_TOKEN,
     MERGE,
     VIDEO_TOKEN,
@@ -21,9 +23,6 @@ from hf_tiny_qwen import (  # noqa: E402
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
 )
-
-import vtok  # noqa: E402
-from tests.hf_tiny import _one_thread, image_features  # noqa: E402, F401  (_one_thread: autouse)
 from vtok.hooks.hf import stats, unwrap, wrap  # noqa: E402
 
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
@@ -426,7 +425,7 @@ def test_video_batch_equals_one_by_one(model, method, layer, keep):
 
 def test_video_method_needs_frames_refused_on_llava():
     """A temporal method needs ``frames``, which only video-capable adapters give: refused at wrap time."""
-    from tests.hf_tiny import tiny_llava
+    from tests.helpers.hf_tiny import tiny_llava
 
     with pytest.raises(ValueError, match="frames"):
         wrap(tiny_llava(), "frame_merge", 0.5)

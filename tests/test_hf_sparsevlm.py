@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, eager_forward, image_features, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, image_features, left_pad, llava_prompt, tiny_llava
 from vtok.pruners.sparsevlm import text_relevance
 
 pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vtok
-from tests.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
+from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
 

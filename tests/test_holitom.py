@@ -7,11 +7,11 @@ import itertools
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.pruners.dpc_knn import dpc_knn
 from vtok.pruners.holitom import holitom_segments, static_counts
 

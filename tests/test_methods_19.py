@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.bench.synthetic import example_context
 from vtok.context import CONTEXT_KEYS, Context
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.pruners.mustdrop import mustdrop_budget
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import vtok
-from tests.benchmark_loader import ROOT
+from tests.helpers import ROOT
 from vtok.bench import load_tower
 from vtok.images import sample_photo
 

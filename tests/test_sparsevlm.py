@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
+from tests.helpers.hyp_settings import examples
 from vtok.pruners.sparsevlm import rater_scores, sparsevlm_budget, text_relevance
 
 

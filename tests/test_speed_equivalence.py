@@ -11,10 +11,10 @@ fast paths build an ``N × N`` matrix only up to ``reference.GRAM_MAX_ELEMENTS``
 from __future__ import annotations
 
 import pytest
-import reference_strategies as old
 import torch
 
 import vtok
+from tests.helpers import reference_strategies as old
 from vtok.bench.synthetic import example_context
 from vtok.context import Context
 from vtok.kernels import reference as R

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from sweep_helpers import vit_checkpoint
 from typer.testing import CliRunner
 
+from tests.helpers.sweep_helpers import vit_checkpoint
 from vtok.cli import app
 from vtok.sweep import load_config
 
@@ -119,7 +119,7 @@ def test_cli_refuses_bad_config_before_any_cell(ckpt, tmp_path):
                                         ("vlm_clip_accuracy_llm", "real_vlm_clip")])
 def test_vlm_accuracy_configs_are_valid(name, task):
     """Every method / placement pair of the small VLMs' accuracy sweeps passes the checks (no cell runs here)."""
-    from benchmark_loader import ROOT
+    from tests.helpers import ROOT
 
     cfg = load_config(ROOT / "configs" / "sweeps" / f"{name}.yaml")
     assert cfg.tasks == [task] and len(cfg.cells()) == len(cfg.methods) * 4

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import sweep_probe
-from benchmark_loader import ROOT
-from sweep_helpers import comparable
-from sweep_probe import GRID, Probe, probe, rows_of
 from typer.testing import CliRunner
 
+from tests.helpers import ROOT, sweep_probe
+from tests.helpers.sweep_helpers import comparable
+from tests.helpers.sweep_probe import GRID, Probe, probe, rows_of
 from vtok.cli import app
 from vtok.sweep import ResultsStore, load_config, run_sweep
 
@@ -74,7 +73,7 @@ class Zygote:
 
     def __init__(self, log: Path):
         self.log = open(log, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sweep_probe.py")), "--zygote"],
+        self.proc = subprocess.Popen([sys.executable, sweep_probe.__file__, "--zygote"],
                                      cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from sweep_helpers import prompts_file, vit_checkpoint
-from test_sweep_report import synthetic_rows
 from typer.testing import CliRunner
 
+from tests.helpers.sweep_helpers import prompts_file, vit_checkpoint
+from tests.test_sweep_report import synthetic_rows
 from vtok.cli import app
 from vtok.sweep import TASKS, ResultsStore, get_task, load_config, write_report
 from vtok.sweep.report import _panels, _refs, markdown

@@ -6,8 +6,8 @@ import builtins
 import sys
 
 import pytest
-from sweep_helpers import comparable, vit_checkpoint
 
+from tests.helpers.sweep_helpers import comparable, vit_checkpoint
 from vtok.sweep import load_config, run_sweep
 
 ray = pytest.importorskip("ray", reason="ray is not installed (it is in the dev extra: pip install -e '.[dev]')")
@@ -60,7 +60,7 @@ def test_without_ray_the_flag_says_how_to_install(monkeypatch, tmp_path):
 def test_ray_eval_vit_rows_arrive_cell_by_cell(local_ray, tmp_path):
     """On a Ray worker too, an eval_vit shard's first cell is written before a later cell of the shard raises
     (before: the whole shard failed together)."""
-    import sweep_helpers
+    from tests.helpers import sweep_helpers
 
     ray.cloudpickle.register_pickle_by_value(sweep_helpers)
     task = sweep_helpers.failing_eval_vit()

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from benchmark_loader import ROOT, load_benchmark
-from sweep_helpers import comparable, failing_eval_vit, vit_checkpoint
 from typer.testing import CliRunner
 
+from tests.helpers import ROOT
+from tests.helpers.script_loader import load_benchmark
+from tests.helpers.sweep_helpers import comparable, failing_eval_vit, vit_checkpoint
 from vtok.cli import app
 from vtok.sweep import ResultsStore, load_config, run_sweep
 

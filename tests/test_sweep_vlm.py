@@ -12,9 +12,9 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 from PIL import Image
-from sweep_helpers import prompts_file
 
 import vtok
+from tests.helpers.sweep_helpers import prompts_file
 from vtok.sweep import lmms_plugin as plugin
 from vtok.sweep import load_config, run_sweep
 

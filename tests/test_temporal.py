@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vtok
 import vtok.video as V
+from tests.helpers.hyp_settings import examples
 from vtok.images import patchify
 from vtok.pruners._video import allocate
 from vtok.pruners.per_frame import even_budgets

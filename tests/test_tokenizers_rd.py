@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import torch
-from benchmark_loader import load_benchmark
 
+from tests.helpers.script_loader import load_benchmark
 from vtok.tokenizers_img import ModelConfig, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from hyp_settings import examples
 from hypothesis import given
 from hypothesis import strategies as st
-from memtools import max_alloc_bytes, nxn_bytes
 
 import vtok
+from tests.helpers.hyp_settings import examples
+from tests.helpers.memtools import max_alloc_bytes, nxn_bytes
 from vtok.context import Context
 from vtok.pruners.transprune import instruction_attention, transition_variation
 

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
-from benchmark_loader import load_benchmark
-from test_vlm_model import tiny_llm
 
+from tests.helpers.script_loader import load_benchmark
+from tests.test_vlm_model import tiny_llm
 from vtok.bench import clip_scenes as cs
 from vtok.bench import vlm, vlm_clip
 from vtok.bench.fashion_mnist import DEFAULT_DIR
@@ -136,7 +136,7 @@ def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
     """demos/ask_vlm.py --vlm clip on the tiny assembled folder: answers, 196-token budgets, PNG."""
     import importlib.util as iu
 
-    from benchmark_loader import ROOT
+    from tests.helpers import ROOT
 
     spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
     demo = iu.module_from_spec(spec)

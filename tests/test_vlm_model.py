@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 import torch
-from benchmark_loader import load_benchmark
 
+from tests.helpers.script_loader import load_benchmark
 from vtok.bench import vlm
 from vtok.bench import vlm_task as task
 from vtok.bench.fashion_mnist import DEFAULT_DIR
@@ -203,7 +203,7 @@ def test_ask_vlm_demo_on_a_tiny_folder(tiny, tokenizer, tmp_path):
     """demos/ask_vlm.py at tiny settings: every method x keep answers, counts its tokens, and the PNG is written."""
     import importlib.util as iu
 
-    from benchmark_loader import ROOT
+    from tests.helpers import ROOT
 
     spec = iu.spec_from_file_location("ask_vlm", ROOT / "demos" / "ask_vlm.py")
     demo = iu.module_from_spec(spec)

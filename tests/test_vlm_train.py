@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from benchmark_loader import load_benchmark
-from test_vlm_model import TINY_VISION, tiny_llm
 
+from tests.helpers.script_loader import load_benchmark
+from tests.test_vlm_model import TINY_VISION, tiny_llm
 from vtok.bench import vlm
 from vtok.bench.fashion_mnist import DEFAULT_DIR
 

@@ -2,11 +2,11 @@
 
 The cheapest task the sweep machinery can run: each cell's ``value`` is a hash of its id (so a redone cell gives the
 same row), ``delay`` seconds pass per cell (so a kill can land mid-shard), and a cell whose method is in
-``Probe.fail`` raises. ``python tests/sweep_probe.py RESULTS BACKEND [ADDRESS]`` runs ``GRID`` (exit 1 when a cell
-failed). ``python tests/sweep_probe.py --zygote`` imports vtok once, then forks one sweep process per ``run RESULTS
-BACKEND [ADDRESS]`` line on stdin and prints its pid; ``wait PID`` prints its exit status as ``subprocess`` gives it
-(``-9``: killed by SIGKILL). The fault-injection test kills those processes: each is a whole sweep driver, started
-without paying the imports again.
+``Probe.fail`` raises. ``python tests/helpers/sweep_probe.py RESULTS BACKEND [ADDRESS]`` runs ``GRID`` (exit 1
+when a cell failed). ``python tests/helpers/sweep_probe.py --zygote`` imports vtok once, then forks one sweep process
+per ``run RESULTS BACKEND [ADDRESS]`` line on stdin and prints its pid; ``wait PID`` prints its exit status as
+``subprocess`` gives it (``-9``: killed by SIGKILL). The fault-injection test kills those processes: each is a whole
+sweep driver, started without paying the imports again.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.hf_tiny import image_features
+from tests.helpers.hf_tiny import image_features
 from vtok.hooks.hf.tiny import IMAGE_TOKEN, PAD, PINPOINTS, VIDEO_TOKEN, left_pad, tiny_model
 from vtok.hooks.hf.tiny import next_pixels as pixels
 

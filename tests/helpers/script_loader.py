@@ -2,10 +2,7 @@
 
 import importlib
 import sys
-from pathlib import Path
 from types import ModuleType
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name: str) -> ModuleType:
