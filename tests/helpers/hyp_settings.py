@@ -3,7 +3,7 @@
 ``conftest.py`` loads the profile: ``ci`` (derandomized: the same examples on every run, no example database) when
 ``CI=true`` or ``HYPOTHESIS_PROFILE=ci``, else ``dev`` (fresh random examples on every run, so local runs keep finding
 new cases). ``@examples(n)`` sets a test's example count; ``VTOK_MAX_EXAMPLES=2000`` raises every count to at least
-2,000 for a long local run, e.g. ``VTOK_MAX_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_holitom.py``.
+2,000 for a long local run, e.g. ``VTOK_MAX_EXAMPLES=2000 .venv/bin/python -m pytest tests/video/test_holitom.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The strategies as they were before the CPU speed-ups of issue #22, kept verbatim as explicit references.
 
-``tests/test_speed_equivalence.py`` checks that the optimised implementations in ``vtok`` pick exactly what these
-do. Copied from ``vtok/pruners/{diversity,clustering}.py``, ``vtok/kernels/reference.py`` and
+``tests/pruners/test_speed_equivalence.py`` checks that the optimised implementations in ``vtok`` pick exactly what
+these do. Copied from ``vtok/pruners/{diversity,clustering}.py``, ``vtok/kernels/reference.py`` and
 ``vtok/selection.py`` (``Selection.apply``, as the function :func:`apply`) at commit ``bc0b8a1``, only renamed;
 helpers the speed-ups do not touch are imported. Streaming / chunked formulations throughout: one ``[N, D] × [D]``
 product per greedy step, every pairwise pass recomputed.
