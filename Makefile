@@ -92,10 +92,11 @@ test: lint $(FMNIST)
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory test-hf4
 
-# The Hugging Face wrapper's tests (tests/test_hf_*.py) again under transformers 4.57, the last 4.x. $(VENV_TF4) is an
-# overlay on $(VENV): its own site-packages holds only transformers 4.57 and the tokenizers / huggingface_hub (+
-# requests) it requires, and a .pth adds $(VENV)'s site-packages after it (torch, vtok, ... are not installed twice).
-# The .pth names $(VENV)'s site-packages relative to the overlay's prefix, so both move together with the repository.
+# The Hugging Face wrapper's tests (tests/hf/, which holds only test_hf_*.py) again under transformers 4.57, the last
+# 4.x. $(VENV_TF4) is an overlay on $(VENV): its own site-packages holds only transformers 4.57 and the tokenizers /
+# huggingface_hub (+ requests) it requires, and a .pth adds $(VENV)'s site-packages after it (torch, vtok, ... are not
+# installed twice). The .pth names $(VENV)'s site-packages relative to the overlay's prefix, so both move together
+# with the repository.
 VENV_TF4  ?= .venv-tf4
 TF4_STAMP := $(VENV_TF4)/.vtok-tf4-installed
 TF4_PKGS  := "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" "huggingface_hub>=0.34,<1.0" \
@@ -114,7 +115,7 @@ $(TF4_STAMP): $(STAMP) $(LOCK_TF4)
 	@touch $(TF4_STAMP)
 
 test-hf4: $(TF4_STAMP)
-	$(VENV_TF4)/bin/python -m pytest tests/test_hf_*.py
+	$(VENV_TF4)/bin/python -m pytest tests/hf
 
 # The suite on the newest versions the ranges allow, in throw-away venvs (not part of CI; run it before a release).
 test-latest:
