@@ -50,7 +50,7 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
 # the committed eval ViT, in five resumable stages (2-core CPU: ~3 h; see docs/benchmarks.md)
-EVT := $(BIN)/python -m benchmarks.train_eval_vit
+EVT := $(BIN)/python -m scripts.train.train_eval_vit
 eval-vit: $(STAMP) $(FMNIST)
 	$(EVT) --stop-after 938 --work outputs/train_eval_vit
 	$(EVT) --init outputs/train_eval_vit/last.pt --seed 1 --epochs 2.2 --low-res-epochs 2.0 --lr 6e-4 \
@@ -65,7 +65,7 @@ eval-vit: $(STAMP) $(FMNIST)
 # the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): stage 1 + stage 2
 # (1,000 steps, 4 questions per scene), then stage 2 continued on new scenes (600 steps, 6 questions, lower rates);
 # each run resumable (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
-VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python -m benchmarks.train_vlm
+VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python -m scripts.train.train_vlm
 vlm: $(STAMP) $(FMNIST)
 	$(VLM_TRAIN) --work outputs/vlm/train --out outputs/vlm/train/vlm.safetensors
 	mkdir -p outputs/vlm/train_b && cp -n outputs/vlm/train/stage1.pt outputs/vlm/train_b/

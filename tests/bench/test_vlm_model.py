@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.helpers.script_loader import load_benchmark
+from tests.helpers.script_loader import load_benchmark, load_train_script
 from vtok.bench import vlm
 from vtok.bench import vlm_task as task
 from vtok.bench.fashion_mnist import DEFAULT_DIR
@@ -53,7 +53,7 @@ def test_tokenizer_chat_template_and_image_token(tokenizer):
 
 
 def test_processor_matches_training_inputs(tokenizer):
-    train = load_benchmark("train_vlm")
+    train = load_train_script("train_vlm")
     proc = vlm.build_processor(tokenizer)
     scenes = [task.make_scene("test", 1, i) for i in range(3)]
     texts = [proc.apply_chat_template(vlm.prompt(s.question), add_generation_prompt=True) for s in scenes]
@@ -145,7 +145,7 @@ def test_wrapper_runs_on_the_vlm(tiny, tokenizer, method, layer):
 def test_multi_turn_training_text_is_the_chat_template(tokenizer):
     """Stage 2 asks several questions per scene as one conversation: its tokens are the chat template's rendering
     of the whole conversation, and exactly the answers (+ ``<|im_end|>``) are targets."""
-    train = load_benchmark("train_vlm")
+    train = load_train_script("train_vlm")
     scene = task.make_scene("train", 3, 5)
     conv = train.scene_questions(scene, 3, 5, 3)
     assert conv[0] == (scene.question, scene.answer) and conv == train.scene_questions(scene, 3, 5, 3)

@@ -1,4 +1,4 @@
-"""benchmarks/train_vlm.py on tiny shapes: both stages run, a stopped run resumes to identical weights, a changed
+"""scripts/train/train_vlm.py on tiny shapes: both stages run, a stopped run resumes to identical weights, a changed
 configuration is refused."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.bench.test_vlm_model import TINY_VISION, tiny_llm
-from tests.helpers.script_loader import load_benchmark
+from tests.helpers.script_loader import load_train_script
 from vtok.bench import vlm
 from vtok.bench.fashion_mnist import DEFAULT_DIR
 
@@ -28,7 +28,7 @@ def args(work, out, *extra):
 
 
 def test_resume_gives_identical_weights(tmp_path):
-    train = load_benchmark("train_vlm")
+    train = load_train_script("train_vlm")
     tok = vlm.load_tokenizer()
     llm = tiny_llm(tok)
     ref = train.main(args(tmp_path / "a", tmp_path / "a.safetensors"), llm=llm, tokenizer=tok)
@@ -56,7 +56,7 @@ def test_resume_gives_identical_weights(tmp_path):
 def test_init_continues_from_a_previous_run(tmp_path):
     import shutil
 
-    train = load_benchmark("train_vlm")
+    train = load_train_script("train_vlm")
     tok = vlm.load_tokenizer()
     llm = tiny_llm(tok)
     train.main(args(tmp_path / "a", tmp_path / "a.safetensors"), llm=llm, tokenizer=tok)

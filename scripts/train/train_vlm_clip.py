@@ -1,7 +1,7 @@
 """Train the small VLM on the real CLIP ViT-B/16 tower (vtok.bench.vlm_clip) on vtok.bench.clip_scenes. Resumable.
 
-    python -m benchmarks.train_vlm_clip --work outputs/vlm_clip/train        # all phases (rerun to resume)
-    python -m benchmarks.train_vlm_clip --work outputs/vlm_clip/train --stop-after 50   # 50 more steps, then stop
+    python -m scripts.train.train_vlm_clip --work outputs/vlm_clip/train        # all phases (rerun to resume)
+    python -m scripts.train.train_vlm_clip --work outputs/vlm_clip/train --stop-after 50   # 50 more steps, then stop
 
 LLaVA-1.5's recipe with the tower frozen, so its features are computed once:
 
@@ -10,8 +10,8 @@ LLaVA-1.5's recipe with the tower frozen, so its features are computed once:
    under bf16 autocast, 2× faster here, cosine 0.9996 to fp32; held-out shards in fp32). A finished shard is never
    recomputed.
 2. **Stage 1** (no LLM, seconds): linear heads on the cached patch features, per token its class (7 + background),
-   row and column (``clip_scenes.token_targets``). They seed the projector as in ``benchmarks/train_vlm.py``: hidden
-   units 0–15 are these logits, mapped by the second layer onto the LLM's embeddings of the class words.
+   row and column (``clip_scenes.token_targets``). They seed the projector as in ``scripts/train/train_vlm.py``:
+   hidden units 0–15 are these logits, mapped by the second layer onto the LLM's embeddings of the class words.
 3. **Stage 2**: projector + LoRA (rank 8, q/k/v/o of all 30 layers) through the frozen LLM on the cached features,
    ``--batch2`` scenes per step, ``--questions`` questions per scene in one multi-turn conversation, under bf16
    autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is ``(s·batch + i) mod train_n``, its questions are
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_vlm import (
+from scripts.train.train_vlm import (
     Log,
     atomic_save,
     check_resume,

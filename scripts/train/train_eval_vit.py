@@ -1,8 +1,8 @@
 """Train the evaluation ViT (vtok.bench.eval_vit) on Fashion-MNIST. Deterministic under --seed, resumable.
 
-    make eval-vit                                            # the committed checkpoint: 3 stages of this script
-    python -m benchmarks.train_eval_vit                      # stage 1 alone (2-core CPU: ~45 min)
-    python -m benchmarks.train_eval_vit --limit 512 --epochs 1 --out /tmp/vit.safetensors   # smoke run
+    make eval-vit                                 # the committed checkpoint: 3 stages of this script
+    python -m scripts.train.train_eval_vit        # stage 1 alone (2-core CPU: ~45 min)
+    python -m scripts.train.train_eval_vit --limit 512 --epochs 1 --out /tmp/vit.safetensors   # smoke run
 
 Recipe: AdamW (lr 1e-3, batch 128, wd 0.05), linear warmup then cosine decay, label smoothing 0.1, augmentation =
 random translation (±2 original pixels) and horizontal flip. Progressive resizing (FixRes, Touvron et al. 2019;
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # as stored (fp16)
     acc = evaluate(model, xte, yte, device)
     meta = {"test_accuracy": acc, "test_images": len(xte), "train_images": len(xtr), "epochs": args.epochs,
-            "seed": args.seed, "command": "python -m benchmarks.train_eval_vit " + " ".join(argv or sys.argv[1:])}
+            "seed": args.seed, "command": "python -m scripts.train.train_eval_vit " + " ".join(argv or sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_eval_vit(model.cpu(), args.out, meta)
     print(f"test accuracy {acc:.4f}; wrote {args.out}", flush=True)

@@ -1,10 +1,10 @@
 """Train the small VLM (vtok.bench.vlm) on the Fashion-MNIST scene questions (vtok.bench.vlm_task). Seeded, resumable.
 
-    make vlm                                   # both runs below (rerun to resume)
-    python -m benchmarks.train_vlm --work outputs/vlm/train    # stage 1 + stage 2 (1,000 steps, 4 questions/scene)
-    python -m benchmarks.train_vlm --work outputs/vlm/train_b --init outputs/vlm/train/stage2_last.pt --offset 8000 \
+    make vlm                                                    # both runs below (rerun to resume)
+    python -m scripts.train.train_vlm --work outputs/vlm/train  # stage 1 + stage 2 (1,000 steps, 4 questions/scene)
+    python -m scripts.train.train_vlm --work outputs/vlm/train_b --init outputs/vlm/train/stage2_last.pt --offset 8000 \
         --steps2 600 --questions 6 --lr-proj 1e-3 --lr-lora 7e-4   # continued on new scenes (copy stage1.pt first)
-    python -m benchmarks.train_vlm --stop-after 50      # do at most 50 more steps, then stop (state saved)
+    python -m scripts.train.train_vlm --stop-after 50           # do at most 50 more steps, then stop (state saved)
 
 Stage 1 (no LLM, cheap): the CLIP tower learns the scenes: per visual token the class of its cell (or empty), its
 cell's row and column, and from the CLS token the count of every class. Stage 2: projector + LoRA (rank 8 on the
