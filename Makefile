@@ -50,7 +50,7 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
 # the committed eval ViT, in five resumable stages (2-core CPU: ~3 h; see docs/benchmarks.md)
-EVT := $(BIN)/python -m benchmarks.train_eval_vit
+EVT := $(BIN)/python -m scripts.train.train_eval_vit
 eval-vit: $(STAMP) $(FMNIST)
 	$(EVT) --stop-after 938 --work outputs/train_eval_vit
 	$(EVT) --init outputs/train_eval_vit/last.pt --seed 1 --epochs 2.2 --low-res-epochs 2.0 --lr 6e-4 \
@@ -65,7 +65,7 @@ eval-vit: $(STAMP) $(FMNIST)
 # the small VLM (SmolLM2-135M-Instruct + CLIP tower and projector trained here; vtok/bench/vlm.py): stage 1 + stage 2
 # (1,000 steps, 4 questions per scene), then stage 2 continued on new scenes (600 steps, 6 questions, lower rates);
 # each run resumable (rerun to continue), nice'd, one thread; writes vtok/bench/checkpoints/vlm_fmnist_scenes.safetensors
-VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python -m benchmarks.train_vlm
+VLM_TRAIN = OMP_NUM_THREADS=1 nice -n 10 $(BIN)/python -m scripts.train.train_vlm
 vlm: $(STAMP) $(FMNIST)
 	$(VLM_TRAIN) --work outputs/vlm/train --out outputs/vlm/train/vlm.safetensors
 	mkdir -p outputs/vlm/train_b && cp -n outputs/vlm/train/stage1.pt outputs/vlm/train_b/
@@ -92,10 +92,11 @@ test: lint $(FMNIST)
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory test-hf4
 
-# The Hugging Face wrapper's tests (tests/test_hf_*.py) again under transformers 4.57, the last 4.x. $(VENV_TF4) is an
-# overlay on $(VENV): its own site-packages holds only transformers 4.57 and the tokenizers / huggingface_hub (+
-# requests) it requires, and a .pth adds $(VENV)'s site-packages after it (torch, vtok, ... are not installed twice).
-# The .pth names $(VENV)'s site-packages relative to the overlay's prefix, so both move together with the repository.
+# The Hugging Face wrapper's tests (tests/hf/, which holds only test_hf_*.py) again under transformers 4.57, the last
+# 4.x. $(VENV_TF4) is an overlay on $(VENV): its own site-packages holds only transformers 4.57 and the tokenizers /
+# huggingface_hub (+ requests) it requires, and a .pth adds $(VENV)'s site-packages after it (torch, vtok, ... are not
+# installed twice). The .pth names $(VENV)'s site-packages relative to the overlay's prefix, so both move together
+# with the repository.
 VENV_TF4  ?= .venv-tf4
 TF4_STAMP := $(VENV_TF4)/.vtok-tf4-installed
 TF4_PKGS  := "transformers==4.57.*" "tokenizers>=0.22,<=0.23.0" "huggingface_hub>=0.34,<1.0" \
@@ -114,7 +115,7 @@ $(TF4_STAMP): $(STAMP) $(LOCK_TF4)
 	@touch $(TF4_STAMP)
 
 test-hf4: $(TF4_STAMP)
-	$(VENV_TF4)/bin/python -m pytest tests/test_hf_*.py
+	$(VENV_TF4)/bin/python -m pytest tests/hf
 
 # The suite on the newest versions the ranges allow, in throw-away venvs (not part of CI; run it before a release).
 test-latest:

@@ -6,10 +6,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hyp_settings import profile_name  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-settings.load_profile(profile_name())  # "ci" (derandomized) under CI=true, else "dev" (random): see hyp_settings.py
+from tests.helpers.hyp_settings import profile_name  # noqa: E402
+
+# "ci" (derandomized) under CI=true, else "dev" (random): see helpers/hyp_settings.py
+settings.load_profile(profile_name())
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

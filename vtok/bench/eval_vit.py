@@ -2,7 +2,7 @@
 
 No pretrained ViT can be downloaded here, so vtok measures what each strategy costs in accuracy on its own
 model: 28×28 images upsampled to 56×56 and cut into 4×4 patches → 14×14 = 196 patch tokens + CLS, like
-ViT-B/16 at 224. Width 256, depth 8, 4 heads → 6.4 M parameters. Trained by ``benchmarks/train_eval_vit.py`` in
+ViT-B/16 at 224. Width 256, depth 8, 4 heads → 6.4 M parameters. Trained by ``scripts/train/train_eval_vit.py`` in
 three stages (``make eval-vit``: 4 epochs mostly at 28×28, then 56×56; see docs/benchmarks.md).
 
 The classifier mean-pools the patch tokens (timm ``global_pool="avg"``), so pruning *after* the encoder — the head
@@ -49,7 +49,7 @@ def load_eval_vit(path: str | Path | None = None) -> VisionTransformer:
     path = Path(path) if path is not None else CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no eval ViT checkpoint at {path}; train one with "
-                                "`python -m benchmarks.train_eval_vit` (see docs/benchmarks.md)")
+                                "`python -m scripts.train.train_eval_vit` (see docs/benchmarks.md)")
     with safe_open(str(path), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
     model = VisionTransformer(**cfg)

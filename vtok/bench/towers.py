@@ -33,7 +33,7 @@ also a ``from_pretrained`` checkpoint for transformers.
 "sink" tokens) before each of its 73 matmuls. The converted model runs the dequantised weights with fp32
 activations: a real pretrained CLIP, not bit-exact OpenAI CLIP, and not bit-exact to the ONNX model either.
 Measured against the ONNX model under onnxruntime on skimage's astronaut and coffee and matplotlib's grace_hopper
-(tests/test_real_towers.py, which asserts the bounds in brackets):
+(tests/bench/test_real_towers.py, which asserts the bounds in brackets):
 
 * 512-d image embeddings: cosine 0.986-0.988 per image (>= 0.98);
 * each block alone, fed the ONNX model's own input (teacher forcing): cosine of the block's output tokens >= 0.994
@@ -140,7 +140,7 @@ class Tower:
     timm_name: str
 
 
-# constants as the wheels' code defines them (tests/test_real_towers.py checks them against that code)
+# constants as the wheels' code defines them (tests/bench/test_real_towers.py checks them against that code)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

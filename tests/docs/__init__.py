@@ -1,0 +1,1 @@
+"""README.md, CONTRIBUTING.md and docs/*.md run and link as written."""

@@ -1,0 +1,1 @@
+"""Methods against explicit transcriptions of their authors' algorithms (docs/fidelity.md lists them)."""

@@ -1,0 +1,1 @@
+"""vtok.patch / unpatch / capture on timm and open_clip encoders."""

@@ -1,0 +1,1 @@
+"""The fused kernels against the reference (Triton interpreter on the CPU)."""

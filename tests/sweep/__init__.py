@@ -1,0 +1,1 @@
+"""vtok sweep / vtok report: config, runner, store, Ray backend, faults, and the lmms-eval plugin."""

@@ -1,0 +1,1 @@
+"""Video: decoding, temporal strategies, the video pipeline, CLI and benchmark."""
