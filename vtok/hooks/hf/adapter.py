@@ -31,9 +31,9 @@ Add a family = one adapter file + its tests:
    ``@register_adapter`` ``VLMAdapter`` subclass with ``names``, ``positions``, ``tower``, ``tower_layers``,
    ``feature_layer``, ``provides`` and ``install`` (through ``hook_features``); subclass an existing adapter for a
    variant (``LlavaNextAdapter(LlavaAdapter)``). ``vtok.hooks.hf.supported()`` then lists it.
-2. Its tests: ``tests/test_hf_<family>.py`` (records, pre-LLM selection against a reference on the unwrapped model,
+2. Its tests: ``tests/hf/test_hf_<family>.py`` (records, pre-LLM selection against a reference on the unwrapped model,
    both ``positions``, ``unwrap`` bit-exact), a tiny builder in ``tiny.py`` for the shared ``test_hf_families.py``,
-   and ``tests/test_hf_adapter_contract.py`` passing unchanged.
+   and ``tests/hf/test_hf_adapter_contract.py`` passing unchanged.
 """
 
 from __future__ import annotations
