@@ -18,9 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+from utils import doc_to_choice  # the tasks' own options, beside this file (run as a file: its folder is sys.path[0])
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from utils import doc_to_choice  # noqa: E402 - the tasks' own options, beside this file
 
 GEN, MC = "vtok_scenes_gen", "vtok_scenes_mc"
 
