@@ -22,7 +22,7 @@ Registration and discovery: ``@register_adapter`` on the class registers one ins
 ``discover()`` imports the adapter modules of this package, found by a naming rule, no list to edit: a public
 module ``vtok/hooks/hf/<name>.py`` is an adapter module when ``<name>`` is the transformers model package of the
 family it serves (``transformers/models/<name>/``: ``llava``, ``llava_next``, ``qwen2_vl``). Private modules
-(``_runtime.py``, ...) and the package's tools (``tiny.py``, ``fitprune.py``, ...) are never imported by it. A
+(``_runtime.py``, ...) and the package's tools (``tiny/``, ``fitprune.py``, ...) are never imported by it. A
 module whose optional dependencies are missing (``ImportError`` naming a module outside vtok) is skipped.
 
 Add a family = one adapter file + its tests:
@@ -31,9 +31,9 @@ Add a family = one adapter file + its tests:
    ``@register_adapter`` ``VLMAdapter`` subclass with ``names``, ``positions``, ``tower``, ``tower_layers``,
    ``feature_layer``, ``provides`` and ``install`` (through ``hook_features``); subclass an existing adapter for a
    variant (``LlavaNextAdapter(LlavaAdapter)``). ``vtok.hooks.hf.supported()`` then lists it.
-2. Its tests: ``tests/hf/test_hf_<family>.py`` (records, pre-LLM selection against a reference on the unwrapped model,
-   both ``positions``, ``unwrap`` bit-exact), a tiny builder in ``tiny.py`` for the shared ``test_hf_families.py``,
-   and ``tests/hf/test_hf_adapter_contract.py`` passing unchanged.
+2. Its tests: ``tests/hf/test_hf_<family>.py`` (records, pre-LLM selection against a reference on the unwrapped
+   model, both ``positions``, ``unwrap`` bit-exact), a tiny builder in ``tiny/<family>.py`` (``register_family``)
+   for the shared ``test_hf_families.py``, and ``tests/hf/test_hf_adapter_contract.py`` passing unchanged.
 """
 
 from __future__ import annotations

@@ -59,6 +59,21 @@ def _family(name: str, cls_name: str):
     return deco
 
 
+def register_family(name: str, cls_name: str, build: Callable[..., torch.nn.Module],
+                    runs: Callable[[torch.nn.Module, int, int], Runs],
+                    id_extras: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
+    """Add a tiny family from its own module ``vtok/hooks/hf/tiny/<family>.py`` (imported with this package):
+    ``build(layers=, attn=, **options)`` the random-weight model of class ``cls_name``; ``runs(model, n, seed)``
+    the placeholder-token runs of ``n`` images and their pixel inputs (``Runs``); ``id_extras(ids)`` inputs derived
+    from the token ids (Qwen's ``mm_token_type_ids``)."""
+    if name in TINY_FAMILIES:
+        raise ValueError(f"tiny family {name!r} is already registered")
+    _family(name, cls_name)(build)
+    _RUNS[name] = runs
+    if id_extras is not None:
+        _ID_EXTRAS[name] = id_extras
+
+
 def tiny_model(family: str, *, seed: int = 0, layers: int = 4, attn: str = "sdpa", **options: Any
                ) -> torch.nn.Module:
     """A tiny random-weight ``family`` VLM (``sorted(TINY_FAMILIES)``) in eval mode, language-model attention
@@ -332,3 +347,15 @@ def build_tiny_llava(path: str | Path, *, image_size: int = 336, patch: int = 14
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def _load_families() -> None:
+    """Import the families kept in their own modules of this package (``register_family``)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_families()
