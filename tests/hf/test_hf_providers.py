@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtok
-from tests.hf_tiny import tiny_llava
+from tests.helpers.hf_tiny import tiny_llava
 from vtok.context import CONTEXT_KEYS
 from vtok.hooks.hf import _attention, providers
 from vtok.hooks.hf.providers import PROVIDERS, llm_context
