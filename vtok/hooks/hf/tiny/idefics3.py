@@ -2,7 +2,8 @@
 
 Shapes: SigLIP-like tower (no CLS) of 56 px crops / 7 px patches (8 x 8 patches), 3 layers, 32 wide, 4 heads, query /
 key weights sharpened; pixel shuffle ``scale_factor=2``: 16 placeholder tokens per crop (grid 4 x 4); Llama language
-model 64 wide, 4 heads (2 key / value heads), 256-token vocabulary.
+model 64 wide, 4 heads (2 key / value heads), 256-token vocabulary, ``lm_head`` rows of the image-structure tokens
+zero (greedy decoding never emits them).
 
 Prompts as the processors write them (``prompt_tokens``): a split image of ``rows x cols`` sub-images is, per row,
 ``<fake_token_around_image> <row_i_col_j> <image> * 16`` per column then a newline, then ``newline
@@ -85,13 +86,16 @@ def _config(cls_name: str, layers: int, attn: str):
     return cfg
 
 
-def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Sharper vision attention than the 0.02 init gives (near-uniform rows make attention scores near-ties)."""
+def _adjust(model: torch.nn.Module) -> torch.nn.Module:
+    """Sharper vision attention than the 0.02 init gives (near-uniform rows make attention scores near-ties), and
+    zero ``lm_head`` rows for the image-structure tokens, so that greedy decoding (other logits: some positive) never
+    emits an ``<image>`` token (the model would then miss its features)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.model.vision_model.encoder.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.5)
+        model.lm_head.weight[[IMAGE, FAKE, GLOBAL, *range(ROW_COL, ROW_COL + 16)]] = 0.0
     return model
 
 
@@ -99,7 +103,7 @@ def _build(cls_name: str):
     def build(*, layers: int, attn: str) -> torch.nn.Module:
         import transformers
 
-        return _sharpen(getattr(transformers, cls_name)(_config(cls_name, layers, attn)))
+        return _adjust(getattr(transformers, cls_name)(_config(cls_name, layers, attn)))
 
     return build
 
