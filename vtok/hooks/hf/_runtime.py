@@ -109,7 +109,7 @@ class _InLLM:
     valid: Tensor  # [B, L_s]
     index_lm: Tensor  # [B, L_s] position in the language model's input sequence (-1 padding)
     mask_prefill: Any = None
-    cos_sin: Any = None
+    cos_sin: dict[tuple[str, int], tuple[Tensor, ...]] = field(default_factory=dict)  # gathered RoPE tables
 
 
 @dataclass
@@ -167,6 +167,7 @@ class Runtime:
         self.generate_prompt: int | None = None  # set by the wrapped generate(): the prompt's length
         self.label_index: Tensor | None = None  # [B, L'] prompt column of each output position of this call (-1 pad)
         self.stats = _Stats()
+        self.adapter_state: dict[str, Any] = {}  # free for the adapter's hooks (per wrapped model)
         self._undo: list[Any] = []
         self._orig_lm_forward = self.lm.forward
         self.pre = next((s for s in stages if s.layer is None), None)
@@ -260,6 +261,7 @@ class Runtime:
         if args:
             names = list(inspect.signature(self._orig_lm_forward).parameters)
             kw.update(dict(zip(names, args, strict=False)))
+        self.adapter.lm_inputs(self.model, self, kw)
         if self._cache_len(kw) == 0:
             self.state = None
             if not self.records:
@@ -366,6 +368,7 @@ class Runtime:
     def _prefill(self, kw: dict[str, Any]):
         t0 = time.perf_counter()
         kw = self._prefill_inputs(kw)
+        self.adapter.prefill_inputs(self.model, self, kw, self.state.index_prompt)
         self.wrapper_s += time.perf_counter() - t0
         out = self._orig_lm_forward(**kw)
         t0 = time.perf_counter()
@@ -557,7 +560,7 @@ class Runtime:
             # the class's forward, not the instance's __call__ / forward: transformers' output_attentions recorder
             # (module hooks in 5.x, an instance-level forward wrapper in 4.x) must not see the probe
             attn = self.adapter.self_attention(layer)
-            type(attn).forward(attn, hidden_states=norm(hidden), **probe_kw)
+            type(attn).forward(attn, hidden_states=norm(hidden), **self.adapter.attention_kwargs(layer, probe_kw))
         finally:
             st.probing = False
 
@@ -639,12 +642,15 @@ class Runtime:
                 # SDPA without padding: no mask, so it runs its is_causal path; eager always needs the causal mask
                 full = not eager and bool(s.valid.all())
                 s.mask_prefill = None if full else causal_keep_mask(s.valid, s.valid.shape[1], fmt)
-                pe = kw.get("position_embeddings")
-                if pe is not None:
-                    s.cos_sin = tuple(gather_seq(t, s.index_lm) for t in pe)
+                s.mask_prefill = self.adapter.stage_mask(self.model, self, s.mask_prefill, s.valid, s.index_lm, fmt)
             kw["attention_mask"] = s.mask_prefill
-            if s.cos_sin is not None:
-                kw["position_embeddings"] = s.cos_sin
+            for name in self.adapter.rope_kwargs(self.model):  # per layer: tables may differ between layers
+                pe = kw.get(name)
+                if pe is not None:
+                    key = (name, id(pe[0]))
+                    if key not in s.cos_sin:
+                        s.cos_sin[key] = tuple(gather_seq(t, s.index_lm) for t in pe)
+                    kw[name] = s.cos_sin[key]
             if isinstance(kw.get("position_ids"), Tensor):
                 kw["position_ids"] = gather_positions(kw["position_ids"], s.index_lm)
             if "cache_position" in kw:

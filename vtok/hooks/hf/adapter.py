@@ -13,10 +13,15 @@ The engine (``_runtime.py``, ``_sequence.py``, ``_attention.py``) is shared by e
 * which context the pre-LLM stage can give (``provides``);
 * how the images and videos of a batch are found (``install``): it wraps the inner model's feature methods
   (``get_image_features`` / ``get_video_features``) with ``hook_features``, and each call describes what the model
-  encoded as ``ImageRecord`` s, in prompt order, handed to ``rt.add_records(output, records)``.
+  encoded as ``ImageRecord`` s, in prompt order, handed to ``rt.add_records(output, records)``;
+* optionally, how the language model's own inputs follow the pruned sequence (no-op defaults): ``rope_kwargs``
+  (the layers' RoPE-table arguments), ``attention_kwargs`` (a layer's arguments → its attention module's),
+  ``lm_inputs`` (the language model's arguments into the engine's form), ``prefill_inputs`` (per-token inputs /
+  masks of the pruned prefill) and ``stage_mask`` (an in-LLM stage's mask).
 
 Adapters use only the engine's public API: ``rt.pre`` (the pre-LLM ``Stage`` or ``None``), ``rt.pre_context()``
-(the context keys it reads: compute only these), ``rt.add_records`` and ``rt.wrapper_s`` (the wrapper's own time).
+(the context keys it reads: compute only these), ``rt.add_records``, ``rt.wrapper_s`` (the wrapper's own time),
+``rt.stages`` (read only) and ``rt.adapter_state`` (a dict free for the adapter's hooks, one per wrapped model).
 
 Registration and discovery: ``@register_adapter`` on the class registers one instance for each of its ``names``.
 ``discover()`` imports the adapter modules of this package, found by a naming rule, no list to edit: a public
@@ -50,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from vtok.hooks.hf._runtime import ImageRecord, Runtime
@@ -135,6 +141,43 @@ class VLMAdapter(abc.ABC):
         """The placeholder token ids of the prompt's visual runs: the image's, then the video's (if any)."""
         cfg = model.config
         return [getattr(cfg, "image_token_id", None) or cfg.image_token_index]
+
+    # ------------------------------------------------------------------ language-model inputs (optional hooks)
+    def rope_kwargs(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The decoder layers' keyword arguments holding per-token RoPE tables ``(cos, sin)`` ``[B|1, L, d]`` that an
+        in-LLM stage gathers at its kept tokens (each distinct table once per stage: layers may get different ones,
+        e.g. Gemma 3's local / global RoPE)."""
+        return ("position_embeddings",)
+
+    def attention_kwargs(self, layer: torch.nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments ``self_attention(layer)`` takes, from those its decoder ``layer`` got (the engine
+        runs the attention alone for methods reading a layer's own attention). Default: the same (Gemma 3 on
+        transformers 4.x picks its layer's local or global RoPE table)."""
+        return kw
+
+    def lm_inputs(self, model: torch.nn.Module, rt: Runtime, kw: dict[str, Any]) -> None:
+        """Called with the language model's keyword arguments as it received them, before the engine reads them;
+        may edit ``kw`` in place into the engine's form (a 2-D ``attention_mask [B, L]`` or none). Default: nothing
+        (Gemma 3: its model hands the language model a mask mapping, replaced here by the 2-D mask)."""
+        return None
+
+    def prefill_inputs(self, model: torch.nn.Module, rt: Runtime, kw: dict[str, Any], index: Tensor | None
+                       ) -> None:
+        """Called once per prefill with the keyword arguments the engine hands the language model (after the pre-LLM
+        stage: the pruned ``inputs_embeds``, 2-D ``attention_mask``, ``position_ids``); ``index [B, L']``: the prompt
+        column of each of its tokens (-1 padding), ``None`` when nothing was pruned before the language model (the
+        identity). May edit ``kw`` in place: gather per-token inputs of the language model with ``index``, or build
+        its masks. Default: nothing."""
+        return None
+
+    def stage_mask(self, model: torch.nn.Module, rt: Runtime, mask: Tensor | None, valid: Tensor, index: Tensor,
+                   fmt: torch.dtype | None) -> Tensor | None:
+        """The attention mask the decoder layers after an in-LLM stage get in the prefill. ``mask``: the engine's
+        ``[B, 1, L, L]`` (causal over the kept tokens, padding masked; ``None``: none needed, SDPA's causal path);
+        ``valid [B, L]``: the stage's validity; ``index [B, L]``: each token's position in the language model's input
+        (-1 padding); ``fmt``: the mask dtype the layers take (``None`` / bool: boolean, True = attend; float:
+        additive). Default: ``mask`` (Gemma 3 adds its bidirectional image blocks)."""
+        return mask
 
     # ------------------------------------------------------------------ vision side
     @abc.abstractmethod
