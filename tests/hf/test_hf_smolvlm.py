@@ -326,3 +326,73 @@ def test_batch_equals_one_by_one(models, family, method, keep, layer):
             assert (out[0] - logits[i]).abs().max() <= 1e-4
             assert _gen(model, one)[0].tolist() == gen[i].tolist()
     assert [(d["sample"], d["before"]) for d in per] == [(0, 80), (2, 16), (2, 48)]
+
+
+# ---------------------------------------------------------------------------------------------------- processor
+def _processor():
+    """A real ``Idefics3Processor`` (SmolVLM writes image prompts the same way) for the tiny models: a word-level
+    tokenizer whose image tokens have the tiny models' ids, 56 px crops, images resized to at most 112 px."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Idefics3Processor, PreTrainedTokenizerFast
+    from transformers.models.idefics3 import Idefics3ImageProcessor
+
+    from vtok.hooks.hf.tiny.idefics3 import FAKE, GLOBAL, ROW_COL
+
+    words = {"<pad>": 0, "<unk>": 1, "what": 2, "is": 3, "this": 4, "<image>": IMAGE, "<fake_token_around_image>": FAKE,
+             "<global-img>": GLOBAL, "<end_of_utterance>": 248}
+    for i in range(6):
+        for j in range(6):
+            words[f"<row_{i + 1}_col_{j + 1}>"] = ROW_COL + 4 * i + j if i < 4 and j < 4 else 150 + 6 * i + j
+    taken = set(words.values())
+    words |= {f"w{i}": i for i in range(256) if i not in taken}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                        padding_side="left")
+    special = [w for w in words if w.startswith("<") and w not in ("<pad>", "<unk>")]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    images = Idefics3ImageProcessor(max_image_size={"longest_edge": 56}, size={"longest_edge": 112},
+                                    do_image_splitting=True)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=SEQ)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processor_inputs(models, family):
+    """The processor's own batch (an image split 2 x 2; a text-only prompt; images split 1 x 2 and 2 x 2): every
+    image's crops (``rows · cols + 1`` by the image processor) are one image of ``vtok.stats``, in ``forward`` and
+    ``generate``; keep-all is the identity; each prompt alone gives the batch's tokens."""
+    import numpy as np
+
+    model = models[family]
+    proc = _processor()
+    rng = np.random.default_rng(0)
+    imgs = [[rng.integers(0, 255, (100, 60, 3), dtype=np.uint8)], [],
+            [rng.integers(0, 255, (20, 112, 3), dtype=np.uint8), rng.integers(0, 255, (112, 90, 3), dtype=np.uint8)]]
+    text = ["what <image> is", "what is this", "<image> this <image> is"]
+    info = proc.image_processor([i for i in imgs if i], return_row_col_info=True)
+    want = [SEQ * (r * c + 1) for rows, cols in zip(info["rows"], info["cols"], strict=True)
+            for r, c in zip(rows, cols, strict=True)]
+    assert len(want) == 3 and len(set(want)) > 1  # the images differ in crop counts
+
+    def call(t, i):
+        out = proc(text=t, images=i if any(i) else None, return_tensors="pt", padding=True)
+        return {k: v for k, v in out.items() if k != "token_type_ids"}  # 4.x's tokenizer adds them
+
+    inp = call(text, imgs)
+    assert inp["pixel_values"].shape[:2] == (3, max(want[0], want[1] + want[2]) // SEQ)  # crops, zero-padded
+    with torch.no_grad():
+        ref = model(**inp).logits
+        with vtok.wrapped(model, "divprune", 1.0):
+            assert torch.equal(model(**inp).logits, ref)
+        with vtok.wrapped(model, "visionzip", 0.3):
+            model(**inp)
+            per = vtok.stats(model)["per_image"]
+            gen = _gen(model, inp, n=8)
+            per_gen = vtok.stats(model)["per_image"]
+            for b in range(3):
+                one = call([text[b]], [imgs[b]])
+                assert _gen(model, one, n=8)[0].tolist() == gen[b].tolist()
+    for p in (per, per_gen):
+        assert [d["before"] for d in p] == want
+        assert [d["sample"] for d in p] == [0, 2, 2]
+        assert [d["after"] for d in p] == [resolve_k(0.3, w) for w in want]

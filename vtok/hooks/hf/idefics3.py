@@ -149,7 +149,8 @@ class Idefics3Adapter(VLMAdapter):
             if out is not None and ids is not None and pending is not None:
                 ref, recs = pending
                 if ref is None or ref() is out:
-                    self.group(model, recs, ids)
+                    self.group(model, recs, ids)  # in place: later calls with the same output find them grouped
+                    state["pending"] = None
 
         def after_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             state["ids"] = None
