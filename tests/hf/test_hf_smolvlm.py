@@ -396,3 +396,35 @@ def test_processor_inputs(models, family):
         assert [d["before"] for d in p] == want
         assert [d["sample"] for d in p] == [0, 2, 2]
         assert [d["after"] for d in p] == [resolve_k(0.3, w) for w in want]
+
+
+def test_group_reads_images_from_the_prompt(models):
+    """``group`` alone: crops up to each ``<global-img>`` run are one image (the marker inferred from the last run of
+    each sample, or set on the adapter); it is idempotent, keeps the first index, and leaves records it cannot match
+    to the prompt as they are."""
+    from vtok.hooks.hf._runtime import ImageRecord
+    from vtok.hooks.hf.tiny.idefics3 import GLOBAL
+
+    model = models["idefics3"]
+    adapter = vtok.hooks.hf.ADAPTERS["Idefics3ForConditionalGeneration"]
+    ids, _ = left_pad([_sample([(1, 2), (0, 0)])[0], [4, 5], _sample([(2, 2)])[0]])
+    recs = [ImageRecord(n=SEQ, image=10 + i) for i in range(9)]
+    adapter.group(model, recs, ids)
+    assert [r.image for r in recs] == [10] * 3 + [11] + [12] * 5
+    adapter.group(model, recs, ids)
+    assert [r.image for r in recs] == [10] * 3 + [11] + [12] * 5
+    short = [ImageRecord(n=SEQ, image=i) for i in range(8)]
+    adapter.group(model, short, ids)
+    assert [r.image for r in short] == list(range(8))
+    # a prompt without the <global-img> markers (other text before each run): the set marker alone closes images
+    bare = ids.masked_fill(ids == GLOBAL, 9)
+    recs = [ImageRecord(n=SEQ, image=i) for i in range(9)]
+    adapter.group(model, recs, bare)
+    assert [r.image for r in recs] == [0] * 3 + [1] + [2] * 5  # inferred: 9, the last run's marker
+    adapter.global_token_id = GLOBAL
+    try:
+        recs = [ImageRecord(n=SEQ, image=i) for i in range(9)]
+        adapter.group(model, recs, bare)
+        assert [r.image for r in recs] == [0] * 3 + [0] + [1] * 5  # no marker found: sample ends close images
+    finally:
+        del adapter.global_token_id
