@@ -1,0 +1,206 @@
+"""vtok.wrap on a tiny random-weight Qwen3-VL (built from configs, no downloads): DeepStack features pruned with the
+image tokens, before and inside the language model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import vtok  # noqa: E402
+from tests.helpers.hf_tiny import _one_thread  # noqa: E402, F401  (_one_thread: autouse)
+from vtok.budget import resolve_k  # noqa: E402
+from vtok.hooks.hf import stats, unwrap, wrap  # noqa: E402
+from vtok.hooks.hf.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, left_pad, tiny_inputs, tiny_model  # noqa: E402
+
+KEEP = 0.5  # of the pre-LLM reference test
+LM_INPUTS = ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3_vl")
+
+
+def _gen(m, inp, n=16, **kw):
+    with torch.no_grad():
+        out = m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
+    return out[:, inp["input_ids"].shape[1]:]
+
+
+def _lm_inputs(m, inp) -> dict:
+    """What the unwrapped model hands its language model (a forward pre-hook reads it)."""
+    got = {}
+
+    def hook(module, args, kwargs):
+        got.update({k: kwargs.get(k) for k in LM_INPUTS})
+
+    handle = m.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**inp)
+    finally:
+        handle.remove()
+    return got
+
+
+def _lm_logits(m, x, pos, vm, ds):
+    with torch.no_grad():
+        h = m.model.language_model(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(x.shape[:2]).long(),
+                                   visual_pos_masks=vm, deepstack_visual_embeds=ds).last_hidden_state
+        return m.lm_head(h)
+
+
+def _greedy(m, x, pos, vm, ds, nxt, n=16):
+    emb = m.model.get_input_embeddings()
+    toks, first = [], None
+    for step in range(n):
+        logits = _lm_logits(m, x, pos, vm, ds)
+        first = logits if first is None else first
+        t = int(logits[0, -1].argmax())
+        toks.append(t)
+        x = torch.cat([x, emb(torch.tensor([[t]]))], 1)
+        pos = torch.cat([pos, torch.full((pos.shape[0], 1, 1), nxt + step, dtype=pos.dtype)], 2)
+        vm = torch.cat([vm, torch.zeros(1, 1, dtype=torch.bool)], 1)
+    return first, toks
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_registered():
+    assert "Qwen3VLForConditionalGeneration" in vtok.hooks.hf.supported()
+
+
+@pytest.mark.parametrize("layer", [None, 0, 1, 2])
+def test_keep_all_is_identity(model, layer):
+    inp = tiny_inputs(model, [1, 2, 0])
+    with torch.no_grad():
+        ref = model(**inp).logits
+    ref_tokens = _gen(model, inp, n=8)
+    with vtok.wrapped(model, "random", 1.0, layer=layer):
+        with torch.no_grad():
+            out = model(**inp).logits
+        tokens = _gen(model, inp, n=8)
+    valid = inp["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_pre_llm_equals_manual_reference(model):
+    """DivPrune keeps half of each image (rerun here on the image features); the reference hands the unwrapped
+    language model the kept input embeddings, their original 3-D positions, the visual mask at them and every
+    DeepStack layer's rows of the kept image tokens."""
+    inp = tiny_inputs(model, [2], seed=1)
+    got = _lm_inputs(model, inp)
+    x, pos, vm, ds = (got[k] for k in LM_INPUTS)
+    ids = inp["input_ids"][0]
+    cols = (ids != QWEN_IMAGE_TOKEN).nonzero().squeeze(1).tolist()
+    runs = [(int(s), int(n)) for s, n in zip(*_runs(ids == QWEN_IMAGE_TOKEN), strict=True)]
+    for s, n in runs:
+        _, sel = vtok.compress(x[0, s:s + n][None], "divprune", KEEP)
+        cols += [s + r for r in sel.emitted_keep()[0].tolist()]
+    cols.sort()  # divprune's order within an image is its emission order; compare the sets below
+    with vtok.wrapped(model, "divprune", KEEP, positions="original"):
+        with torch.no_grad():
+            out = model(**inp).logits
+        kept = stats(model)["per_sample"][0]["kept"]
+        tokens = _gen(model, inp)
+    assert sorted(kept) == cols
+    c = torch.tensor(kept)
+    row = (vm.reshape(-1).long().cumsum(0) - 1).view(vm.shape)[0, c][vm[0, c]]
+    ref_logits, ref_tokens = _greedy(model, x[:, c], pos[..., c], vm[:, c], [d[row] for d in ds],
+                                     int(pos.max()) + 1)
+    torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens[0].tolist() == ref_tokens
+
+
+def _runs(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starts and lengths of the True runs of ``m [L]``."""
+    d = torch.diff(torch.cat([torch.zeros(1), m.float(), torch.zeros(1)]))
+    starts, ends = (d == 1).nonzero().squeeze(1), (d == -1).nonzero().squeeze(1)
+    return starts, ends - starts
+
+
+def test_in_llm_stage_before_deepstack_prunes_the_injections(model):
+    """A stage entering layer 0 sees the input embeddings, so DivPrune keeps what it keeps before the language
+    model; the DeepStack injections after layers 0 and 1 must then follow the selection, and both runs agree."""
+    inp = tiny_inputs(model, [1, 2, 0])
+    with vtok.wrapped(model, "divprune", KEEP, positions="original"), torch.no_grad():
+        pre = model(**inp).logits
+        kept_pre = stats(model)["per_sample"]
+    with vtok.wrapped(model, "divprune", KEEP, layer=0, positions="original"), torch.no_grad():
+        inllm = model(**inp).logits
+        kept_in = stats(model)["per_sample"]
+    assert [sorted(d["kept"]) for d in kept_pre] == [sorted(d["kept"]) for d in kept_in]
+    valid = torch.zeros(pre.shape[:2], dtype=torch.bool)
+    for b, d in enumerate(kept_pre):
+        valid[b, pre.shape[1] - len(d["kept"]):] = True
+    torch.testing.assert_close(inllm[valid], pre[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,layer,keep", [("visionzip", None, 0.5), ("fastv", 1, 0.5),
+                                                ("divprune", [None, 1], [0.5, 0.25]), ("pdrop", [0, 2], [0.5, 0.25])])
+def test_cached_generate_equals_uncached(model, method, layer, keep):
+    inp = tiny_inputs(model, [1, 2, 0])
+    with vtok.wrapped(model, method, keep, layer=layer):
+        assert torch.equal(_gen(model, inp, n=8), _gen(model, inp, n=8, use_cache=False))
+
+
+@pytest.mark.parametrize("method,layer,keep", [("visionzip", None, 0.5), ("fastv", 1, 0.5),
+                                                ("divprune", [None, 1], [0.5, 0.25])])
+def test_batch_equals_one_by_one(model, method, layer, keep):
+    counts = [1, 2, 0]
+    inp = tiny_inputs(model, counts)
+    rows = [r[m.bool()].tolist() for r, m in zip(inp["input_ids"], inp["attention_mask"], strict=True)]
+    thw = inp["image_grid_thw"]
+    patches = thw.prod(-1).tolist()
+    with vtok.wrapped(model, method, keep, layer=layer):
+        with torch.no_grad():
+            last = model(**inp).logits[:, -1]
+        toks = _gen(model, inp, n=8)
+        img = 0
+        for b, (r, n) in enumerate(zip(rows, counts, strict=True)):
+            one = dict(zip(("input_ids", "attention_mask"), left_pad([r]), strict=True))
+            if "mm_token_type_ids" in inp:
+                one["mm_token_type_ids"] = inp["mm_token_type_ids"][b][inp["attention_mask"][b].bool()][None]
+            if n:
+                a = sum(patches[:img])
+                one |= {"pixel_values": inp["pixel_values"][a:a + sum(patches[img:img + n])],
+                        "image_grid_thw": thw[img:img + n]}
+            img += n
+            with torch.no_grad():
+                last_1 = model(**one).logits[:, -1]
+            assert (last_1[0] - last[b]).abs().max() <= 1e-4
+            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
+
+
+def test_stats_and_unwrap_bit_exact(model):
+    inp = tiny_inputs(model, [1, 2, 0])
+    with torch.no_grad():
+        ref = model(**inp).logits
+    ref_tokens = _gen(model, inp, n=6)
+    wrap(model, "divprune", 0.25)
+    with torch.no_grad():
+        model(**inp)
+    st = stats(model)
+    sizes = (inp["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [(d["before"], d["after"]) for d in st["per_image"]] == [(n, resolve_k(0.25, n)) for n in sizes]
+    _gen(model, inp, n=6)
+    unwrap(model)
+    wrap(model, "fastv", 0.5, layer=1)
+    _gen(model, inp, n=6)
+    unwrap(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inp).logits, ref)
+    assert torch.equal(_gen(model, inp, n=6), ref_tokens)
+    assert "_deepstack_process" not in vars(model.model.language_model)
+
+
+def test_video_is_refused(model):
+    from vtok.hooks.hf.tiny import qwen_pixels
+
+    pix, thw = qwen_pixels([(2, 4, 4)])
+    ids = [1, 292] + [QWEN_VIDEO_TOKEN] * 8 + [293, 5]
+    inp = dict(zip(("input_ids", "attention_mask"), left_pad([ids]), strict=True))
+    inp |= {"pixel_values_videos": pix, "video_grid_thw": thw}
+    with vtok.wrapped(model, "random", 0.5), pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
+        model(**inp)
