@@ -195,12 +195,68 @@ def test_stats_and_unwrap_bit_exact(model):
     assert "_deepstack_process" not in vars(model.model.language_model)
 
 
-def test_video_is_refused(model):
-    from vtok.hooks.hf.tiny import qwen_pixels
+def _video_inputs(frames: int = 3, seed: int = 4) -> dict:
+    """One prompt holding an image and a video of ``frames`` temporal patches of a 4 x 4 patch grid (4 tokens each),
+    each frame in its own run after its timestamp text (two tokens), as Qwen3-VL's processor lays it out."""
+    from vtok.hooks.hf.tiny import VISION_END, VISION_START, qwen_pixels
 
-    pix, thw = qwen_pixels([(2, 4, 4)])
-    ids = [1, 292] + [QWEN_VIDEO_TOKEN] * 8 + [293, 5]
+    pix, thw = qwen_pixels([(1, 4, 6)], seed=seed)
+    vpix, vthw = qwen_pixels([(frames, 4, 4)], seed=seed + 1)
+    ids = [1, 5, VISION_START] + [QWEN_IMAGE_TOKEN] * 6 + [VISION_END, 9]
+    for f in range(frames):
+        ids += [20 + f, 21, VISION_START] + [QWEN_VIDEO_TOKEN] * 4 + [VISION_END]
+    ids += [11, 12]
     inp = dict(zip(("input_ids", "attention_mask"), left_pad([ids]), strict=True))
-    inp |= {"pixel_values_videos": pix, "video_grid_thw": thw}
-    with vtok.wrapped(model, "random", 0.5), pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
-        model(**inp)
+    inp |= {"pixel_values": pix, "image_grid_thw": thw, "pixel_values_videos": vpix, "video_grid_thw": vthw}
+    import transformers
+
+    if not transformers.__version__.startswith("4."):
+        t = inp["input_ids"]
+        inp["mm_token_type_ids"] = (t == QWEN_IMAGE_TOKEN).int() + 2 * (t == QWEN_VIDEO_TOKEN).int()
+    return inp
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_video_keep_all_is_identity(model, layer):
+    inp = _video_inputs()
+    with torch.no_grad():
+        ref = model(**inp).logits
+    with vtok.wrapped(model, "random", 1.0, layer=layer), torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_video_frames_are_records_of_one_budget(model):
+    """A video is one record per frame (its own timestamped run) sharing one budget; every kept token stays in its
+    frame's run; the pruned prompt equals the hand-built reference (the unwrapped language model on the kept inputs,
+    original 3-D positions, DeepStack rows at the kept visual tokens)."""
+    inp = _video_inputs()
+    got = _lm_inputs(model, inp)
+    x, pos, vm, ds = (got[k] for k in LM_INPUTS)
+    with vtok.wrapped(model, "divprune", 0.5, positions="original"):
+        with torch.no_grad():
+            out = model(**inp).logits
+        recs = list(model._vtok_runtime.records)  # generate's own encoding appends to this call's list
+        st = stats(model)
+        tokens = _gen(model, inp)
+    assert [(r.n, r.video, r.frames) for r in recs] == [(6, False, 1)] + [(4, True, 1)] * 3
+    assert [(d["video"], d["before"], d["after"]) for d in st["per_image"]] == [(False, 6, 3), (True, 12, 6)]
+    kept = st["per_sample"][0]["kept"]
+    ids = inp["input_ids"][0]
+    run = torch.cumsum((ids == 292).long(), 0)  # the run (vision start) each column follows
+    assert run[kept].tolist() == sorted(run[kept].tolist())  # runs stay in prompt order
+    c = torch.tensor(kept)
+    row = (vm.reshape(-1).long().cumsum(0) - 1).view(vm.shape)[0, c][vm[0, c]]
+    ref_logits, ref_tokens = _greedy(model, x[:, c], pos[..., c], vm[:, c], [d[row] for d in ds],
+                                     int(pos.max()) + 1)
+    torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens[0].tolist() == ref_tokens
+
+
+@pytest.mark.parametrize("method,layer,keep,positions", [("divprune", None, 0.5, "original"),
+                                                          ("divprune", None, 0.5, "reindex"),
+                                                          ("fastv", 1, 0.5, "original"),
+                                                          ("random", [None, 2], [0.5, 0.25], "reindex")])
+def test_video_cached_generate_equals_uncached(model, method, layer, keep, positions):
+    inp = _video_inputs()
+    with vtok.wrapped(model, method, keep, layer=layer, positions=positions):
+        assert torch.equal(_gen(model, inp, n=8), _gen(model, inp, n=8, use_cache=False))

@@ -15,9 +15,11 @@ first decoder layers at the image tokens (``visual_pos_masks [B, L]``, ``deepsta
   selection (the language model's ``_deepstack_process`` is wrapped per instance; ``stage_mask``, which returns the
   engine's mask unchanged, keeps the stage's index).
 
-Videos are refused (``NotImplementedError``): Qwen3-VL puts each frame in its own ``<t seconds>`` ``<vision_start>``
-… ``<vision_end>`` run, so a video is several placeholder runs with timestamp text between them (one record per
-frame sharing the video's budget would be the way).
+Videos: Qwen3-VL puts each frame (temporal patch) in its own ``<t seconds>`` ``<vision_start>`` … ``<vision_end>``
+run, timestamps as text instead of temporal position ids, and numbers each run's 3-D positions like an image's. So a
+video is one record per frame (``frames=1``, ``grid`` its merged ``(h, w)``), all of the same video: one budget per
+video, split evenly over its frames (``split_budget``); each frame's kept tokens stay in its own run, between its
+timestamps. Temporal strategies therefore see one frame at a time (no cross-frame merging).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from vtok.hooks.hf._runtime import ImageRecord
 from vtok.hooks.hf.adapter import FeatureCall, Undo, register_adapter
+from vtok.hooks.hf.providers import TOKEN_DIM
 from vtok.hooks.hf.qwen2_vl import QwenVLAdapter
 
 if TYPE_CHECKING:
@@ -51,6 +54,9 @@ def gather_visual(mask: Tensor, embeds: list[Tensor], index: Tensor) -> tuple[Te
     return new_mask, [e[rows] for e in embeds]
 
 
+_IN_VIDEO: set[int] = set()  # ids of the inner models running get_video_features now (it calls get_image_features)
+
+
 @register_adapter
 class Qwen3VLAdapter(QwenVLAdapter):
     """Model-specific glue for Qwen3-VL; the ``Runtime`` does the rest."""
@@ -60,12 +66,26 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def _records(self, model: torch.nn.Module, block: torch.nn.Module, grid_key: str, token: int, video: bool,
                  want: set[str], out: Any, call: FeatureCall) -> list[ImageRecord]:
-        if video:
-            raise NotImplementedError("vtok: Qwen3-VL videos (one timestamped run per frame) are not supported by "
-                                      "the wrapper yet; images are")
+        if not video and id(self.inner(model)) in _IN_VIDEO:
+            return []  # get_video_features runs get_image_features: its frames are the video's records
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):  # 4.x: (features, deepstack)
             out = out[0]
-        return super()._records(model, block, grid_key, token, video, want, out, call)
+        recs = super()._records(model, block, grid_key, token, video, want, out, call)
+        return [part for r in recs for part in self._frames(r)] if video else recs
+
+    @staticmethod
+    def _frames(rec: ImageRecord) -> list[ImageRecord]:
+        """A video's record split into one record per frame (its own timestamped run in the prompt), all of the same
+        video (``image``: one budget, split evenly over the frames), each ``frames=1``; the context cut per frame."""
+        if rec.grid is None or rec.frames is None:
+            raise NotImplementedError(f"vtok: a Qwen3-VL video of {rec.n} tokens without its frame grid")
+        per = rec.grid[0] * rec.grid[1]
+        out = []
+        for f in range(rec.frames):
+            ctx = {k: v.narrow(TOKEN_DIM[k] % v.dim(), f * per, per) for k, v in rec.ctx.items()}
+            out.append(ImageRecord(n=per, image=rec.image, grid=rec.grid, ctx=ctx, token=rec.token, frames=1,
+                                   video=True))
+        return out
 
     def install(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
         """Qwen2-VL's feature hooks, plus the language model's ``_deepstack_process`` following in-LLM stages."""
@@ -82,7 +102,20 @@ class Qwen3VLAdapter(QwenVLAdapter):
             return orig(hidden, mask, embeds)
 
         lm._deepstack_process = process
-        return [lambda: delattr(lm, "_deepstack_process"), *super().install(model, rt)]
+        undo = [lambda: delattr(lm, "_deepstack_process"), *super().install(model, rt)]
+        inner = self.inner(model)
+        hooked = inner.get_video_features
+
+        @functools.wraps(hooked)
+        def video(*args: Any, **kwargs: Any) -> Any:
+            _IN_VIDEO.add(id(inner))
+            try:
+                return hooked(*args, **kwargs)
+            finally:
+                _IN_VIDEO.discard(id(inner))
+
+        inner.get_video_features = video
+        return [*undo, lambda: setattr(inner, "get_video_features", hooked)]
 
     def prefill_inputs(self, model: torch.nn.Module, rt: Runtime, kw: dict[str, Any], index: Tensor | None
                        ) -> None:
