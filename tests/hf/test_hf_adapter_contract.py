@@ -19,9 +19,14 @@ from vtok.hooks.hf.adapter import POSITIONS, FeatureCall, VLMAdapter, adapter_mo
 
 pytest.importorskip("transformers")
 
-FAMILIES = {"llava": {"LlavaForConditionalGeneration"},
+FAMILIES = {"gemma3": {"Gemma3ForConditionalGeneration"},
+            "idefics3": {"Idefics3ForConditionalGeneration"},
+            "internvl": {"InternVLForConditionalGeneration"},
+            "llava": {"LlavaForConditionalGeneration"},
             "llava_next": {"LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"},
-            "qwen2_vl": {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}}
+            "qwen2_vl": {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"},
+            "qwen3_vl": {"Qwen3VLForConditionalGeneration"},
+            "smolvlm": {"SmolVLMForConditionalGeneration"}}
 
 
 @pytest.fixture
