@@ -1,9 +1,10 @@
 """Tiny random-weight VLMs of every family ``vtok.wrap`` supports, for demos and tests (no downloads).
 
 * ``tiny_model(family)``: an in-memory model built from configs (``TINY_FAMILIES``: ``llava``, ``llava_next``,
-  ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``), and ``tiny_inputs(model, [1, 2, 0])``: left-padded inputs as
-  the family's processor gives them (token ids, placeholder runs, pixels), here one prompt per entry holding that
-  many images;
+  ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl`` here; ``qwen3_vl``, ``internvl``, ``idefics3``, ``smolvlm``,
+  ``gemma3`` in their own modules of this package, each described in its docstring), and
+  ``tiny_inputs(model, [1, 2, 0])``: left-padded inputs as the family's processor gives them (token ids,
+  placeholder runs, pixels), here one prompt per entry holding that many images;
 * ``build_tiny_llava(path)``: a LLaVA saved as a real checkpoint folder (model + processor) read back with
   ``from_pretrained(path)``, the path a user's own checkpoint takes.
 
