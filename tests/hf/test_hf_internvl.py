@@ -177,6 +177,7 @@ def test_runs_not_a_whole_number_of_tiles_are_refused(model):
     inp = _inputs([[1]])
     ids = inp["input_ids"].clone()
     ids[0, (ids[0] == IMG_CONTEXT).nonzero()[3]] = 5  # one run becomes 3 + 12 tokens
+    ids[0, 0] = IMG_CONTEXT  # and a 1-token run: as many placeholders as features, so the model itself accepts it
     with torch.no_grad(), vtok.wrapped(model, "random", 0.5), pytest.raises(RuntimeError, match="whole number"):
         model(**{**inp, "input_ids": ids})
 

@@ -280,6 +280,7 @@ class Runtime:
         if ids is None:
             raise NotImplementedError("vtok: the wrapped model needs input_ids (with image placeholder tokens) when it "
                                       "is given images; inputs_embeds alone are not supported")
+        self.adapter.group_records(self.model, self.records, ids)  # parts of one image share its budget
         kinds = self.adapter.image_token_ids(self.model)
         queues: dict[int, list[int]] = {t: [] for t in kinds}  # per placeholder id, its records in call order
         for i, rec in enumerate(self.records):

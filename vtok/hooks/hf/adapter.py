@@ -155,6 +155,13 @@ class VLMAdapter(abc.ABC):
         transformers 4.x picks its layer's local or global RoPE table)."""
         return kw
 
+    def group_records(self, model: torch.nn.Module, records: Sequence[ImageRecord], input_ids: Tensor) -> None:
+        """Called once per prefill, before the budgets, with the call's records (in call order) and its prompt
+        ``input_ids [B, L]``: may set each record's ``image`` so that the parts of one image share its budget, for
+        families whose parts per image only the prompt tells (InternVL's tiles, Idefics3's crops). Default:
+        nothing (the feature hook already numbered them)."""
+        return None
+
     def lm_inputs(self, model: torch.nn.Module, rt: Runtime, kw: dict[str, Any]) -> None:
         """Called with the language model's keyword arguments as it received them, before the engine reads them;
         may edit ``kw`` in place into the engine's form (a 2-D ``attention_mask [B, L]`` or none). Default: nothing

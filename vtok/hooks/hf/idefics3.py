@@ -14,9 +14,9 @@ nothing protected. The records of one image share its ``image`` index, so its bu
 ``N = crops * seq_len`` tokens, an int ``keep`` being the image's total) is split over its crops in proportion to their
 sizes (equal: ``k // crops`` each, the first ``k % crops`` crops one more; at least one token each). The crops of one
 image are found in the prompt: an image ends with its global view, whose run follows the ``<global-img>`` token, the
-token before the last run of every sample (``global_token_id`` set on the adapter overrides it). When the features
-are encoded before the prompt is known (``generate`` of transformers 5 pre-encodes the images), the records are
-grouped when the model's forward receives them. SmolVLM video frames are global views: one image each.
+token before the last run of every sample (``global_token_id`` set on the adapter overrides it). The engine calls
+``group_records`` at every prefill with the prompt, so features pre-encoded by ``generate`` (transformers 5) are
+grouped alike. SmolVLM video frames are global views: one image each.
 
 Vision-side context (no CLS token), recomputed from the input of the last encoder layer (the features are its output
 after ``post_layernorm``; ``mid_attn``: the input of layer ``floor(mid_layer · depth)``, HiPrune), per crop:
@@ -29,7 +29,6 @@ after ``post_layernorm``; ``mid_attn``: the input of layer ``floor(mid_layer · 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from vtok.hooks.hf import _vision
 from vtok.hooks.hf._runtime import ImageRecord
-from vtok.hooks.hf.adapter import FeatureCall, Undo, VLMAdapter, features_of, layer_input, register_adapter
+from vtok.hooks.hf.adapter import Undo, VLMAdapter, features_of, layer_input, register_adapter
 from vtok.hooks.hf.llava import VISION_KEYS, LlavaAdapter
 
 if TYPE_CHECKING:
@@ -123,42 +122,14 @@ class Idefics3Adapter(VLMAdapter):
             watch[mi] = layers[mi]
         if watch:
             watch[_MASK] = self.tower(model).embeddings
-        inner = self.inner(model)
-        # the prompt of the inner forward running now (None outside one); the records of the last feature call made
-        # outside a forward (generate's pre-encoding), grouped once the forward receives them
-        state: dict[str, Any] = {"ids": None, "pending": None}
+        return [self.hook_features(model, rt, "get_image_features", watch or None,
+                                   lambda out, call: self._records(model, features_of(out),
+                                                                   self._context(model, call.captured, want, li, mi)),
+                                   capture=_capture)]
 
-        def make_records(out: Any, call: FeatureCall) -> list[ImageRecord]:
-            ctx = self._context(model, call.captured, want, li, mi)
-            recs = self._records(model, features_of(out), ctx)
-            if state["ids"] is not None:
-                self.group(model, recs, state["ids"])
-            else:
-                try:
-                    state["pending"] = (weakref.ref(out), recs)
-                except TypeError:  # an output that takes no weak reference: grouped by identity of its records
-                    state["pending"] = (None, recs)
-            return recs
-
-        def on_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            state["ids"] = ids
-            pre = kwargs.get("mm_encoder_outputs")
-            out = pre.get("image") if isinstance(pre, dict) else None
-            pending = state["pending"]
-            if out is not None and ids is not None and pending is not None:
-                ref, recs = pending
-                if ref is None or ref() is out:
-                    self.group(model, recs, ids)  # in place: later calls with the same output find them grouped
-                    state["pending"] = None
-
-        def after_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            state["ids"] = None
-
-        h_pre = inner.register_forward_pre_hook(on_call, with_kwargs=True)
-        h_post = inner.register_forward_hook(after_call, with_kwargs=True, always_call=True)
-        return [self.hook_features(model, rt, "get_image_features", watch or None, make_records, capture=_capture),
-                h_pre.remove, h_post.remove]
+    def group_records(self, model: torch.nn.Module, records: Sequence[ImageRecord], input_ids: Tensor) -> None:
+        """The crops of each image share its index (``group``): only the prompt tells which crops form an image."""
+        self.group(model, records, input_ids)
 
     # --- records
     def _records(self, model: torch.nn.Module, feats: Any, ctx: dict[str, Tensor]) -> list[ImageRecord]:

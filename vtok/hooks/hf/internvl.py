@@ -14,11 +14,11 @@ Records, in prompt order: one per tile (the thumbnail is its image's last tile),
 budget is per image: an image of ``t`` tiles (``N = t·g²`` tokens) keeps ``k = resolve_k(keep, N)`` (an int ``keep`` is
 the image's total), split over its tiles in proportion to their sizes (equal: largest remainder, ties to the earlier
 tile), at least one token per tile (``_sequence.split_budget``: an image keeps ``max(k, t)``). Nothing in the model's
-inputs says which tiles belong to which image but the prompt, so the adapter reads the placeholder runs of
-``input_ids`` (one contiguous run per image, ``</img><img>`` between two images) with a forward pre-hook on the inner
-model: each run of ``t·g²`` placeholders is one image of ``t`` tiles. Features encoded before the prompt is seen
-(``generate`` pre-encodes them in transformers 5) get their image indices in that pre-hook, from
-``mm_encoder_outputs``. Two images whose runs touch (no ``</img><img>`` between) share one budget.
+inputs says which tiles belong to which image but the prompt, so the adapter's ``group_records`` (called by the
+engine at each prefill, whether the features were encoded in this forward or pre-encoded by ``generate``) reads the
+placeholder runs of ``input_ids`` (one contiguous run per image, ``</img><img>`` between two images): each run of
+``t·g²`` placeholders is one image of ``t`` tiles. Two images whose runs touch (no ``</img><img>`` between) share
+one budget.
 
 Context (pre-LLM): ``cls_attn`` / ``keys`` from the tower layer producing ``vision_feature_layer`` (the last with
 ``-1``; ``mid_attn`` from layer ``floor(mid_layer · depth)`` of the method's placement, HiPrune), recomputed per tile
@@ -36,19 +36,15 @@ images here (no ``frames`` / temporal methods).
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from vtok.hooks.hf import _vision
 from vtok.hooks.hf._runtime import ImageRecord
-from vtok.hooks.hf.adapter import FeatureCall, Undo, register_adapter
+from vtok.hooks.hf.adapter import FeatureCall, register_adapter
 from vtok.hooks.hf.llava import LlavaAdapter
-
-if TYPE_CHECKING:
-    from vtok.hooks.hf._runtime import Runtime
 
 
 @register_adapter
@@ -57,10 +53,6 @@ class InternVLAdapter(LlavaAdapter):
 
     names = ("InternVLForConditionalGeneration",)
     positions = "1d"
-
-    def __init__(self) -> None:
-        # per wrapped model: the input_ids of the forward running now, while it carries pixel_values
-        self._ids: weakref.WeakKeyDictionary[torch.nn.Module, Tensor] = weakref.WeakKeyDictionary()
 
     # --- vision side
     def tower(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -78,31 +70,11 @@ class InternVLAdapter(LlavaAdapter):
         return hasattr(self.tower(model).embeddings, "cls_token")
 
     # --- hooks
-    def install(self, model: torch.nn.Module, rt: Runtime) -> list[Undo]:
-        """LLaVA's feature hook (records per tile) and a pre-hook on the inner model reading the prompt's
-        placeholder runs (the tiles of each image); a forward hook forgets them when the forward ends."""
-        undo = super().install(model, rt)
-        inner = self.inner(model)
-        token = self.image_token_ids(model)[0]
-
-        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if not isinstance(ids, Tensor):
-                return
-            pre = kwargs.get("mm_encoder_outputs") or {}
-            out = pre.get("image") if isinstance(pre, dict) else None
-            recs = getattr(out, "_vtok_records", None) if out is not None else None
-            if recs:  # encoded before the prompt was seen (generate): group the tiles now
-                self._group(recs, ids, token)
-            if kwargs.get("pixel_values") is not None:
-                self._ids[model] = ids
-
-        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            self._ids.pop(model, None)
-
-        handles = [inner.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                   inner.register_forward_hook(post_hook, with_kwargs=True, always_call=True)]
-        return [*undo, *(h.remove for h in handles), lambda: self._ids.pop(model, None)]
+    def group_records(self, model: torch.nn.Module, records: Sequence[ImageRecord], input_ids: Tensor) -> None:
+        """The tiles of each image share its index: the prompt's placeholder runs say how many tiles each image
+        has (the model's inputs do not)."""
+        if records:
+            self._group(records, input_ids, self.image_token_ids(model)[0])
 
     @staticmethod
     def _tiles_per_image(ids: Tensor, token: int, per_tile: int) -> list[int]:
@@ -122,7 +94,7 @@ class InternVLAdapter(LlavaAdapter):
                 out.append((b - a) // per_tile)
         return out
 
-    def _group(self, recs: list[ImageRecord], ids: Tensor, token: int) -> None:
+    def _group(self, recs: Sequence[ImageRecord], ids: Tensor, token: int) -> None:
         """Give the tile records ``recs`` (all of one forward's, in prompt order) the index of their image, from
         0, as the placeholder runs of ``ids`` say; left per tile when the runs do not account for exactly these
         tiles (the engine then reports the mismatch)."""
@@ -146,9 +118,6 @@ class InternVLAdapter(LlavaAdapter):
             g = int(round(n ** 0.5))
             recs.append(ImageRecord(n=n, image=i, grid=(g, g) if g * g == n else None,
                                     ctx={k: v[i] for k, v in per_tile.items()}))
-        ids = self._ids.pop(model, None)
-        if ids is not None and recs:
-            self._group(recs, ids, self.image_token_ids(model)[0])
         return recs
 
     def _shuffle_mean(self, model: torch.nn.Module, value: Tensor) -> Tensor:
