@@ -48,4 +48,4 @@ def left_pad(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and (transformers 5) ``mm_token_type_ids`` (1 = image token) with left
     padding."""
     ids, mask = tiny.left_pad(rows)
-    return {"input_ids": ids, "attention_mask": mask, **tiny._qwen_token_types(ids)}
+    return {"input_ids": ids, "attention_mask": mask, **tiny.qwen_token_types(ids)}

@@ -156,7 +156,7 @@ def _qwen_ids() -> dict[str, int]:
                 vision_end_token_id=VISION_END)
 
 
-def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
+def sharpen_qwen_vision(model: torch.nn.Module) -> torch.nn.Module:
     """Sharper vision attention than the 0.02 init gives (near-uniform rows would make attention scores near-ties)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -175,7 +175,7 @@ def _tiny_qwen2_vl(*, layers: int, attn: str):
                   spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
     cfg = Qwen2VLConfig(vision_config=vision, text_config=_qwen_text(layers), **_qwen_ids())
     cfg._attn_implementation = attn
-    return _sharpen(Qwen2VLForConditionalGeneration(cfg))
+    return sharpen_qwen_vision(Qwen2VLForConditionalGeneration(cfg))
 
 
 @_family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
@@ -189,7 +189,7 @@ def _tiny_qwen2_5_vl(*, layers: int, attn: str):
                   fullatt_block_indexes=[1])
     cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(layers), **_qwen_ids())
     cfg._attn_implementation = attn
-    return _sharpen(Qwen2_5_VLForConditionalGeneration(cfg))
+    return sharpen_qwen_vision(Qwen2_5_VLForConditionalGeneration(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -259,14 +259,14 @@ def _next_runs(model: torch.nn.Module, n: int, seed: int) -> Runs:
     return [[IMAGE_TOKEN] * c for c in counts], {"pixel_values": pv, "image_sizes": sizes}
 
 
-def _qwen_runs(model: torch.nn.Module, n: int, seed: int) -> Runs:
+def qwen_runs(model: torch.nn.Module, n: int, seed: int) -> Runs:
     grids = [QWEN_GRIDS[i % len(QWEN_GRIDS)] for i in range(n)]
     pix, thw = qwen_pixels(grids, seed)
     runs = [[VISION_START] + [QWEN_IMAGE_TOKEN] * (t * h * w // MERGE ** 2) + [VISION_END] for t, h, w in grids]
     return runs, ({"pixel_values": pix, "image_grid_thw": thw} if n else {})
 
 
-def _qwen_token_types(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def qwen_token_types(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     import transformers
 
     if transformers.__version__.startswith("4."):  # 4.x has no mm_token_type_ids (get_rope_index reads the ids)
@@ -275,10 +275,10 @@ def _qwen_token_types(ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 _RUNS: dict[str, Callable[[torch.nn.Module, int, int], Runs]] = {
-    "llava": _llava_runs, "llava_next": _next_runs, "llava_onevision": _next_runs, "qwen2_vl": _qwen_runs,
-    "qwen2_5_vl": _qwen_runs}
+    "llava": _llava_runs, "llava_next": _next_runs, "llava_onevision": _next_runs, "qwen2_vl": qwen_runs,
+    "qwen2_5_vl": qwen_runs}
 _ID_EXTRAS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
-    "qwen2_vl": _qwen_token_types, "qwen2_5_vl": _qwen_token_types}
+    "qwen2_vl": qwen_token_types, "qwen2_5_vl": qwen_token_types}
 
 
 def tiny_inputs(model: torch.nn.Module, images_per_prompt: Sequence[int], *, seed: int = 0,
