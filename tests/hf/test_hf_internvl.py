@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import vtok
+from tests.helpers.hf_reference import (
+    assert_batch_equals_one_by_one,
+    assert_unwrap_bit_exact,
+    greedy,
+    greedy_on_embeds,
+)
 from tests.helpers.hf_tiny import _one_thread, image_features  # noqa: F401  (autouse: one intra-op thread)
 from vtok.budget import resolve_k
 from vtok.hooks.hf.tiny import left_pad, tiny_inputs, tiny_model
@@ -49,11 +55,6 @@ def _inputs(samples: list[list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
     ids, am = left_pad([_prompt(s) for s in samples])
     tiles = [t for s in samples for t in s]
     return {"input_ids": ids, "attention_mask": am, **({"pixel_values": internvl_pixels(tiles, seed)} if tiles else {})}
-
-
-def _gen(model, inp, n=16, **kw):
-    with torch.no_grad():
-        return model.generate(**inp, max_new_tokens=n, do_sample=False, **kw)[:, inp["input_ids"].shape[1]:]
 
 
 def _tile_budgets(tiles: int, keep) -> list[int]:
@@ -102,20 +103,11 @@ def test_keep_all_is_identity(model, layer):
 
 def test_unwrap_is_bit_exact(model):
     inp = tiny_inputs(model, [2, 1])
-    with torch.no_grad():
-        ref = model(**inp).logits
-        ref_gen = _gen(model, inp, n=6)
-        vtok.wrap(model, "visionzip", 0.25)
-        model(**inp)
-        vtok.unwrap(model)
-        vtok.wrap(model, "random", 0.25, layer=1)
-        _gen(model, inp, n=3)
-        vtok.unwrap(model)
-        inner = model.model
-        assert "get_image_features" not in vars(inner)
-        assert not inner._forward_pre_hooks and not inner._forward_hooks
-        assert torch.equal(model(**inp).logits, ref)
-        assert torch.equal(_gen(model, inp, n=6), ref_gen)
+    assert_unwrap_bit_exact(model, inp, [("visionzip", 0.25, None, lambda m: m(**inp)),
+                                         ("random", 0.25, 1, lambda m: greedy(m, inp, n=3))])
+    inner = model.model
+    assert "get_image_features" not in vars(inner)
+    assert not inner._forward_pre_hooks and not inner._forward_hooks
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -165,7 +157,7 @@ def test_generate_groups_pre_encoded_tiles(model):
     with torch.no_grad(), vtok.wrapped(model, "random", 0.3):
         model(**inp)
         fwd = vtok.stats(model)["per_image"]
-        _gen(model, inp, n=4)
+        greedy(model, inp, n=4)
         gen = vtok.stats(model)["per_image"]
     want = [(0, 0, 48), (1, 1, 16), (2, 1, 80)]
     assert [(d["image"], d["sample"], d["before"]) for d in fwd] == want
@@ -253,17 +245,7 @@ def _manual(model, inp, tiles, method, keep, positions, steps=16):
     xr, kept = torch.cat(xs)[None], torch.cat(src)
     pos = kept[None] if positions == "original" else torch.arange(len(kept))[None]
     nxt = ids.shape[1] if positions == "original" else len(kept)
-    logits0, toks = None, []
-    for t in range(steps):
-        h = m.language_model(inputs_embeds=xr, position_ids=pos, attention_mask=torch.ones_like(pos),
-                             use_cache=False).last_hidden_state
-        logits = model.lm_head(h)
-        logits0 = logits if logits0 is None else logits0
-        tok = logits[:, -1].argmax(-1)
-        toks.append(int(tok))
-        xr = torch.cat([xr, m.get_input_embeddings()(tok)[:, None]], 1)
-        pos = torch.cat([pos, torch.tensor([[nxt + t]])], 1)
-    return logits0, toks, kept
+    return (*greedy_on_embeds(model, m.language_model, xr, pos, nxt, steps), kept)
 
 
 @pytest.mark.parametrize("method,keep", [("visionzip", 0.3), ("pool2d", 0.25), ("fastervlm", 12),
@@ -276,7 +258,7 @@ def test_pre_llm_equals_manual_pruning(model, method, keep, positions):
     with torch.no_grad(), vtok.wrapped(model, method, keep, positions=positions):
         logits = model(**inp).logits
         assert vtok.stats(model)["per_sample"][0]["kept"] == kept.tolist()
-        toks = _gen(model, inp)[0].tolist()
+        toks = greedy(model, inp)[0].tolist()
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert toks == ref_toks
@@ -288,8 +270,8 @@ def test_pre_llm_equals_manual_pruning(model, method, keep, positions):
 def test_cached_generate_equals_uncached(model, method, keep, layer):
     inp = tiny_inputs(model, [1, 2, 0])
     with vtok.wrapped(model, method, keep, layer=layer):
-        a = _gen(model, inp)
-        b = _gen(model, inp, use_cache=False)
+        a = greedy(model, inp)
+        b = greedy(model, inp, use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -301,15 +283,12 @@ def test_batch_equals_one_by_one(model, method, keep, layer):
     samples = [[3, 1], [], [5]]  # different tile counts, a text-only sample, left padding
     inp = _inputs(samples, seed=3)
     pv = inp["pixel_values"]
-    with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
-        logits = model(**inp).logits[:, -1]
-        gen = _gen(model, inp, n=8)
-        used = 0
-        for i, s in enumerate(samples):
-            ids, am = left_pad([_prompt(s)])
-            one = {"input_ids": ids, "attention_mask": am}
-            if s:
-                one["pixel_values"] = pv[used:used + sum(s)]
-                used += sum(s)
-            assert (model(**one).logits[0, -1] - logits[i]).abs().max() <= 1e-4
-            assert _gen(model, one, n=8)[0].tolist() == gen[i].tolist()
+    ones, used = [], 0
+    for s in samples:
+        ids, am = left_pad([_prompt(s)])
+        ones.append({"input_ids": ids, "attention_mask": am})
+        if s:
+            ones[-1]["pixel_values"] = pv[used:used + sum(s)]
+            used += sum(s)
+    with vtok.wrapped(model, method, keep, layer=layer):
+        assert_batch_equals_one_by_one(model, inp, ones)
