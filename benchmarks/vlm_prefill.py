@@ -6,7 +6,9 @@ Random-weight models built from configs (no downloads), eval, ``torch.no_grad``,
   language model is Llama-shaped, 8 layers × hidden 1024 (16 heads, 4 KV heads); the CLIP tower is kept small
   (3 layers × 128) so the language model dominates as in the real 7B model;
 * ``qwen2_vl``: Qwen2-VL-shaped (a 672 × 672 image → 48 × 48 patches → 576 tokens after the 2 × 2 merge, 3-D M-RoPE
-  positions), the same language-model size.
+  positions), the same language-model size;
+* ``qwen3_vl``: Qwen3-VL-shaped: the same image and language-model size, interleaved M-RoPE, and DeepStack (three
+  tower blocks' features added to the first three decoder layers at the image tokens, pruned with them).
 
 Variants: pre-LLM ``random``, ``divprune``, ``visionzip`` (LLaVA only: it needs a CLS tower) and in-LLM ``fastv`` at
 ``K=2``, each at keep ∈ {1.0, 0.5, 0.25, 0.11}. All variants are timed interleaved (one call of each per round,
@@ -20,7 +22,8 @@ after a warm-up round); reported: the median over rounds of the paired ratio ``t
 * ``wrapper``: the wrapper's own work in the prefill (context, strategy, bookkeeping: ``vtok.stats``'s
   ``wrapper_seconds``) as a share of the pruned prefill.
 
-    python -m benchmarks.vlm_prefill                    # both families, 5 rounds
+    python -m benchmarks.vlm_prefill                    # LLaVA and Qwen2-VL, 5 rounds
+    python -m benchmarks.vlm_prefill --families qwen3_vl --rounds 5
     python -m benchmarks.vlm_prefill --quick            # tiny shapes, smoke run
 """
 
@@ -116,7 +119,41 @@ def qwen2_vl(quick: bool):
     return model, inputs, n_img
 
 
-FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl}
+def qwen3_vl(quick: bool):
+    """Qwen3-VL-shaped: as ``qwen2_vl`` (same image, 576 merged tokens, same language-model size), with interleaved
+    M-RoPE and DeepStack features from three tower blocks added to the first three decoder layers' image tokens."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    side, hidden, layers, text = (8, 64, 3, 8) if quick else (48, 1024, 8, 64)
+    vocab = 512 if quick else 32000
+    mrope = {"mrope_section": [2, 3, 3] if quick else [8, 12, 12], "mrope_interleaved": True}
+    heads = 4 if quick else 16
+    cfg = Qwen3VLConfig(
+        vision_config={"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                       "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "num_position_embeddings": 64 if quick else 2304, "deepstack_visual_indexes": [0, 1, 2]},
+        text_config={"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
+                     "num_attention_heads": heads, "num_key_value_heads": 4 if not quick else 2,
+                     "head_dim": hidden // heads, "vocab_size": vocab, "max_position_embeddings": 4096,
+                     "bos_token_id": 1, "eos_token_id": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **mrope},
+                     "rope_scaling": {"rope_type": "default", **mrope}},
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4)
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    n_img = (side // 2) ** 2
+    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.tensor([[vocab - 3]]),
+                     torch.full((1, n_img), vocab - 1), torch.tensor([[vocab - 4]]),
+                     torch.randint(1, 400, (1, text - 7))], 1)
+    types = (ids == vocab - 1).int()
+    pix = torch.randn(side * side, 3 * 2 * 14 * 14)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix,
+              "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": types}
+    return model, inputs, n_img
+
+
+FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl}
 
 
 def variants(family: str) -> list[tuple[str, int | None, float]]:
