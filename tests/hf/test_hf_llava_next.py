@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vtok
+from tests.helpers.hf_reference import assert_unwrap_bit_exact, greedy, greedy_ids, greedy_on_embeds
 from tests.helpers.hf_tiny import image_features
 from tests.helpers.hf_tiny_next import image_tokens, left_pad, pixels, prompt, tiny_llava_next, tiny_llava_onevision
 from vtok.budget import resolve_k
@@ -28,11 +29,6 @@ FAMILIES = sorted(BUILD)
 @pytest.fixture(scope="module")
 def models():
     return {name: fn() for name, fn in BUILD.items()}
-
-
-def _gen(model, ids, am, n=16, **kw):
-    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, ids.shape[1]:]
 
 
 def _single(model, sizes=SIZES, seed=0, text=([1, 5, 9], [11, 12, 13]), **kw):
@@ -120,18 +116,10 @@ def test_unwrap_is_bit_exact(models):
     for family in FAMILIES:
         model = models[family]
         ids, am, extra, _ = _single(model)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=am, **extra).logits
-            ref_gen = _gen(model, ids, am, n=6, **extra)
-            vtok.wrap(model, "visionzip", 0.25, layer=None)
-            model(input_ids=ids, attention_mask=am, **extra)
-            vtok.unwrap(model)
-            vtok.wrap(model, "random", 0.25, layer=1)
-            _gen(model, ids, am, n=3, **extra)
-            vtok.unwrap(model)
-            assert "get_image_features" not in vars(model.model)
-            assert torch.equal(model(input_ids=ids, attention_mask=am, **extra).logits, ref)
-            assert torch.equal(_gen(model, ids, am, n=6, **extra), ref_gen)
+        inp = {"input_ids": ids, "attention_mask": am, **extra}
+        assert_unwrap_bit_exact(model, inp, [("visionzip", 0.25, None, lambda m, inp=inp: m(**inp)),
+                                             ("random", 0.25, 1, lambda m, inp=inp: greedy(m, inp, n=3))])
+        assert "get_image_features" not in vars(model.model)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -326,18 +314,7 @@ def _manual(model, ids, extra, layout, keep, positions, steps=16):
     x = x[:, kept]
     pos = kept[None] if positions == "original" else torch.arange(len(kept))[None]
     nxt = ids.shape[1] if positions == "original" else len(kept)
-    logits0, toks = None, []
-    for t in range(steps):
-        # an explicit mask: without one, transformers reads gapped position ids as packed sequences
-        h = m.language_model(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones_like(pos),
-                             use_cache=False).last_hidden_state
-        logits = model.lm_head(h)
-        logits0 = logits if logits0 is None else logits0
-        tok = logits[:, -1].argmax(-1)
-        toks.append(int(tok))
-        x = torch.cat([x, m.get_input_embeddings()(tok)[:, None]], 1)
-        pos = torch.cat([pos, torch.tensor([[nxt + t]])], 1)
-    return logits0, toks, kept
+    return (*greedy_on_embeds(model, m.language_model, x, pos, nxt, steps), kept)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -350,7 +327,7 @@ def test_pre_llm_equals_manual_pruning(models, family, positions):
     with torch.no_grad(), vtok.wrapped(model, "uniform", 0.3, positions=positions):
         logits = model(input_ids=ids, attention_mask=am, **extra).logits
         assert vtok.stats(model)["per_sample"][0]["kept"] == kept.tolist()
-        toks = _gen(model, ids, am, **extra)[0].tolist()
+        toks = greedy_ids(model, ids, am, **extra)[0].tolist()
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max() <= 1e-4
     assert toks == ref_toks
@@ -364,8 +341,8 @@ def test_in_llm_cached_equals_no_cache(models, family, method):
     model = models[family]
     ids, am, extra, _ = _single(model)
     with torch.no_grad(), vtok.wrapped(model, method, 0.3, layer=1):
-        a = _gen(model, ids, am, **extra)
-        b = _gen(model, ids, am, use_cache=False, **extra)
+        a = greedy_ids(model, ids, am, **extra)
+        b = greedy_ids(model, ids, am, use_cache=False, **extra)
     assert torch.equal(a, b)
 
 
@@ -385,13 +362,13 @@ def test_batch_equals_one_by_one(models, family, method, keep, layer):
     images = {0: slice(0, 1), 2: slice(1, 2)}
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         logits = model(input_ids=ids, attention_mask=am, pixel_values=pv, image_sizes=isz).logits[:, -1]
-        gen = _gen(model, ids, am, pixel_values=pv, image_sizes=isz)
+        gen = greedy_ids(model, ids, am, pixel_values=pv, image_sizes=isz)
         for i, r in enumerate(rows):
             ids1, am1 = left_pad([r])
             extra = {"pixel_values": pv[images[i]], "image_sizes": isz[images[i]]} if i in images else {}
             one = model(input_ids=ids1, attention_mask=am1, **extra).logits[:, -1]
             assert (one[0] - logits[i]).abs().max() <= 1e-4
-            assert _gen(model, ids1, am1, **extra)[0].tolist() == gen[i].tolist()
+            assert greedy_ids(model, ids1, am1, **extra)[0].tolist() == gen[i].tolist()
 
 
 FRAMES = 4
@@ -453,22 +430,11 @@ def test_onevision_video_pre_llm_equals_manual(models, method, keep, positions):
     xr = torch.cat([x[:run[0]], vals[0], x[newline], x[run[-1] + 1:]])[None]
     pos = src[None] if positions == "original" else torch.arange(len(src))[None]
     nxt = ids.shape[1] if positions == "original" else len(src)
-    m = model.model
-    toks, logits0 = [], None
-    with torch.no_grad():
-        for t in range(8):
-            h = m.language_model(inputs_embeds=xr, position_ids=pos, attention_mask=torch.ones_like(pos),
-                                 use_cache=False).last_hidden_state
-            logits = model.lm_head(h)
-            logits0 = logits if logits0 is None else logits0
-            tok = logits[:, -1].argmax(-1)
-            toks.append(int(tok))
-            xr = torch.cat([xr, m.get_input_embeddings()(tok)[:, None]], 1)
-            pos = torch.cat([pos, torch.tensor([[nxt + t]])], 1)
+    logits0, toks = greedy_on_embeds(model, model.model.language_model, xr, pos, nxt, steps=8)
     with torch.no_grad(), vtok.wrapped(model, method, keep, positions=positions):
         got = model(input_ids=ids, attention_mask=am, **extra).logits
         per = vtok.stats(model)["per_image"]
-        gen = _gen(model, ids, am, n=8, **extra)[0].tolist()
+        gen = greedy_ids(model, ids, am, n=8, **extra)[0].tolist()
     assert per == [{"image": 0, "sample": 0, "video": True, "before": len(run), "after": len(src) - len(x) + len(run),
                     "protected": 1}]  # the video's newline
     assert got.shape == logits0.shape
@@ -490,11 +456,11 @@ def test_onevision_video_batch_equals_one_by_one(models, method, keep, layer):
              "pixel_values_videos": torch.cat([ex1["pixel_values_videos"], ex2["pixel_values_videos"]])}
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         last = model(input_ids=ids, attention_mask=am, **extra).logits[:, -1]
-        gen = _gen(model, ids, am, n=6, **extra)
+        gen = greedy_ids(model, ids, am, n=6, **extra)
         for i, (r, ex) in enumerate(zip(rows, [ex1, ex2], strict=True)):
             i1, a1 = left_pad([r])
             assert (model(input_ids=i1, attention_mask=a1, **ex).logits[0, -1] - last[i]).abs().max() <= 1e-4
-            assert _gen(model, i1, a1, n=6, **ex)[0].tolist() == gen[i].tolist()
+            assert greedy_ids(model, i1, a1, n=6, **ex)[0].tolist() == gen[i].tolist()
 
 
 def test_onevision_video_refuses_methods_needing_vision_scores(models):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vtok
+from tests.helpers.hf_reference import assert_unwrap_bit_exact, greedy, greedy_on_embeds
 from tests.helpers.hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 from vtok.budget import resolve_k
 from vtok.hooks.hf.tiny import left_pad, tiny_model
@@ -46,11 +47,6 @@ def _batch(samples):
     if any(p.shape[0] for _, p in samples):
         out |= batch_pixels([p for _, p in samples])
     return out
-
-
-def _gen(model, inp, n=16, **kw):
-    with torch.no_grad():
-        return model.generate(**inp, max_new_tokens=n, do_sample=False, **kw)[:, inp["input_ids"].shape[1]:]
 
 
 @torch.no_grad()
@@ -132,19 +128,10 @@ def test_keep_all_is_identity(models, family, layer):
 def test_unwrap_is_bit_exact(models, family):
     model = models[family]
     inp = _batch([_sample([(2, 2), (0, 0)])])
-    with torch.no_grad():
-        ref = model(**inp).logits
-        ref_gen = _gen(model, inp, n=6)
-        vtok.wrap(model, "visionzip", 0.25)
-        model(**inp)
-        vtok.unwrap(model)
-        vtok.wrap(model, "random", 0.25, layer=1)
-        _gen(model, inp, n=3)
-        vtok.unwrap(model)
-        assert "get_image_features" not in vars(model.model)
-        assert not model.model._forward_pre_hooks and not model.model._forward_hooks
-        assert torch.equal(model(**inp).logits, ref)
-        assert torch.equal(_gen(model, inp, n=6), ref_gen)
+    assert_unwrap_bit_exact(model, inp, [("visionzip", 0.25, None, lambda m: m(**inp)),
+                                         ("random", 0.25, 1, lambda m: greedy(m, inp, n=3))])
+    assert "get_image_features" not in vars(model.model)
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -228,17 +215,7 @@ def _manual(model, splits, method, keep, positions, steps=16):
     kept = torch.cat(cols)
     pos = kept[None] if positions == "original" else torch.arange(len(kept))[None]
     nxt = len(row) if positions == "original" else len(kept)
-    logits0, toks = None, []
-    for t in range(steps):
-        h = m.text_model(inputs_embeds=xr, position_ids=pos, attention_mask=torch.ones_like(pos),
-                         use_cache=False).last_hidden_state
-        logits = model.lm_head(h)
-        logits0 = logits if logits0 is None else logits0
-        tok = logits[:, -1].argmax(-1)
-        toks.append(int(tok))
-        xr = torch.cat([xr, emb(tok)[:, None]], 1)
-        pos = torch.cat([pos, torch.tensor([[nxt + t]])], 1)
-    return logits0, toks, kept, _batch([(row, pix)])
+    return (*greedy_on_embeds(model, m.text_model, xr, pos, nxt, steps), kept, _batch([(row, pix)]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -251,7 +228,7 @@ def test_pre_llm_equals_manual_pruning(models, family, method, keep, positions):
     with torch.no_grad(), vtok.wrapped(model, method, keep, positions=positions):
         logits = model(**inp).logits
         st = vtok.stats(model)
-        toks = _gen(model, inp)[0].tolist()
+        toks = greedy(model, inp)[0].tolist()
     assert st["per_sample"][0]["kept"] == kept.tolist()
     assert logits.shape == ref_logits.shape
     assert (logits - ref_logits).abs().max() <= 1e-4
@@ -275,7 +252,7 @@ def test_stats_and_retained_count(models, family, method, keep, layer):
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         model(**inp)
         st = vtok.stats(model)
-        _gen(model, inp, n=2)
+        greedy(model, inp, n=2)
         st_gen = vtok.stats(model)
     for s in (st, st_gen):
         per = s["per_image"]
@@ -298,8 +275,8 @@ def test_cached_generate_equals_uncached(models, family, method, keep, layer):
     model = models[family]
     inp = _batch([_sample([(2, 2)], 0), _sample([], 1), _sample([(0, 0), (1, 2)], 2)])
     with vtok.wrapped(model, method, keep, layer=layer):
-        a = _gen(model, inp)
-        b = _gen(model, inp, use_cache=False)
+        a = greedy(model, inp)
+        b = greedy(model, inp, use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -319,12 +296,12 @@ def test_batch_equals_one_by_one(models, family, method, keep, layer):
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         logits = model(**inp).logits[:, -1]
         per = vtok.stats(model)["per_image"]
-        gen = _gen(model, inp)
+        gen = greedy(model, inp)
         for i, s in enumerate(samples):
             one = _batch([s])
             out = model(**one).logits[:, -1]
             assert (out[0] - logits[i]).abs().max() <= 1e-4
-            assert _gen(model, one)[0].tolist() == gen[i].tolist()
+            assert greedy(model, one)[0].tolist() == gen[i].tolist()
     assert [(d["sample"], d["before"]) for d in per] == [(0, 80), (2, 16), (2, 48)]
 
 
@@ -387,11 +364,11 @@ def test_processor_inputs(models, family):
         with vtok.wrapped(model, "visionzip", 0.3):
             model(**inp)
             per = vtok.stats(model)["per_image"]
-            gen = _gen(model, inp, n=8)
+            gen = greedy(model, inp, n=8)
             per_gen = vtok.stats(model)["per_image"]
             for b in range(3):
                 one = call([text[b]], [imgs[b]])
-                assert _gen(model, one, n=8)[0].tolist() == gen[b].tolist()
+                assert greedy(model, one, n=8)[0].tolist() == gen[b].tolist()
     for p in (per, per_gen):
         assert [d["before"] for d in p] == want
         assert [d["sample"] for d in p] == [0, 2, 2]
