@@ -9,8 +9,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 import vtok  # noqa: E402
+from tests.helpers.hf_reference import (  # noqa: E402
+    assert_batch_equals_one_by_one,
+    assert_unwrap_bit_exact,
+    greedy,
+)
 from tests.helpers.hf_tiny import _one_thread, image_features  # noqa: E402, F401  (_one_thread: autouse)
-from vtok.hooks.hf import stats, unwrap, wrap  # noqa: E402
+from vtok.hooks.hf import stats  # noqa: E402
 from vtok.hooks.hf.tiny import IMAGE_TOKEN, left_pad, tiny_inputs, tiny_model  # noqa: E402
 from vtok.hooks.hf.tiny.gemma3 import BOI, EOI, TOKENS, pixels  # noqa: E402
 
@@ -39,12 +44,6 @@ def _batch():
     """3 left-padded prompts: one image, two images (e.g. an image and its pan-and-scan crop), text only."""
     rows = [_prompt([1, 5, 9], 1, [11, 12]), _prompt([3], 2, [11, 12, 13, 14]), [4, 5, 6, 7, 8]]
     return rows, _inputs(rows, 3)
-
-
-def _gen(m, inp, n=16, **kw):
-    with torch.no_grad():
-        out = m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, inp["input_ids"].shape[1]:]
 
 
 def _received_reference(m, pix) -> torch.Tensor:
@@ -104,11 +103,11 @@ def test_keep_all_is_identity(model, layer):
     _, inp = _batch()
     with torch.no_grad():
         ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=8)
+    ref_tokens = greedy(model, inp, n=8)
     with vtok.wrapped(model, "random", 1.0, layer=layer):
         with torch.no_grad():
             out = model(**inp).logits
-        tokens = _gen(model, inp, n=8)
+        tokens = greedy(model, inp, n=8)
     valid = inp["attention_mask"].bool()  # padding rows: all keys masked, their outputs are never read
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, ref_tokens)
@@ -159,7 +158,7 @@ def test_pre_llm_equals_manual_reference(model, positions):
         with torch.no_grad():
             out = model(**inp).logits
         assert stats(model)["per_sample"][0]["kept"] == cols
-        tokens = _gen(model, inp)
+        tokens = greedy(model, inp)
     torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
     assert tokens[0].tolist() == ref_tokens
 
@@ -169,7 +168,7 @@ def test_pre_llm_equals_manual_reference(model, positions):
 def test_cached_generate_equals_uncached(model, method, layer, keep):
     _, inp = _batch()
     with vtok.wrapped(model, method, keep, layer=layer):
-        assert torch.equal(_gen(model, inp, n=8), _gen(model, inp, n=8, use_cache=False))
+        assert torch.equal(greedy(model, inp, n=8), greedy(model, inp, n=8, use_cache=False))
 
 
 @pytest.mark.parametrize("method,layer,keep", [("visionzip", None, 0.5), ("fastv", 2, 0.5),
@@ -177,20 +176,14 @@ def test_cached_generate_equals_uncached(model, method, layer, keep):
                                                 ("sparsevlm", [1, 3], [0.5, 0.25])])
 def test_batch_equals_one_by_one(model, method, layer, keep):
     rows, inp = _batch()
+    ones, start = [], 0
+    for r, n in zip(rows, [1, 2, 0], strict=True):
+        ones.append(_inputs([r], 0))
+        if n:
+            ones[-1]["pixel_values"] = inp["pixel_values"][start:start + n]
+        start += n
     with vtok.wrapped(model, method, keep, layer=layer):
-        with torch.no_grad():
-            last = model(**inp).logits[:, -1]
-        toks = _gen(model, inp, n=8)
-        start = 0
-        for b, (r, n) in enumerate(zip(rows, [1, 2, 0], strict=True)):
-            one = _inputs([r], 0)
-            if n:
-                one["pixel_values"] = inp["pixel_values"][start:start + n]
-            start += n
-            with torch.no_grad():
-                last_1 = model(**one).logits[:, -1]
-            assert (last_1[0] - last[b]).abs().max() <= 1e-4
-            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
+        assert_batch_equals_one_by_one(model, inp, ones)
 
 
 def test_stats(model):
@@ -205,18 +198,8 @@ def test_stats(model):
 
 def test_unwrap_is_bit_exact(model):
     _, inp = _batch()
-    with torch.no_grad():
-        ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=6)
-    wrap(model, "fastv", 0.5, layer=1)
-    _gen(model, inp, n=6)
-    unwrap(model)
-    wrap(model, "visionzip", 0.25)
-    _gen(model, inp, n=6)
-    unwrap(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inp).logits, ref)
-    assert torch.equal(_gen(model, inp, n=6), ref_tokens)
+    assert_unwrap_bit_exact(model, inp, [("fastv", 0.5, 1, lambda m: greedy(m, inp, n=6)),
+                                         ("visionzip", 0.25, None, lambda m: greedy(m, inp, n=6))])
     assert "get_image_features" not in vars(model.model)
     assert not model.model._forward_pre_hooks
     assert "forward" not in vars(model)  # transformers 4.x: the loss wrapper
@@ -234,7 +217,7 @@ def test_sliding_window_in_llm_refused_pre_llm_runs():
     with vtok.wrapped(m, "random", 1.0), torch.no_grad():
         torch.testing.assert_close(m(**inp).logits, ref, atol=1e-5, rtol=1e-5)
     with vtok.wrapped(m, "divprune", 0.5):
-        assert torch.equal(_gen(m, inp, n=8), _gen(m, inp, n=8, use_cache=False))
+        assert torch.equal(greedy(m, inp, n=8), greedy(m, inp, n=8, use_cache=False))
 
 
 def test_tiny_inputs_carry_token_types():

@@ -9,6 +9,11 @@ import torch
 
 pytest.importorskip("transformers")
 import vtok  # noqa: E402
+from tests.helpers.hf_reference import (  # noqa: E402
+    assert_batch_equals_one_by_one,
+    assert_unwrap_bit_exact,
+    greedy,
+)
 from tests.helpers.hf_tiny import _one_thread, image_features  # noqa: E402, F401  (_one_thread: autouse)
 from tests.helpers.hf_tiny_qwen import (  # noqa: E402
     IMAGE_TOKEN,
@@ -52,12 +57,6 @@ def _single(seed: int = 1):
     pix, thw = images(grids, seed=seed)
     return grids, {**left_pad([qwen_prompt([1, 5], grids, [11, 12, 13])]), "pixel_values": pix,
                    "image_grid_thw": thw}
-
-
-def _gen(m, inp, n=16, **kw):
-    with torch.no_grad():
-        out = m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, inp["input_ids"].shape[1]:]
 
 
 # ---------------------------------------------------------------------------------------------------- reference parts
@@ -244,7 +243,7 @@ def test_pre_llm_equals_manual_reference(model, positions):
         with torch.no_grad():
             got = model(**inp).logits
         per = stats(model)["per_image"]
-        toks = _gen(model, inp)[0].tolist()
+        toks = greedy(model, inp)[0].tolist()
     finally:
         unwrap(model)
     assert [(d["before"], d["after"]) for d in per] == [(n_tokens(g), vtok.budget.resolve_k(KEEP, n_tokens(g)))
@@ -260,8 +259,8 @@ def test_in_llm_cached_equals_uncached(model, method, options):
     _, inp = _batch()
     wrap(model, method, 0.5, layer=2, **options)
     try:
-        cached = _gen(model, inp)
-        uncached = _gen(model, inp, use_cache=False)
+        cached = greedy(model, inp)
+        uncached = greedy(model, inp, use_cache=False)
     finally:
         unwrap(model)
     assert torch.equal(cached, uncached)
@@ -272,42 +271,22 @@ def test_in_llm_cached_equals_uncached(model, method, options):
                                                 ("fitprune", [1, 3], [0.5, 0.25]), ("sparsevlm", [1, 3], [0.5, 0.25])])
 def test_batch_equals_one_by_one(model, method, layer, keep):
     rows, inp = _batch()
-    wrap(model, method, keep, layer=layer)
-    try:
-        with torch.no_grad():
-            last = model(**inp).logits[:, -1]
-        toks = _gen(model, inp, n=8)
-        patches = [t * h * w for t, h, w in GRIDS[:3]]
-        for b, (r, imgs) in enumerate(zip(rows, [[0], [1, 2], []], strict=True)):
-            one = left_pad([r])
-            if imgs:
-                a = sum(patches[:imgs[0]])
-                one |= {"pixel_values": inp["pixel_values"][a:a + sum(patches[i] for i in imgs)],
-                        "image_grid_thw": inp["image_grid_thw"][imgs]}
-            with torch.no_grad():
-                last_1 = model(**one).logits[:, -1]
-            assert (last_1[0] - last[b]).abs().max() <= 1e-4
-            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
-    finally:
-        unwrap(model)
+    patches = [t * h * w for t, h, w in GRIDS[:3]]
+    ones = []
+    for r, imgs in zip(rows, [[0], [1, 2], []], strict=True):
+        ones.append(left_pad([r]))
+        if imgs:
+            a = sum(patches[:imgs[0]])
+            ones[-1] |= {"pixel_values": inp["pixel_values"][a:a + sum(patches[i] for i in imgs)],
+                         "image_grid_thw": inp["image_grid_thw"][imgs]}
+    with vtok.hooks.hf.wrapped(model, method, keep, layer=layer):
+        assert_batch_equals_one_by_one(model, inp, ones)
 
 
 def test_unwrap_is_bit_exact(model):
     _, inp = _batch()
-    with torch.no_grad():
-        ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=6)
-    wrap(model, "fastv", 0.5, layer=1)
-    with torch.no_grad():
-        model(**inp)
-    _gen(model, inp, n=6)
-    unwrap(model)
-    wrap(model, "visionzip", 0.25)
-    _gen(model, inp, n=6)
-    unwrap(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inp).logits, ref)
-    assert torch.equal(_gen(model, inp, n=6), ref_tokens)
+    assert_unwrap_bit_exact(model, inp, [("fastv", 0.5, 1, lambda m: (m(**inp), greedy(m, inp, n=6))),
+                                         ("visionzip", 0.25, None, lambda m: greedy(m, inp, n=6))])
     assert "get_image_features" not in vars(model.model)
 
 
@@ -327,11 +306,11 @@ def test_video_keep_all_is_identity(model, layer):
     _, inp = _video_prompt()
     with torch.no_grad():
         ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=4)
+    ref_tokens = greedy(model, inp, n=4)
     with vtok.hooks.hf.wrapped(model, "frame_merge" if layer is None else "random", 1.0, layer=layer):
         with torch.no_grad():
             assert (model(**inp).logits - ref).abs().max() <= 1e-5
-        assert torch.equal(_gen(model, inp, n=4), ref_tokens)
+        assert torch.equal(greedy(model, inp, n=4), ref_tokens)
 
 
 def _video_reference(m, ids, inp, method, keep, positions, options):
@@ -390,7 +369,7 @@ def test_video_pre_llm_equals_manual_reference(model, method, keep, options, pos
         with torch.no_grad():
             got = model(**inp).logits
         per = stats(model)["per_image"]
-        toks = _gen(model, inp)[0].tolist()
+        toks = greedy(model, inp)[0].tolist()
     assert [(d["video"], d["before"]) for d in per] == [(False, n_tokens((1, 4, 4))), (True, n_tokens((3, 8, 12)))]
     assert got.shape == want_logits.shape
     assert (got - want_logits).abs().max() <= 1e-4
@@ -414,13 +393,7 @@ def test_video_batch_equals_one_by_one(model, method, layer, keep):
             {**left_pad([r2]), "pixel_values_videos": v2, "video_grid_thw": t2, "pixel_values": pix,
              "image_grid_thw": thw}]
     with vtok.hooks.hf.wrapped(model, method, keep, layer=layer):
-        with torch.no_grad():
-            last = model(**batch).logits[:, -1]
-        toks = _gen(model, batch, n=8)
-        for b, one in enumerate(ones):
-            with torch.no_grad():
-                assert (model(**one).logits[0, -1] - last[b]).abs().max() <= 1e-4
-            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
+        assert_batch_equals_one_by_one(model, batch, ones)
 
 
 def test_video_method_needs_frames_refused_on_llava():

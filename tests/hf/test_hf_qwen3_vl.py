@@ -8,9 +8,14 @@ import torch
 
 pytest.importorskip("transformers")
 import vtok  # noqa: E402
+from tests.helpers.hf_reference import (  # noqa: E402
+    assert_batch_equals_one_by_one,
+    assert_unwrap_bit_exact,
+    greedy,
+)
 from tests.helpers.hf_tiny import _one_thread  # noqa: E402, F401  (_one_thread: autouse)
 from vtok.budget import resolve_k  # noqa: E402
-from vtok.hooks.hf import stats, unwrap, wrap  # noqa: E402
+from vtok.hooks.hf import stats  # noqa: E402
 from vtok.hooks.hf.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, left_pad, tiny_inputs, tiny_model  # noqa: E402
 
 KEEP = 0.5  # of the pre-LLM reference test
@@ -20,12 +25,6 @@ LM_INPUTS = ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_vis
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("qwen3_vl")
-
-
-def _gen(m, inp, n=16, **kw):
-    with torch.no_grad():
-        out = m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, inp["input_ids"].shape[1]:]
 
 
 def _lm_inputs(m, inp) -> dict:
@@ -65,6 +64,17 @@ def _greedy(m, x, pos, vm, ds, nxt, n=16):
     return first, toks
 
 
+def _assert_equals_kept_reference(m, lm_in, kept, out, tokens):
+    """``out`` (logits) and ``tokens`` of the wrapped model equal ``_greedy`` on the unwrapped model's language-model
+    inputs ``lm_in`` at the ``kept`` columns: DeepStack rows of the kept visual tokens, original positions."""
+    x, pos, vm, ds = (lm_in[k] for k in LM_INPUTS)
+    c = torch.tensor(kept)
+    row = (vm.reshape(-1).long().cumsum(0) - 1).view(vm.shape)[0, c][vm[0, c]]
+    ref_logits, ref_tokens = _greedy(m, x[:, c], pos[..., c], vm[:, c], [d[row] for d in ds], int(pos.max()) + 1)
+    torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens[0].tolist() == ref_tokens
+
+
 # ---------------------------------------------------------------------------------------------------- tests
 def test_registered():
     assert "Qwen3VLForConditionalGeneration" in vtok.hooks.hf.supported()
@@ -75,11 +85,11 @@ def test_keep_all_is_identity(model, layer):
     inp = tiny_inputs(model, [1, 2, 0])
     with torch.no_grad():
         ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=8)
+    ref_tokens = greedy(model, inp, n=8)
     with vtok.wrapped(model, "random", 1.0, layer=layer):
         with torch.no_grad():
             out = model(**inp).logits
-        tokens = _gen(model, inp, n=8)
+        tokens = greedy(model, inp, n=8)
     valid = inp["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, ref_tokens)
@@ -91,7 +101,7 @@ def test_pre_llm_equals_manual_reference(model):
     DeepStack layer's rows of the kept image tokens."""
     inp = tiny_inputs(model, [2], seed=1)
     got = _lm_inputs(model, inp)
-    x, pos, vm, ds = (got[k] for k in LM_INPUTS)
+    x = got["inputs_embeds"]
     ids = inp["input_ids"][0]
     cols = (ids != QWEN_IMAGE_TOKEN).nonzero().squeeze(1).tolist()
     runs = [(int(s), int(n)) for s, n in zip(*_runs(ids == QWEN_IMAGE_TOKEN), strict=True)]
@@ -103,14 +113,9 @@ def test_pre_llm_equals_manual_reference(model):
         with torch.no_grad():
             out = model(**inp).logits
         kept = stats(model)["per_sample"][0]["kept"]
-        tokens = _gen(model, inp)
+        tokens = greedy(model, inp)
     assert sorted(kept) == cols
-    c = torch.tensor(kept)
-    row = (vm.reshape(-1).long().cumsum(0) - 1).view(vm.shape)[0, c][vm[0, c]]
-    ref_logits, ref_tokens = _greedy(model, x[:, c], pos[..., c], vm[:, c], [d[row] for d in ds],
-                                     int(pos.max()) + 1)
-    torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
-    assert tokens[0].tolist() == ref_tokens
+    _assert_equals_kept_reference(model, got, kept, out, tokens)
 
 
 def _runs(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +147,7 @@ def test_in_llm_stage_before_deepstack_prunes_the_injections(model):
 def test_cached_generate_equals_uncached(model, method, layer, keep):
     inp = tiny_inputs(model, [1, 2, 0])
     with vtok.wrapped(model, method, keep, layer=layer):
-        assert torch.equal(_gen(model, inp, n=8), _gen(model, inp, n=8, use_cache=False))
+        assert torch.equal(greedy(model, inp, n=8), greedy(model, inp, n=8, use_cache=False))
 
 
 @pytest.mark.parametrize("method,layer,keep", [("visionzip", None, 0.5), ("fastv", 1, 0.5),
@@ -153,45 +158,33 @@ def test_batch_equals_one_by_one(model, method, layer, keep):
     rows = [r[m.bool()].tolist() for r, m in zip(inp["input_ids"], inp["attention_mask"], strict=True)]
     thw = inp["image_grid_thw"]
     patches = thw.prod(-1).tolist()
+    ones, img = [], 0
+    for b, (r, n) in enumerate(zip(rows, counts, strict=True)):
+        one = dict(zip(("input_ids", "attention_mask"), left_pad([r]), strict=True))
+        if "mm_token_type_ids" in inp:
+            one["mm_token_type_ids"] = inp["mm_token_type_ids"][b][inp["attention_mask"][b].bool()][None]
+        if n:
+            a = sum(patches[:img])
+            one |= {"pixel_values": inp["pixel_values"][a:a + sum(patches[img:img + n])],
+                    "image_grid_thw": thw[img:img + n]}
+        img += n
+        ones.append(one)
     with vtok.wrapped(model, method, keep, layer=layer):
-        with torch.no_grad():
-            last = model(**inp).logits[:, -1]
-        toks = _gen(model, inp, n=8)
-        img = 0
-        for b, (r, n) in enumerate(zip(rows, counts, strict=True)):
-            one = dict(zip(("input_ids", "attention_mask"), left_pad([r]), strict=True))
-            if "mm_token_type_ids" in inp:
-                one["mm_token_type_ids"] = inp["mm_token_type_ids"][b][inp["attention_mask"][b].bool()][None]
-            if n:
-                a = sum(patches[:img])
-                one |= {"pixel_values": inp["pixel_values"][a:a + sum(patches[img:img + n])],
-                        "image_grid_thw": thw[img:img + n]}
-            img += n
-            with torch.no_grad():
-                last_1 = model(**one).logits[:, -1]
-            assert (last_1[0] - last[b]).abs().max() <= 1e-4
-            assert _gen(model, one, n=8)[0].tolist() == toks[b].tolist()
+        assert_batch_equals_one_by_one(model, inp, ones)
 
 
 def test_stats_and_unwrap_bit_exact(model):
     inp = tiny_inputs(model, [1, 2, 0])
-    with torch.no_grad():
-        ref = model(**inp).logits
-    ref_tokens = _gen(model, inp, n=6)
-    wrap(model, "divprune", 0.25)
-    with torch.no_grad():
-        model(**inp)
-    st = stats(model)
     sizes = (inp["image_grid_thw"].prod(-1) // 4).tolist()
-    assert [(d["before"], d["after"]) for d in st["per_image"]] == [(n, resolve_k(0.25, n)) for n in sizes]
-    _gen(model, inp, n=6)
-    unwrap(model)
-    wrap(model, "fastv", 0.5, layer=1)
-    _gen(model, inp, n=6)
-    unwrap(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inp).logits, ref)
-    assert torch.equal(_gen(model, inp, n=6), ref_tokens)
+
+    def pruned_stats(m):
+        m(**inp)
+        st = stats(m)
+        assert [(d["before"], d["after"]) for d in st["per_image"]] == [(n, resolve_k(0.25, n)) for n in sizes]
+        greedy(m, inp, n=6)
+
+    assert_unwrap_bit_exact(model, inp, [("divprune", 0.25, None, pruned_stats),
+                                         ("fastv", 0.5, 1, lambda m: greedy(m, inp, n=6))])
     assert "_deepstack_process" not in vars(model.model.language_model)
 
 
@@ -231,25 +224,19 @@ def test_video_frames_are_records_of_one_budget(model):
     original 3-D positions, DeepStack rows at the kept visual tokens)."""
     inp = _video_inputs()
     got = _lm_inputs(model, inp)
-    x, pos, vm, ds = (got[k] for k in LM_INPUTS)
     with vtok.wrapped(model, "divprune", 0.5, positions="original"):
         with torch.no_grad():
             out = model(**inp).logits
         recs = list(model._vtok_runtime.records)  # generate's own encoding appends to this call's list
         st = stats(model)
-        tokens = _gen(model, inp)
+        tokens = greedy(model, inp)
     assert [(r.n, r.video, r.frames) for r in recs] == [(6, False, 1)] + [(4, True, 1)] * 3
     assert [(d["video"], d["before"], d["after"]) for d in st["per_image"]] == [(False, 6, 3), (True, 12, 6)]
     kept = st["per_sample"][0]["kept"]
     ids = inp["input_ids"][0]
     run = torch.cumsum((ids == 292).long(), 0)  # the run (vision start) each column follows
     assert run[kept].tolist() == sorted(run[kept].tolist())  # runs stay in prompt order
-    c = torch.tensor(kept)
-    row = (vm.reshape(-1).long().cumsum(0) - 1).view(vm.shape)[0, c][vm[0, c]]
-    ref_logits, ref_tokens = _greedy(model, x[:, c], pos[..., c], vm[:, c], [d[row] for d in ds],
-                                     int(pos.max()) + 1)
-    torch.testing.assert_close(out, ref_logits, atol=1e-4, rtol=1e-4)
-    assert tokens[0].tolist() == ref_tokens
+    _assert_equals_kept_reference(model, got, kept, out, tokens)
 
 
 @pytest.mark.parametrize("method,layer,keep,positions", [("divprune", None, 0.5, "original"),
@@ -259,4 +246,4 @@ def test_video_frames_are_records_of_one_budget(model):
 def test_video_cached_generate_equals_uncached(model, method, layer, keep, positions):
     inp = _video_inputs()
     with vtok.wrapped(model, method, keep, layer=layer, positions=positions):
-        assert torch.equal(_gen(model, inp, n=8), _gen(model, inp, n=8, use_cache=False))
+        assert torch.equal(greedy(model, inp, n=8), greedy(model, inp, n=8, use_cache=False))
