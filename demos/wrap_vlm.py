@@ -1,13 +1,19 @@
 """Wrap a Hugging Face VLM in one line and compare pruning methods on your own generate() calls.
 
     python demos/wrap_vlm.py                                   # a small random-weight LLaVA built here
+    python demos/wrap_vlm.py --family qwen3_vl                 # ... or Qwen3-VL, Gemma 3, InternVL (--family)
     python demos/wrap_vlm.py --model /path/to/llava-1.5-7b-hf  # any local checkpoint folder of a supported family
     python demos/wrap_vlm.py --methods divprune,visionzip --keep 0.25 --fastv-layer 2
+
+``--family`` picks the tiny random-weight checkpoint folder built here (``vtok.hooks.hf.tiny.folders``: the model and
+the family's own processor, read back with ``from_pretrained``). Prompts come from the processor's chat template when
+it has one (one image and a question per prompt), else LLaVA's ``USER: <image> ... ASSISTANT:`` text.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import numpy as np
@@ -24,10 +30,25 @@ def photos(size: int) -> list[np.ndarray]:
             for im in (data.astronaut(), data.chelsea())]
 
 
+QUESTIONS = ["describe the image", "what is in the image ?"]
+
+
+def prompts(processor) -> list[str]:
+    """One prompt per question, each with one image: the processor's chat template, else LLaVA's format."""
+    if getattr(processor, "chat_template", None) is None:
+        return [f"USER: <image> {q} ASSISTANT:" for q in QUESTIONS]
+    return [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                        {"type": "text", "text": q}]}],
+                                          add_generation_prompt=True) for q in QUESTIONS]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a local checkpoint folder (default: build a tiny random LLaVA)")
-    p.add_argument("--out", default="outputs/tiny_llava", help="where the tiny model is built")
+    from vtok.hooks.hf.tiny.folders import FOLDER_FAMILIES
+
+    p.add_argument("--model", default=None, help="a local checkpoint folder (default: build a tiny random model)")
+    p.add_argument("--family", default="llava", choices=FOLDER_FAMILIES, help="the tiny model's family")
+    p.add_argument("--out", default=None, help="where the tiny model is built (default: outputs/tiny_<family>)")
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--methods", default="random,divprune,visionzip", help="pre-LLM methods, comma-separated")
     p.add_argument("--keep", type=float, default=0.25)
@@ -39,13 +60,17 @@ def main(argv: list[str] | None = None) -> None:
 
     path = args.model
     if path is None:
-        from vtok.hooks.hf.tiny import build_tiny_llava
+        from vtok.hooks.hf.tiny.folders import build_tiny_folder
 
-        path = build_tiny_llava(args.out, image_size=args.image_size)
+        out = args.out or f"outputs/tiny_{args.family}"
+        opts = {"image_size": args.image_size} if args.family == "llava" else {}
+        path = build_tiny_folder(args.family, out, **opts)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    prompts = ["USER: <image> describe the image ASSISTANT:", "USER: <image> what is in the image ? ASSISTANT:"]
-    inputs = processor(images=photos(args.image_size), text=prompts, return_tensors="pt", padding=True)
+    images = [[im] for im in photos(args.image_size)]  # one image per prompt
+    inputs = processor(images=images, text=prompts(processor), return_tensors="pt", padding=True)
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:  # a tokenizer's, not the model's input
+        inputs.pop("token_type_ids", None)
     n = inputs["input_ids"].shape[1]
 
     def run():
