@@ -1,7 +1,7 @@
 """Wrap a Hugging Face VLM in one line and compare pruning methods on your own generate() calls.
 
     python demos/wrap_vlm.py                                   # a small random-weight LLaVA built here
-    python demos/wrap_vlm.py --family qwen3_vl                 # ... or Qwen3-VL, Gemma 3, InternVL (--family)
+    python demos/wrap_vlm.py --family qwen3_vl                 # or qwen3_vl, gemma3, internvl, smolvlm
     python demos/wrap_vlm.py --model /path/to/llava-1.5-7b-hf  # any local checkpoint folder of a supported family
     python demos/wrap_vlm.py --methods divprune,visionzip --keep 0.25 --fastv-layer 2
 

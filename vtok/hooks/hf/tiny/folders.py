@@ -13,7 +13,9 @@ Per family (``FOLDER_FAMILIES``):
   56 - 112 px a side (16 tokens for a square photo);
 * ``gemma3``: ``Gemma3Processor``, images resized to 56 x 56, 16 image tokens between ``<start_of_image>`` /
   ``<end_of_image>``;
-* ``internvl``: ``InternVLProcessor``, 56 px tiles (up to 4 plus a thumbnail), 16 tokens per tile.
+* ``internvl``: ``InternVLProcessor``, 56 px tiles (up to 4 plus a thumbnail), 16 tokens per tile;
+* ``smolvlm``: ``SmolVLMProcessor`` (it needs the ``num2words`` package, which it uses for video prompts only),
+  images resized to 112 px on the longest edge and split into 56 px crops plus a global view, 16 tokens per crop.
 
 Registers nothing: this module only saves the families of the other modules of this package.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 NEWLINE = 20  # "\n": an added (non-special) token, so chat templates' line breaks survive word-level tokenization
 _WORDS = ["what", "is", "in", "the", "image", "?", "describe", "a", "photo", "of", "cat", "person", "and", "where",
-          "left", "right", "top", "bottom", "colour", "user", "assistant", "model"]
+          "left", "right", "top", "bottom", "colour", "user", "assistant", "model", "User:", "Assistant:"]
 
 _QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
@@ -43,6 +45,11 @@ _INTERNVL_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
 def _tokenizer(size: int, specials: dict[int, str], named: dict[str, str], cls: Any = None, **kwargs: Any):
@@ -132,7 +139,26 @@ def _internvl_processor():
                              chat_template=_INTERNVL_TEMPLATE)
 
 
-_PROCESSORS = {"qwen3_vl": _qwen3_vl_processor, "gemma3": _gemma3_processor, "internvl": _internvl_processor}
+def _smolvlm_processor():
+    """Needs ``num2words`` (``SmolVLMProcessor`` refuses to start without it; it only writes video prompts)."""
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    from vtok.hooks.hf.tiny.idefics3 import CROP, FAKE, GLOBAL, IMAGE, ROW_COL, SEQ
+
+    specials = {IMAGE: "<image>", FAKE: "<fake_token_around_image>", GLOBAL: "<global-img>",
+                248: "<end_of_utterance>", 249: "<video>", 2: "<|im_start|>",
+                **{ROW_COL + 4 * i + j: f"<row_{i + 1}_col_{j + 1}>" for i in range(4) for j in range(4)}}
+    tokenizer = _tokenizer(256, specials, {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                           "global_image_token": "<global-img>",
+                                           "end_of_utterance_token": "<end_of_utterance>", "video_token": "<video>"})
+    sizes = dict(size={"longest_edge": 2 * CROP}, max_image_size={"longest_edge": CROP})
+    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(do_image_splitting=True, **sizes),
+                            tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(**sizes), image_seq_len=SEQ,
+                            chat_template=_SMOLVLM_TEMPLATE)
+
+
+_PROCESSORS = {"qwen3_vl": _qwen3_vl_processor, "gemma3": _gemma3_processor, "internvl": _internvl_processor,
+               "smolvlm": _smolvlm_processor}
 FOLDER_FAMILIES = ("llava", *_PROCESSORS)
 
 
