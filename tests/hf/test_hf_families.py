@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vtok
+from tests.helpers.hf_reference import greedy
 from tests.helpers.hf_tiny import _one_thread  # noqa: F401  (autouse: one intra-op thread per module)
 from vtok.hooks.hf import llm_context
 from vtok.hooks.hf.tiny import TINY_FAMILIES, tiny_inputs, tiny_model
@@ -30,11 +31,6 @@ def model(request):
     return tiny_model(request.param)
 
 
-def _gen(model, inp, n=8, **kw):
-    with torch.no_grad():
-        return model.generate(**inp, max_new_tokens=n, do_sample=False, **kw)[:, inp["input_ids"].shape[1]:]
-
-
 def _counts(st: dict) -> dict:
     return {k: v for k, v in st.items() if k != "wrapper_seconds"}
 
@@ -51,9 +47,9 @@ def test_uncached_generate_equals_cached(model, method):
     inp = tiny_inputs(model, [1, 2, 0])
     kw = {"decode_kv": "stage"} if vtok.get_method(method).placement.decode_kv == "final" else {}
     with vtok.wrapped(model, method, 0.5, layer=2, **kw):
-        cached = _gen(model, inp)
+        cached = greedy(model, inp, n=8)
         st = _counts(vtok.stats(model))
-        uncached = _gen(model, inp, use_cache=False)
+        uncached = greedy(model, inp, n=8, use_cache=False)
         assert _counts(vtok.stats(model)) == st  # the prompt's, as the cached generate reports
     assert torch.equal(cached, uncached)
 
@@ -62,15 +58,15 @@ def test_uncached_generate_equals_cached(model, method):
 def test_uncached_generate_equals_cached_over_stages(model, method, keep, layer):
     inp = tiny_inputs(model, [1, 2, 0], seed=1)
     with vtok.wrapped(model, method, keep, layer=layer):
-        cached = _gen(model, inp)
-        uncached = _gen(model, inp, use_cache=False)
+        cached = greedy(model, inp, n=8)
+        uncached = greedy(model, inp, n=8, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_uncached_generate_with_a_pruned_cache_is_refused(model):
     inp = tiny_inputs(model, [1])
     with vtok.wrapped(model, "mustdrop_llm", 0.5, layer=2), pytest.raises(NotImplementedError, match="decode_kv"):
-        _gen(model, inp, use_cache=False)
+        greedy(model, inp, n=8, use_cache=False)
 
 
 @pytest.mark.parametrize("method,keep,layer", [("divprune", 0.5, None), ("fastv", 0.5, 2),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vtok
+from tests.helpers.hf_reference import assert_recomputed_tokens
 from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, tiny_llava
 from tests.hf.test_hf_sparsevlm import _layerwise_logits, _sample
 
@@ -36,9 +37,5 @@ def test_cached_generate_equals_layerwise_recompute(model):
         gen = model.generate(**inp, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
         kept = vtok.stats(model)["per_sample"][0]["kept"]
     assert [p for p in kept if p in set(img.tolist())] == img[sel.keep[0]].tolist()
-    seq = ids
-    with torch.no_grad():
-        for t in range(12):
-            nxt = _layerwise_logits(model, seq, inp["pixel_values"], layer, sel, img)[0, -1].argmax()
-            assert int(nxt) == int(gen[0, t]), f"token {t}"
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    assert_recomputed_tokens(gen, ids, lambda seq: _layerwise_logits(model, seq, inp["pixel_values"], layer, sel, img),
+                             12)

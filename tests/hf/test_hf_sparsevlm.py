@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vtok
+from tests.helpers.hf_reference import assert_recomputed_tokens
 from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, image_features, left_pad, llava_prompt, tiny_llava
 from vtok.pruners.sparsevlm import text_relevance
 
@@ -84,12 +85,8 @@ def test_cached_generate_equals_layerwise_recompute(model):
     ids = inp["input_ids"]
     with torch.no_grad(), vtok.wrapped(model, "sparsevlm", k, layer=layer):
         gen = model.generate(**inp, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
-    seq = ids
-    with torch.no_grad():
-        for t in range(12):
-            nxt = _layerwise_logits(model, seq, inp["pixel_values"], layer, sel, img)[0, -1].argmax()
-            assert int(nxt) == int(gen[0, t]), f"token {t}"
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    assert_recomputed_tokens(gen, ids, lambda seq: _layerwise_logits(model, seq, inp["pixel_values"], layer, sel, img),
+                             12)
 
 
 def test_multi_stage_counts(model):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vtok
+from tests.helpers.hf_reference import assert_recomputed_tokens, greedy_ids
 from tests.helpers.hf_tiny import IMAGE_TOKEN, eager_forward, left_pad, llava_prompt, tiny_llava
 
 pytest.importorskip("transformers")
@@ -45,9 +46,7 @@ def _one(i: int):
     return ids, am, extra
 
 
-def _gen(model, ids, am, n=16, **kw):
-    out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False, **kw)
-    return out[:, ids.shape[1]:]
+_gen = greedy_ids  # tests/hf/test_hf_dart.py imports it from here
 
 
 # ---------------------------------------------------------------------------------------------------- identity
@@ -161,7 +160,7 @@ def test_pre_llm_equals_explicit_reference(model, method, options, positions):
             p = torch.cat([p, p[:, -1:] + 1], 1)
         with vtok.wrapped(model, method, keep, positions=positions, **options):
             out = model(input_ids=ids, attention_mask=am, pixel_values=pix).logits
-            gen = _gen(model, ids, am, pixel_values=pix)
+            gen = greedy_ids(model, ids, am, pixel_values=pix)
             st = vtok.stats(model)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 1e-4
@@ -207,16 +206,12 @@ def test_in_llm_generate_equals_layerwise_recompute(model, method, use_cache):
     pix = _pix(1)
     n_prompt = ids.shape[1]
     with torch.no_grad(), vtok.wrapped(model, method, 0.25, layer=2):
-        gen = _gen(model, ids, am, pixel_values=pix, use_cache=use_cache)
+        gen = greedy_ids(model, ids, am, pixel_values=pix, use_cache=use_cache)
         st = vtok.stats(model)
     kept = st["per_sample"][0]["kept"]
     assert st["per_sample"][0]["visual_after"] == 4
     assert st["prefill_tokens_before"] == n_prompt  # the prompt's stats, also after the uncached steps
-    seq = ids
-    for t in range(16):
-        nxt = _layerwise_logits(model, seq, pix, 2, kept, n_prompt)[0, -1].argmax()
-        assert int(nxt) == int(gen[0, t]), f"token {t}"
-        seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    assert_recomputed_tokens(gen, ids, lambda seq: _layerwise_logits(model, seq, pix, 2, kept, n_prompt), 16)
 
 
 def test_fastv_keeps_the_most_attended_tokens(model):
@@ -240,8 +235,8 @@ def test_in_llm_cached_equals_no_cache(model, method, layer):
     ids, am, pix = _batch()
     keep = [0.5, 0.25] if isinstance(layer, list) else 0.5
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
-        a = _gen(model, ids, am, pixel_values=pix)
-        b = _gen(model, ids, am, pixel_values=pix, use_cache=False)
+        a = greedy_ids(model, ids, am, pixel_values=pix)
+        b = greedy_ids(model, ids, am, pixel_values=pix, use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -297,12 +292,12 @@ def test_batch_equals_one_by_one(model, method, layer):
     keep = [0.5, 0.25] if isinstance(layer, list) else 0.5
     with torch.no_grad(), vtok.wrapped(model, method, keep, layer=layer):
         logits = model(input_ids=ids, attention_mask=am, pixel_values=pix).logits[:, -1]
-        gen = _gen(model, ids, am, pixel_values=pix)
+        gen = greedy_ids(model, ids, am, pixel_values=pix)
         for i in range(3):
             ids1, am1, extra = _one(i)
             one = model(input_ids=ids1, attention_mask=am1, **extra).logits[:, -1]
             assert (one[0] - logits[i]).abs().max() <= 1e-4
-            assert _gen(model, ids1, am1, **extra)[0].tolist() == gen[i].tolist()
+            assert greedy_ids(model, ids1, am1, **extra)[0].tolist() == gen[i].tolist()
 
 
 def test_per_sample_keep(model):
@@ -395,11 +390,11 @@ def test_every_method_through_the_wrapper(model, name):
             assert (model(input_ids=ids, attention_mask=am, pixel_values=pix).logits - ref).abs().max() <= 1e-5
     kw = {"decode_kv": "stage"} if m.placement.decode_kv == "final" else {}
     with torch.no_grad(), vtok.wrapped(model, name, 0.5, layer=layer, **kw):
-        a = _gen(model, ids, am, n=6, pixel_values=pix)
+        a = greedy_ids(model, ids, am, n=6, pixel_values=pix)
         assert [d["after"] for d in vtok.stats(model)["per_image"]] == [8, 8, 8]
-        b = _gen(model, ids, am, n=6, pixel_values=pix, use_cache=False)
+        b = greedy_ids(model, ids, am, n=6, pixel_values=pix, use_cache=False)
         ids1, am1, extra = _one(1)
-        one = _gen(model, ids1, am1, n=6, **extra)
+        one = greedy_ids(model, ids1, am1, n=6, **extra)
     assert torch.equal(a, b)
     assert one[0].tolist() == a[1].tolist()
 
@@ -409,11 +404,11 @@ def test_eager_attention_language_model():
     model = tiny_llava(attn="eager")
     ids, am, pix = _batch()
     with torch.no_grad(), vtok.wrapped(model, "fastv", 0.5, layer=2):
-        a = _gen(model, ids, am, n=8, pixel_values=pix)
-        b = _gen(model, ids, am, n=8, pixel_values=pix, use_cache=False)
+        a = greedy_ids(model, ids, am, n=8, pixel_values=pix)
+        b = greedy_ids(model, ids, am, n=8, pixel_values=pix, use_cache=False)
         for i in range(3):
             ids1, am1, extra = _one(i)
-            assert _gen(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
+            assert greedy_ids(model, ids1, am1, n=8, **extra)[0].tolist() == a[i].tolist()
     assert torch.equal(a, b)
 
 
