@@ -42,6 +42,22 @@ def greedy_on_embeds(model, language_model, embeds: torch.Tensor, positions: tor
     return first, toks
 
 
+def assert_keep_all_is_identity(model, inputs: dict, layer, n: int = 8) -> None:
+    """Wrapped to keep every token (``random``, keep 1.0, at ``layer``), ``model`` gives its unwrapped logits on
+    ``inputs`` at the non-padding positions (within 1e-5; padding rows have every key masked and are never read) and
+    the same ``n`` greedy tokens."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_tokens = greedy(model, inputs, n)
+    with vtok.wrapped(model, "random", 1.0, layer=layer):
+        with torch.no_grad():
+            out = model(**inputs).logits
+        tokens = greedy(model, inputs, n)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+
+
 def assert_unwrap_bit_exact(model, inputs: dict, runs: Sequence[tuple], n: int = 6) -> None:
     """Wrap ``model`` once per ``(method, keep, layer, run)`` of ``runs``, call ``run(model)`` wrapped, unwrap; then
     its logits on ``inputs`` and ``n`` greedy tokens equal those from before, bit for bit."""

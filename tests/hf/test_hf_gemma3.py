@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 import vtok  # noqa: E402
 from tests.helpers.hf_reference import (  # noqa: E402
     assert_batch_equals_one_by_one,
+    assert_keep_all_is_identity,
     assert_unwrap_bit_exact,
     greedy,
 )
@@ -100,17 +101,7 @@ def test_registered():
 def test_keep_all_is_identity(model, layer):
     """Keep-all before the language model, and inside it (the stage's own mask must be the model's bidirectional
     one: a causal mask would change the logits)."""
-    _, inp = _batch()
-    with torch.no_grad():
-        ref = model(**inp).logits
-    ref_tokens = greedy(model, inp, n=8)
-    with vtok.wrapped(model, "random", 1.0, layer=layer):
-        with torch.no_grad():
-            out = model(**inp).logits
-        tokens = greedy(model, inp, n=8)
-    valid = inp["attention_mask"].bool()  # padding rows: all keys masked, their outputs are never read
-    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
+    assert_keep_all_is_identity(model, _batch()[1], layer)
 
 
 def test_bidirectional_mask_matters(model):

@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 import vtok  # noqa: E402
 from tests.helpers.hf_reference import (  # noqa: E402
     assert_batch_equals_one_by_one,
+    assert_keep_all_is_identity,
     assert_unwrap_bit_exact,
     greedy,
 )
@@ -82,17 +83,7 @@ def test_registered():
 
 @pytest.mark.parametrize("layer", [None, 0, 1, 2])
 def test_keep_all_is_identity(model, layer):
-    inp = tiny_inputs(model, [1, 2, 0])
-    with torch.no_grad():
-        ref = model(**inp).logits
-    ref_tokens = greedy(model, inp, n=8)
-    with vtok.wrapped(model, "random", 1.0, layer=layer):
-        with torch.no_grad():
-            out = model(**inp).logits
-        tokens = greedy(model, inp, n=8)
-    valid = inp["attention_mask"].bool()
-    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
+    assert_keep_all_is_identity(model, tiny_inputs(model, [1, 2, 0]), layer)
 
 
 def test_pre_llm_equals_manual_reference(model):
