@@ -25,26 +25,6 @@ IMAGE_TOKENS = {"qwen3_vl": "<|image_pad|>", "gemma3": "<image_soft_token>", "in
 FAMILIES = sorted(PROCESSORS)
 
 
-def _has_num2words() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("num2words") is not None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _num2words():
-    """``SmolVLMProcessor`` refuses to start without ``num2words``, which it only uses to write video prompts (these
-    tests give it images only): where the package is missing, a stand-in for the in-process tests."""
-    if _has_num2words():
-        yield
-        return
-    from transformers.models.smolvlm import processing_smolvlm
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(processing_smolvlm, "num2words", str)
-        yield
-
-
 def _needs(family: str) -> None:
     import transformers
 
@@ -136,8 +116,6 @@ def test_wrap_prunes_what_stats_says_and_unwrap_is_bit_exact(folders, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_demo_runs_on_the_family(family, tmp_path):
     _needs(family)
-    if family == "smolvlm" and not _has_num2words():
-        pytest.skip("SmolVLMProcessor needs the num2words package (not installed)")
     out = subprocess.run([sys.executable, str(ROOT / "demos" / "wrap_vlm.py"), "--family", family, "--out",
                           str(tmp_path / family), "--image-size", "112", "--methods", "random",
                           "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600)

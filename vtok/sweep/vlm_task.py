@@ -17,6 +17,7 @@ from its ``config.json`` on the ``meta`` device (no weights are read).
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import time
@@ -200,10 +201,13 @@ class _VlmTask(_Placements):
         processor = AutoProcessor.from_pretrained(cells[0].model)
         model = AutoModelForImageTextToText.from_pretrained(cells[0].model).eval()
         base = Path(opts["prompts"]).parent
+        takes = set(inspect.signature(model.forward).parameters)
         samples = []
         for row in read_prompts(opts["prompts"]):
-            samples.append(processor(images=[load_image(row["image"], base)], text=[row["prompt"]],
-                                     return_tensors="pt"))
+            batch = processor(images=[load_image(row["image"], base)], text=[row["prompt"]], return_tensors="pt")
+            if "token_type_ids" not in takes:  # a tokenizer's output that transformers 4.x's generate refuses
+                batch.pop("token_type_ids", None)
+            samples.append(batch)
         torch.manual_seed(0)
         return model, processor, samples
 

@@ -14,8 +14,9 @@ Per family (``FOLDER_FAMILIES``):
 * ``gemma3``: ``Gemma3Processor``, images resized to 56 x 56, 16 image tokens between ``<start_of_image>`` /
   ``<end_of_image>``;
 * ``internvl``: ``InternVLProcessor``, 56 px tiles (up to 4 plus a thumbnail), 16 tokens per tile;
-* ``smolvlm``: ``SmolVLMProcessor`` (it needs the ``num2words`` package, which it uses for video prompts only),
-  images resized to 112 px on the longest edge and split into 56 px crops plus a global view, 16 tokens per crop.
+* ``smolvlm``: ``SmolVLMProcessor`` (it needs the ``num2words`` package, a dev dependency, which it uses for video
+  prompts only), images resized to 112 px on the longest edge and split into 56 px crops plus a global view, 16
+  tokens per crop.
 
 Registers nothing: this module only saves the families of the other modules of this package.
 """
