@@ -84,26 +84,17 @@ def _qwen_tokenizer_class() -> Any:
 def _qwen3_vl_processor():
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    from vtok.hooks.hf.tiny import (
-        MERGE,
-        PATCH,
-        QWEN_IMAGE_TOKEN,
-        QWEN_VIDEO_TOKEN,
-        QWEN_VOCAB,
-        TEMPORAL,
-        VISION_END,
-        VISION_START,
-    )
+    from vtok.hooks.hf import tiny as t
 
-    specials = {QWEN_IMAGE_TOKEN: "<|image_pad|>", QWEN_VIDEO_TOKEN: "<|video_pad|>",
-                VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>", 294: "<|im_start|>",
+    specials = {t.QWEN_IMAGE_TOKEN: "<|image_pad|>", t.QWEN_VIDEO_TOKEN: "<|video_pad|>",
+                t.VISION_START: "<|vision_start|>", t.VISION_END: "<|vision_end|>", 294: "<|im_start|>",
                 295: "<|im_end|>"}
     named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    tokenizer = _tokenizer(QWEN_VOCAB, specials, named, cls=_qwen_tokenizer_class())
-    side = PATCH * MERGE
+    tokenizer = _tokenizer(t.QWEN_VOCAB, specials, named, cls=_qwen_tokenizer_class())
+    side = t.PATCH * t.MERGE
     least, most = (2 * side) ** 2, (4 * side) ** 2  # pixels: 56 x 56 to 112 x 112
-    grid = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+    grid = dict(patch_size=t.PATCH, merge_size=t.MERGE, temporal_patch_size=t.TEMPORAL,
                 size={"shortest_edge": least, "longest_edge": most}, min_pixels=least, max_pixels=most)
     return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**grid), tokenizer=tokenizer,
                             video_processor=Qwen3VLVideoProcessor(**grid), chat_template=_QWEN_TEMPLATE)
