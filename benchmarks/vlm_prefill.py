@@ -92,6 +92,20 @@ def llava(quick: bool):
     return model, inputs, n_img
 
 
+def _qwen_prompt(side: int, vocab: int, text: int) -> tuple[dict[str, torch.Tensor], int]:
+    """A Qwen-VL prompt of ``text`` tokens around one ``side × side``-patch image (its tokens between vision start /
+    end, ids ``vocab - 1`` / ``- 3`` / ``- 4``), its pixels and grid: ``(inputs, image tokens)``."""
+    n_img = (side // 2) ** 2
+    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.tensor([[vocab - 3]]),
+                     torch.full((1, n_img), vocab - 1), torch.tensor([[vocab - 4]]),
+                     torch.randint(1, 400, (1, text - 7))], 1)
+    types = (ids == vocab - 1).int()
+    pix = torch.randn(side * side, 3 * 2 * 14 * 14)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix,
+              "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": types}
+    return inputs, n_img
+
+
 def qwen2_vl(quick: bool):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -108,15 +122,7 @@ def qwen2_vl(quick: bool):
         vision_end_token_id=vocab - 4)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
-    n_img = (side // 2) ** 2
-    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.tensor([[vocab - 3]]),
-                     torch.full((1, n_img), vocab - 1), torch.tensor([[vocab - 4]]),
-                     torch.randint(1, 400, (1, text - 7))], 1)
-    types = (ids == vocab - 1).int()
-    pix = torch.randn(side * side, 3 * 2 * 14 * 14)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix,
-              "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": types}
-    return model, inputs, n_img
+    return (model, *_qwen_prompt(side, vocab, text))
 
 
 def qwen3_vl(quick: bool):
@@ -142,15 +148,7 @@ def qwen3_vl(quick: bool):
         vision_end_token_id=vocab - 4)
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(cfg).eval()
-    n_img = (side // 2) ** 2
-    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.tensor([[vocab - 3]]),
-                     torch.full((1, n_img), vocab - 1), torch.tensor([[vocab - 4]]),
-                     torch.randint(1, 400, (1, text - 7))], 1)
-    types = (ids == vocab - 1).int()
-    pix = torch.randn(side * side, 3 * 2 * 14 * 14)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix,
-              "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": types}
-    return model, inputs, n_img
+    return (model, *_qwen_prompt(side, vocab, text))
 
 
 FAMILIES = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl}
