@@ -158,6 +158,10 @@ CONTEXT_SHAPES: dict[str, TensorSpec] = {
     "text_relevance": TensorSpec("relevance of each text token after the image to the image, from the language "
                                  "model's input embeddings, [B, T] (SparseVLM's raters: the entries above the mean)",
                                  ("[B, T]",)),
+    "prefix_error": TensorSpec("reconstruction error of every prefix of ordered (1D tokenizer) tokens: entry j the "
+                               "error from the first j + 1 tokens, e.g. Tokenizer.prefix_errors, [B, N] (>= 0)",
+                               ("[B, N]",), rule=lambda v, b, n: bool((v >= 0).all()),
+                               where="B={b}, N={n} and entries >= 0"),
 }
 for _name, _spec in CONTEXT_SHAPES.items():
     register_context(_name, _spec.description)(functools.partial(_validate, _name, _spec))
@@ -198,6 +202,20 @@ class Context(dict):
         ctx._check_frames(tokens.shape[1])
         ctx._check_query(tokens)
         return ctx
+
+    def row(self, b: int, batch: int, n: int) -> Context:
+        """The context of sample ``b`` alone (each tensor sliced on its batch axis ``B``; ``grid``, ``frames`` as
+        they are), for running a batch one sample at a time (per-sample budgets)."""
+        out = Context()
+        for name, value in self.items():
+            if not isinstance(value, Tensor):
+                out[name] = value
+                continue
+            spec = CONTEXT_SHAPES.get(name)
+            dims = next((_dims(s) for s in spec.shapes if _fits(s, value, batch, n)), None) if spec else None
+            axis = dims.index("B") if dims and "B" in dims else 0
+            out[name] = value.narrow(axis, b, 1)
+        return out
 
     def _check_query(self, tokens: Tensor) -> None:
         """``query`` lives in the space of ``relevance_features`` where given, else in the tokens' space."""

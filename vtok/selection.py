@@ -6,6 +6,12 @@ which the surviving slots are *emitted* (``order``). Slots are numbered by ascen
 return them in emitted order, which is slot order unless ``order`` says otherwise (ToMe's ``[unmerged A | B]``,
 VisionZip's ``[dominant | contextual]``: the order the authors' code produces, which the next ToMe block's
 alternating split or a VLM's position ids depend on).
+
+A *ragged* selection (``lengths`` set) keeps a different number of tokens per row: row ``b`` holds
+``lengths[b]`` real outputs followed by padding up to ``k = max(lengths)``. ``apply`` / ``gather`` zero the
+padding and ``valid_mask()`` says which outputs are real. Per-sample budgets (``vtok.compress(x, m, keep=[…])``)
+and length-adaptive strategies (``adaptive_length``) return one; ``Selection.from_rows`` builds one from
+per-sample selections.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ class Selection:
         coef: optional ``[B, N]`` explicit mixing coefficients of a merging selection: slot ``j`` is
             ``Σ_{i: assign[i]=j} coef[i] · x_i`` with no normalisation (incoming ``weights`` are ignored: the strategy
             folded them in). For merges that are not weighted means, e.g. VisionZip's ``target + mean(others)``.
+        lengths: optional ``LongTensor [B]``, ``1 <= lengths[b] <= k`` with ``max == k``: a ragged selection whose
+            row ``b`` has only its first ``lengths[b]`` *emitted* outputs real, the rest padding (zeros in
+            ``apply`` / ``gather``; their ``keep`` entries are unused positions, never tokens of the row's merges).
+            ``None``: every row holds ``k`` outputs.
     """
 
     keep: Tensor
@@ -51,10 +61,27 @@ class Selection:
     size: Tensor | None = None
     order: Tensor | None = None
     coef: Tensor | None = None
+    lengths: Tensor | None = None
 
     @property
     def k(self) -> int:
+        """Outputs per row (the longest row of a ragged selection)."""
         return self.keep.shape[1]
+
+    @property
+    def ragged(self) -> bool:
+        return self.lengths is not None
+
+    def counts(self) -> Tensor:
+        """``LongTensor [B]``: real outputs per row (``k`` everywhere unless ragged)."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.batch,), self.k, dtype=torch.long, device=self.keep.device)
+
+    def valid_mask(self) -> Tensor:
+        """Boolean ``[B, k]`` in emitted order: True for real outputs, False for the padding of a ragged row."""
+        ar = torch.arange(self.k, device=self.keep.device)
+        return ar[None, :] < self.counts().to(ar.device)[:, None]
 
     @property
     def batch(self) -> int:
@@ -104,6 +131,41 @@ class Selection:
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
         return cls(idx.gather(1, order[:, :k]), mask.shape[1])
 
+    @classmethod
+    def from_rows(cls, rows: list[Selection]) -> Selection:
+        """One (ragged) selection from per-sample selections of one row each (``[1, k_b]`` from the same ``N``).
+
+        Row ``b`` emits ``rows[b]``'s outputs in their order, then padding at the smallest positions it does not keep;
+        ``lengths`` holds the ``k_b`` (``None`` when they are all equal). Merges and sizes are carried."""
+        if not rows or any(r.batch != 1 for r in rows) or len({r.n for r in rows}) != 1:
+            raise ValueError("rows must be a non-empty list of one-row selections of the same N")
+        n, kmax = rows[0].n, max(r.k for r in rows)
+        device = rows[0].keep.device
+        ks = [r.k for r in rows]
+        positions, assign, size, coef = [], [], [], []
+        merging = any(r.merges for r in rows)
+        sized = any(r.size is not None for r in rows)
+        for r in rows:
+            em = r.emitted_keep()[0]
+            free = r.kept_mask()[0].logical_not().nonzero()[:, 0][:kmax - r.k]
+            positions.append(torch.cat([em, free]))
+            if merging:
+                assign.append(r.output_of_each_token()[0])
+                coef.append(r._effective_coef()[0] if r.coef is not None else None)
+            if sized:
+                s = r.token_sizes()
+                s = torch.ones(r.k, device=device) if s is None else s[0].float()
+                size.append(torch.cat([s, torch.ones(kmax - r.k, device=device)]))
+        use_coef = merging and any(c is not None for c in coef)
+        if use_coef:
+            coef = [c if c is not None else r._effective_coef()[0] for c, r in zip(coef, rows, strict=True)]
+        sel = cls.from_emitted(torch.stack(positions), n, torch.stack(assign) if merging else None,
+                               torch.stack(size) if sized else None, torch.stack(coef) if use_coef else None)
+        if len(set(ks)) == 1:
+            return sel
+        return cls(sel.keep, n, sel.assign, sel.size, sel.order, sel.coef,
+                   torch.tensor(ks, dtype=torch.long, device=device))
+
     def emit(self, x: Tensor) -> Tensor:
         """Slot-aligned ``x [B, k, ...]`` → emitted order (what ``apply`` returns); the input itself without
         ``order``."""
@@ -114,13 +176,18 @@ class Selection:
         return self.emit(self.keep)
 
     def output_of_each_token(self) -> Tensor:
-        """``[B, N]``: the output index (emitted order) each original token ends up in, -1 for dropped tokens."""
+        """``[B, N]``: the output index (emitted order) each original token ends up in, -1 for dropped tokens (and
+        for the unused positions behind a ragged row's padding)."""
         slot = self.assign if self.assign is not None else self._slot_of_each_token()
         if self.order is None:
-            return slot
-        out_of_slot = torch.empty_like(self.order).scatter_(
-            1, self.order, torch.arange(self.k, device=self.order.device).expand_as(self.order))
-        return torch.where(slot >= 0, out_of_slot.gather(1, slot.clamp_min(0)), slot)
+            out = slot
+        else:
+            out_of_slot = torch.empty_like(self.order).scatter_(
+                1, self.order, torch.arange(self.k, device=self.order.device).expand_as(self.order))
+            out = torch.where(slot >= 0, out_of_slot.gather(1, slot.clamp_min(0)), slot)
+        if self.lengths is not None:
+            out = torch.where(out >= self.lengths[:, None], torch.full_like(out, -1), out)
+        return out
 
     def token_sizes(self) -> Tensor | None:
         """``[B, k]`` sizes of the output tokens, in emitted order: the explicit ``size``, else counts from ``assign``,
@@ -135,9 +202,11 @@ class Selection:
         return self.emit(out.scatter_add_(1, a.clamp_min(0), valid.to(torch.float32)))
 
     def kept_mask(self) -> Tensor:
-        """Boolean ``[B, N]``: True at kept positions."""
+        """Boolean ``[B, N]``: True at kept positions (a ragged row's padding positions are not kept)."""
         m = torch.zeros(self.batch, self.n, dtype=torch.bool, device=self.keep.device)
-        return m.scatter_(1, self.keep, True)
+        if self.lengths is None:
+            return m.scatter_(1, self.keep, True)
+        return m.scatter_(1, self.emitted_keep(), self.valid_mask())
 
     def apply(self, tokens: Tensor, weights: Tensor | None = None) -> Tensor:
         """Reduce ``tokens [B, N, D]`` to ``[B, k, D]`` (in emitted order).
@@ -147,6 +216,16 @@ class Selection:
         carried from earlier merges) or 1. Accumulates in fp32 for half-precision inputs.
         """
         self._check_tokens(tokens)
+        return self._pad(self._apply(tokens, weights))
+
+    def _pad(self, out: Tensor) -> Tensor:
+        """Zero the padding outputs of a ragged selection (``out [B, k, ...]``)."""
+        if self.lengths is None:
+            return out
+        valid = self.valid_mask().reshape(self.batch, self.k, *([1] * (out.dim() - 2)))
+        return out.masked_fill(~valid, 0)
+
+    def _apply(self, tokens: Tensor, weights: Tensor | None) -> Tensor:
         if self.assign is None:
             return gather_tokens(tokens, self.emitted_keep())
         b, n, d = tokens.shape
@@ -167,14 +246,17 @@ class Selection:
 
     def gather(self, x: Tensor) -> Tensor:
         """Gather any per-token tensor ``x [B, N, ...]`` (positions, masks, sizes) at the kept indices, in emitted
-        order."""
+        order (zeros at a ragged row's padding)."""
         if x.shape[:2] != (self.batch, self.n):
             raise ValueError(f"x must start with [B, N] = {[self.batch, self.n]}, got {list(x.shape)}")
-        return gather_tokens(x, self.emitted_keep())
+        return self._pad(gather_tokens(x, self.emitted_keep()))
 
     def compose(self, after: Selection) -> Selection:
         """The selection equal to applying ``self`` and then ``after`` (defined on ``self``'s output, in its emitted
         order). Sizes are not carried (a merged result counts its members)."""
+        if self.ragged or after.ragged:
+            raise ValueError("compose needs selections with the same count in every row; a ragged selection "
+                             "(per-sample lengths) cannot be composed")
         if after.n != self.k or after.batch != self.batch:
             raise ValueError(f"after must select from [B={self.batch}, N={self.k}] tokens, "
                              f"got [B={after.batch}, N={after.n}]")
@@ -236,4 +318,19 @@ class Selection:
                                  f"0..k-1 in every row")
         if self.coef is not None and (self.assign is None or self.coef.shape != self.assign.shape):
             raise ValueError(f"coef must have shape [B, N] = {[keep.shape[0], self.n]} and comes with assign")
+        if self.lengths is not None:
+            ln = self.lengths
+            if ln.shape != (keep.shape[0],) or ln.dtype != torch.long:
+                raise ValueError(f"lengths must be a LongTensor [B] = [{keep.shape[0]}], got {ln.dtype} "
+                                 f"{list(ln.shape)}")
+            if bool((ln < 1).any()) or bool((ln > self.k).any()) or int(ln.max()) != self.k:
+                raise ValueError(f"lengths must lie in [1, k={self.k}] with max(lengths) == k, got {ln.tolist()}")
+            if self.assign is not None:
+                a = self.assign
+                if self.order is not None:  # slot -> emitted output index
+                    out_of_slot = torch.empty_like(self.order).scatter_(
+                        1, self.order, torch.arange(self.k, device=a.device).expand_as(self.order))
+                    a = torch.where(a >= 0, out_of_slot.gather(1, a.clamp_min(0)), a)
+                if bool((a >= ln[:, None]).any()):
+                    raise ValueError("assign must not merge tokens into a ragged row's padding outputs")
         return self

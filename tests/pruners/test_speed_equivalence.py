@@ -26,7 +26,9 @@ UNCHANGED = {"random", "uniform", "pool2d", "cls_attn", "fastv", "fopru", "hipru
              # issue #19 strategies, likewise written after the speed-ups
              "fastervlm", "vispruner", "prumerge", "prumerge_plus", "cdpruner", "gprune", "scope", "downsample",
              "pdrop", "dart", "evs", "vidcom2", "fitprune", "mustdrop", "sparsevlm",
-             "holitom", "holitom_llm", "mustdrop_llm"}
+             "holitom", "holitom_llm", "mustdrop_llm",
+             # ordered-token strategies (issue #35)
+             "prefix", "adaptive_length"}
 
 VARIANTS = {
     "divprune": [{}],

@@ -193,6 +193,16 @@ def _sizes(s: _Gen) -> Tensor:
     return torch.ones(s.tokens.shape[:2], device=s.tokens.device, dtype=s.tokens.dtype)
 
 
+def _prefix_error(s: _Gen) -> Tensor:
+    """``[B, N]``: a decreasing error curve per sample (as an ordered tokenizer's prefixes give), random scale and
+    decay, strictly positive."""
+    b, n = s.tokens.shape[:2]
+    scale = s.randn(b, 1).abs() + 0.1
+    decay = s.randn(b, 1).abs() + 0.2
+    j = torch.arange(n, device=s.tokens.device, dtype=torch.float32)[None]
+    return s.out(scale * torch.exp(-decay * j / max(1, n - 1) * 4) + 1e-3)
+
+
 GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "cls_attn": _cls_attn,
     "mid_attn": _cls_attn,
@@ -204,6 +214,7 @@ GENERATORS: dict[str, Callable[[_Gen], Any]] = {
     "keys": _keys,
     "attn": _attn,
     "sizes": _sizes,
+    "prefix_error": _prefix_error,
     "frame_scores": _frame_scores,
     "features": _features,
     "text_features": _text_features,

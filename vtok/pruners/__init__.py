@@ -57,6 +57,8 @@ from vtok.pruners import (  # noqa: F401  (registration)
     tome,
     transprune,
     vidcom2,
+    prefix,
+    adaptive_length,
 )
 # isort: on
 from vtok.pruners.registry import FAMILIES, Method, Placement, get, methods, register

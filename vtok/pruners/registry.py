@@ -16,7 +16,7 @@ from vtok.selection import Selection
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the vtok package folder
 
-FAMILIES = ("baseline", "attention", "transition", "diversity", "clustering", "temporal")
+FAMILIES = ("baseline", "attention", "transition", "diversity", "clustering", "temporal", "ordered")
 
 Strategy = Callable[..., Selection]
 Fewest = Callable[..., int]
@@ -83,6 +83,9 @@ class Method:
     options: dict[str, object]
     placement: Placement = field(default_factory=Placement)
     fewest_fn: Fewest | None = field(default=None, repr=False)
+    ragged: bool = False
+    """Whether it picks its own count per sample (a ragged ``Selection`` with ``lengths``; ``keep`` is then a mean
+    budget or a cap, see the method); such a method runs through ``vtok.compress``, not inside an encoder or VLM."""
 
     def __call__(self, *args, **kwargs) -> Selection:
         return self.fn(*args, **kwargs)
@@ -117,9 +120,10 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), uses: Iterable[str] = (),
              merges: bool = False, placement: Placement | None = None,
-             fewest: Fewest | None = None) -> Callable[[Strategy], Strategy]:
+             fewest: Fewest | None = None, ragged: bool = False) -> Callable[[Strategy], Strategy]:
     """Register ``fn`` under ``name``. ``needs``: required context keys; ``uses``: optional ones; ``placement``: where
-    the encoder hook applies it by default; ``fewest``: its budget floor where it has one (see ``Method.fewest``)."""
+    the encoder hook applies it by default; ``fewest``: its budget floor where it has one (see ``Method.fewest``);
+    ``ragged``: it returns a per-sample count (``Method.ragged``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     unknown = (set(needs) | set(uses)) - set(CONTEXT_KEYS)
@@ -133,7 +137,7 @@ def register(name: str, *, family: str, paper: str, needs: Iterable[str] = (), u
         options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _REGISTRY[name] = Method(name, fn, family, frozenset(needs), frozenset(uses), paper, merges, summary,
-                                 options, placement or Placement(), fewest)
+                                 options, placement or Placement(), fewest, ragged)
         return fn
 
     return deco
