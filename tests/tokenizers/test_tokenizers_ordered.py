@@ -95,3 +95,13 @@ def test_bad_calls_fail_clearly(tok, images):
                            torch.tensor([2]), "prefix", 16)
     with pytest.raises(ValueError, match="K=16"):
         tok.detokenize(other)
+
+
+def test_adaptive_grid_writes_fixed_and_adaptive_columns(tok, images, tmp_path):
+    from PIL import Image
+
+    from vtok.tokenizers_img.demo import adaptive_grid
+
+    png = adaptive_grid(tok, images, tmp_path / "grid.png", cell=32, ks=(4,))
+    im = Image.open(png)
+    assert im.width == 3 + 3 * (32 + 3) and im.height == 14 + 3 + 3 * (32 + 12 + 3)
