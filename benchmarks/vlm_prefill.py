@@ -72,24 +72,34 @@ class PeakRSS:
         return max(self.peak - self.start, 0)
 
 
-def llava(quick: bool):
+def llava(quick: bool, *, hidden: int | None = None, layers: int | None = None, heads: int | None = None,
+          kv_heads: int | None = None, images: int = 1):
+    """LLaVA-1.5-shaped model and prompt; ``hidden`` / ``layers`` / ``heads`` / ``kv_heads`` size the language model
+    (defaults: the CPU sizes above; ``benchmarks.gpu_all`` asks for 32 × 4096), ``images`` images of 576 tokens
+    each in one prompt (5: 2,880 image tokens, LLaVA-NeXT's count)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    img, patch, hidden, layers, text = (56, 14, 64, 3, 8) if quick else (336, 14, 1024, 8, 64)
+    img, patch, h0, l0, text = (56, 14, 64, 3, 8) if quick else (336, 14, 1024, 8, 64)
+    hidden, layers = hidden or h0, layers or l0
     vision = CLIPVisionConfig(hidden_size=32 if quick else 128, intermediate_size=64 if quick else 512,
                               num_hidden_layers=3, num_attention_heads=4, image_size=img, patch_size=patch)
     lm = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                     num_attention_heads=16 if not quick else 4, num_key_value_heads=4 if not quick else 2,
-                     vocab_size=32000 if not quick else 512, max_position_embeddings=4096)
+                     num_attention_heads=heads or (16 if not quick else 4),
+                     num_key_value_heads=kv_heads or (4 if not quick else 2),
+                     vocab_size=32000 if not quick else 512, max_position_embeddings=8192)
     cfg = LlavaConfig(vision_config=vision, text_config=lm, image_token_id=lm.vocab_size - 1,
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).eval()
     n_img = (img // patch) ** 2
-    ids = torch.cat([torch.randint(1, 400, (1, 5)), torch.full((1, n_img), cfg.image_token_id),
-                     torch.randint(1, 400, (1, text - 5))], 1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, img, img)}
-    return model, inputs, n_img
+    parts = [torch.randint(1, 400, (1, 5))]
+    for i in range(images):  # images after the first follow two text tokens each
+        parts += ([torch.randint(1, 400, (1, 2))] if i else []) + [torch.full((1, n_img), cfg.image_token_id)]
+    parts.append(torch.randint(1, 400, (1, text - 5)))
+    ids = torch.cat(parts, 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(images, 3, img, img)}
+    return model, inputs, n_img * images
 
 
 def _qwen_prompt(side: int, vocab: int, text: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -106,18 +116,24 @@ def _qwen_prompt(side: int, vocab: int, text: int) -> tuple[dict[str, torch.Tens
     return inputs, n_img
 
 
-def qwen2_vl(quick: bool):
+def qwen2_vl(quick: bool, *, hidden: int | None = None, layers: int | None = None, heads: int | None = None,
+             kv_heads: int | None = None):
+    """Qwen2-VL-shaped model and prompt (576 merged image tokens); the language model sized as in :func:`llava`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    side, hidden, layers, text = (8, 64, 3, 8) if quick else (48, 1024, 8, 64)
+    side, h0, l0, text = (8, 64, 3, 8) if quick else (48, 1024, 8, 64)
+    hidden, layers = hidden or h0, layers or l0
     vocab = 512 if quick else 32000
+    heads, kv_heads = heads or (16 if not quick else 4), kv_heads or (4 if not quick else 2)
+    half = hidden // heads // 2  # M-RoPE sections split the rotary half of each head: 1/4, 3/8, 3/8
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     cfg = Qwen2VLConfig(
         vision_config={"depth": 2, "embed_dim": 64, "hidden_size": hidden, "num_heads": 4, "mlp_ratio": 2,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
         text_config={"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
-                     "num_attention_heads": 16 if not quick else 4, "num_key_value_heads": 4 if not quick else 2,
+                     "num_attention_heads": heads, "num_key_value_heads": kv_heads,
                      "vocab_size": vocab, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3] if quick else [8, 12, 12]}},
+                     "rope_scaling": {"type": "mrope", "mrope_section": section}},
         image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
         vision_end_token_id=vocab - 4)
     torch.manual_seed(0)
