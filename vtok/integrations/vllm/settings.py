@@ -1,0 +1,141 @@
+"""The plugin's settings, read from the model's Hugging Face config (``hf_overrides``) and checked at startup.
+
+Keys (all optional; without ``vtok_method`` the model runs exactly as vLLM's own class):
+
+* ``vtok_method``: a pre-LLM vtok method whose context the plugin can supply (``supported_methods(family)``);
+* ``vtok_keep``: a ratio in ``(0, 1]`` or an int count per image (``vtok.budget``), default ``1.0``;
+* ``vtok_options``: the method's own options, e.g. ``{"seed": 0}`` for ``random``.
+
+Nothing here imports vLLM, so the rules can be read (and tested) without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from vtok.api import compress, retained_count
+from vtok.budget import resolve_k
+from vtok.pruners import get as get_method
+from vtok.pruners import methods as all_methods
+from vtok.selection import Selection
+
+KEYS = ("vtok_method", "vtok_keep", "vtok_options")
+FAMILIES = ("llava", "qwen2_5_vl")
+# context the plugin gives a method: the image features and their patch grid; never the tower's attention (cls_attn,
+# keys, ...) nor the language model's (text_attn, ...), which vLLM's fused kernels do not expose
+SUPPLIED = frozenset({"grid"})
+IMAGE_FAMILIES = ("baseline", "diversity", "clustering", "ordered")
+# optional context a method reads when given: vtok.wrap supplies e.g. the text query or the tower's keys, the plugin
+# does not, so a method reading them would prune differently here; only these may be left to the method's fallback
+OPTIONAL_OK = frozenset({"grid", "sizes"})
+
+
+def supported_methods(family: str) -> list[str]:
+    """The vtok methods the plugin runs before the language model of ``family``: image strategies whose required
+    context is the features and their grid, with an output count known before the encoder runs (not ragged)."""
+    out = []
+    for m in all_methods():
+        if (m.family not in IMAGE_FAMILIES or m.ragged or not m.needs <= SUPPLIED or not m.uses <= OPTIONAL_OK
+                or m.placement.llm_only):
+            continue
+        if family == "qwen2_5_vl" and m.placement.resize_input:
+            continue  # downsample resizes the image before Qwen's tower in vtok.wrap; not done here
+        out.append(m.name)
+    return out
+
+
+def _why_not(name: str, family: str) -> str:
+    """Why ``name`` (a registered method) is not offered for ``family``."""
+    m = get_method(name)
+    if m.family == "temporal":
+        return "it is a temporal (video) strategy; the plugin prunes images"
+    if m.ragged:
+        return "it picks a length per image from its content, so its token count is unknown before the encoder runs"
+    missing = sorted(m.needs - SUPPLIED)
+    if missing:
+        return (f"it needs context the plugin cannot supply: {missing} (the vision tower's or the language model's "
+                f"attention, which vLLM's fused attention kernels do not expose)")
+    extra = sorted(m.uses - OPTIONAL_OK)
+    if extra:
+        return (f"it reads optional context {extra} that vtok.wrap supplies and the plugin cannot, so it would prune "
+                f"differently from vtok.wrap")
+    if m.placement.resize_input:
+        return "it resizes the image before Qwen's vision tower in vtok.wrap, which the plugin does not do"
+    return "it is not a pre-LLM image strategy"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated plugin settings for one model."""
+
+    method: str
+    keep: float | int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, n: int, grid: tuple[int, int] | None) -> int:
+        """Tokens left of an image of ``n`` tokens (its placeholder count), before the encoder runs."""
+        return retained_count(self.method, n, self.keep, grid=grid)
+
+    def prune(self, feats: Tensor, grid: tuple[int, int] | None) -> tuple[Tensor, Selection]:
+        """``feats [n, D]`` of one image -> ``([k, D], selection)``, as ``vtok.compress`` on ``feats[None]``."""
+        kwargs: dict[str, Any] = dict(self.options)
+        if grid is not None:  # as vtok.wrap gives it: every method sees its image's grid
+            kwargs["grid"] = grid
+        out, sel = compress(feats[None], self.method, self.keep, **kwargs)
+        return out[0], sel
+
+
+def _check_keep(keep: Any) -> float | int:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"vtok: vtok_keep must be a ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"vtok: vtok_keep must be a ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"vtok: vtok_keep must be a ratio in (0, 1] or an int count >= 1, got {keep!r}")
+    resolve_k(keep, 4)  # vtok's own check of the rounding rule
+    return keep
+
+
+def read(config: Any, family: str) -> Settings | None:
+    """The settings in ``config`` (a Hugging Face config after vLLM's ``hf_overrides``), or ``None`` when
+    ``vtok_method`` is unset; raises ``ValueError`` with the reason for a bad setting."""
+    if family not in FAMILIES:
+        raise ValueError(f"vtok: unknown model family {family!r}; the plugin supports {list(FAMILIES)}")
+    method = getattr(config, "vtok_method", None)
+    keep = getattr(config, "vtok_keep", None)
+    options = getattr(config, "vtok_options", None)
+    if method is None:
+        if keep is not None or options:
+            raise ValueError("vtok: vtok_keep / vtok_options are set but vtok_method is not; set vtok_method too "
+                             f"(one of {supported_methods(family)})")
+        return None
+    if not isinstance(method, str):
+        raise ValueError(f"vtok: vtok_method must be a method name (str), got {method!r}")
+    names = [m.name for m in all_methods()]
+    ok = supported_methods(family)
+    if method not in names:
+        raise ValueError(f"vtok: unknown vtok_method {method!r}; the vLLM plugin supports {ok}")
+    if method not in ok:
+        raise ValueError(f"vtok: vtok_method {method!r} is not available in the vLLM plugin: "
+                         f"{_why_not(method, family)}. Supported here: {ok}; vtok.wrap runs it on Hugging Face "
+                         f"transformers")
+    keep = _check_keep(1.0 if keep is None else keep)
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ValueError(f"vtok: vtok_options must be a dict of {method!r}'s options, got {options!r}")
+    bad = sorted(set(options) - set(get_method(method).options))
+    if bad:
+        raise ValueError(f"vtok: unknown option(s) {bad} for {method!r}; its options: "
+                         f"{sorted(get_method(method).options)}")
+    return Settings(method, keep, dict(options))
+
+
+def square_grid(n: int) -> tuple[int, int] | None:
+    """``(s, s)`` when ``n == s * s`` (LLaVA's patch grid), else ``None``."""
+    s = int(round(n ** 0.5))
+    return (s, s) if s * s == n else None
+
