@@ -37,7 +37,8 @@ def main(spec: dict) -> dict:
     t0 = time.perf_counter()
     try:
         llm = LLM(spec["model"], dtype="float32", max_model_len=spec.get("max_model_len", 2048), enforce_eager=True,
-                  hf_overrides=spec.get("overrides"), seed=0, limit_mm_per_prompt={"image": 2},
+                  hf_overrides=spec.get("overrides"), seed=0,
+                  limit_mm_per_prompt=spec.get("limit_mm_per_prompt", {"image": 2}),
                   max_num_seqs=spec.get("max_num_seqs", 8))
     except Exception as e:  # noqa: BLE001 - reported to the test
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}

@@ -1,7 +1,8 @@
 """vtok's vLLM plugin on vLLM's CPU build (``make test-vllm``, in ``.venv-vllm``; skipped where vLLM is absent).
 
-Tiny random-weight float32 LLaVA (576 image tokens, ``vtok.integrations.vllm.tiny``): the same weights in a Hugging
-Face folder and a vLLM folder. Each engine runs in its own process (``tests/vllm/engine.py``).
+Tiny random-weight float32 LLaVA (576 image tokens) and Qwen2.5-VL (4 to 64 image tokens, 3-D M-RoPE) from
+``vtok.integrations.vllm.tiny``, the same weights on both engines. Each vLLM engine runs in its own process
+(``tests/vllm/engine.py``); the Hugging Face side (``vtok.wrap``) runs here, in the same venv.
 """
 
 from __future__ import annotations
@@ -23,26 +24,43 @@ from tests.vllm.engine import MAX_TOKENS, image  # noqa: E402
 from vtok.integrations.vllm import read, supported_methods  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-IMG = {"text": "USER: <image> describe the image ASSISTANT:", "images": [[336, 336, 0]]}
-TEXT = {"text": "USER: what is in the photo ? ASSISTANT:"}
-SMALL = {"text": "USER: <image> what is left of the cat ? ASSISTANT:", "images": [[200, 300, 1]]}
-TWO = {"text": "USER: <image> and <image> where is the person ? ASSISTANT:", "images": [[336, 336, 2], [120, 160, 3]]}
-PROMPTS = [IMG, TEXT, SMALL, TWO]
-# run 0: the batch of all four (mixed: text-only, one image, two images, different sizes); runs 1..4: one by one
-RUNS = [PROMPTS] + [[p] for p in PROMPTS]
+_Q = "<|im_start|>user \n {} <|im_end|> \n <|im_start|>assistant \n"
+_QI = "<|vision_start|> <|image_pad|> <|vision_end|>"
+PROMPTS = {
+    "llava": [
+        {"text": "USER: <image> describe the image ASSISTANT:", "images": [[336, 336, 0]]},
+        {"text": "USER: what is in the photo ? ASSISTANT:"},
+        {"text": "USER: <image> what is left of the cat ? ASSISTANT:", "images": [[200, 300, 1]]},
+        {"text": "USER: <image> and <image> where is the person ? ASSISTANT:",
+         "images": [[336, 336, 2], [120, 160, 3]]},
+    ],
+    "qwen2_5_vl": [  # images of 7 x 5, 2 x 3, 8 x 8 and 4 x 6 merged tokens
+        {"text": _Q.format(f"{_QI} describe the image"), "images": [[200, 150, 0]]},
+        {"text": _Q.format("what is in the photo ?")},
+        {"text": _Q.format(f"{_QI} what is left of the cat ?"), "images": [[60, 90, 1]]},
+        {"text": _Q.format(f"{_QI} and {_QI} where is the person ?"), "images": [[224, 224, 2], [120, 160, 3]]},
+    ],
+}
+LIMITS = {"llava": {"image": 2}, "qwen2_5_vl": {"image": 2, "video": 0}}
+FAMILIES = list(PROMPTS)
 LOGPROB_ATOL = 1e-3  # float32, two engines' kernels
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, Path]:
-    from vtok.integrations.vllm.tiny import tiny_llava_pair
+def folders(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per family ``(hf_folder, vllm_folder)``: the same weights (LLaVA's tower renamed for vLLM)."""
+    from vtok.integrations.vllm.tiny import build_tiny_qwen2_5_vl, tiny_llava_pair
 
-    return tiny_llava_pair(tmp_path_factory.mktemp("tiny_llava"))
+    qwen = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+    return {"llava": tiny_llava_pair(tmp_path_factory.mktemp("tiny_llava")), "qwen2_5_vl": (qwen, qwen)}
 
 
 @cache
-def _engine(model: str, overrides: str | None) -> dict:
-    spec = {"model": model, "overrides": json.loads(overrides) if overrides else None, "runs": RUNS}
+def _engine(family: str, model: str, overrides: str | None) -> dict:
+    prompts = PROMPTS[family]
+    # run 0: the batch of all four (mixed: text-only, one image, two images, different sizes); runs 1..4: one by one
+    spec = {"model": model, "overrides": json.loads(overrides) if overrides else None,
+            "runs": [prompts] + [[p] for p in prompts], "limit_mm_per_prompt": LIMITS[family]}
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run([sys.executable, "-m", "tests.vllm.engine", json.dumps(spec)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -52,20 +70,20 @@ def _engine(model: str, overrides: str | None) -> dict:
     return json.loads(lines[-1][len("VTOK_RESULT "):])
 
 
-def engine(folder: Path, overrides: dict | None) -> dict:
-    return _engine(str(folder), json.dumps(overrides, sort_keys=True) if overrides else None)
+def engine(folders, family: str, overrides: dict | None) -> dict:
+    return _engine(family, str(folders[family][1]), json.dumps(overrides, sort_keys=True) if overrides else None)
 
 
-def ok_engine(folder: Path, overrides: dict | None) -> dict:
-    res = engine(folder, overrides)
+def ok_engine(folders, family: str, overrides: dict | None) -> dict:
+    res = engine(folders, family, overrides)
     assert res["ok"], res.get("error")
     return res
 
 
 @cache
-def _hf(folder: str, method: str | None, keep: float | None) -> list[dict]:
+def _hf(family: str, folder: str, method: str | None, keep: float | None) -> list[dict]:
     """Greedy tokens and their log-probabilities from Hugging Face ``generate`` with ``vtok.wrap(model, method,
-    keep)`` (default positions rule) on each prompt alone."""
+    keep)`` (its default positions rule) on each prompt alone."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vtok
@@ -76,7 +94,7 @@ def _hf(folder: str, method: str | None, keep: float | None) -> list[dict]:
     if method is not None:
         vtok.wrap(model, method, keep=keep)
     out = []
-    for p in PROMPTS:
+    for p in PROMPTS[family]:
         imgs = [image(*im) for im in p.get("images", [])]
         inputs = proc(images=imgs or None, text=[p["text"]], return_tensors="pt")
         with torch.no_grad():
@@ -85,14 +103,16 @@ def _hf(folder: str, method: str | None, keep: float | None) -> list[dict]:
         ids = gen.sequences[0, inputs["input_ids"].shape[1]:].tolist()
         lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, ids, strict=True)]
         n_prompt = inputs["input_ids"].shape[1]
-        if method is not None:  # the pruned prompt the language model saw (LLaVA: 576 tokens per image)
-            n_prompt -= len(imgs) * (576 - vtok.retained_count(method, 576, keep, grid=(24, 24)))
+        if method is not None:  # the pruned prompt the language model saw
+            grids = ([(24, 24)] * len(imgs) if family == "llava" else
+                     [(h // 2, w // 2) for _, h, w in inputs["image_grid_thw"].tolist()] if imgs else [])
+            n_prompt -= sum(g[0] * g[1] - vtok.retained_count(method, g[0] * g[1], keep, grid=g) for g in grids)
         out.append({"ids": ids, "logprobs": lps, "prompt_len": n_prompt})
     return out
 
 
-def hf(folder: Path, method: str | None, keep: float | None) -> list[dict]:
-    return _hf(str(folder), method, keep)
+def hf(folders, family: str, method: str | None, keep: float | None) -> list[dict]:
+    return _hf(family, str(folders[family][0]), method, keep)
 
 
 def same(a: dict, b: dict) -> None:
@@ -108,38 +128,58 @@ def test_plugin_entry_point_is_registered():
     assert eps.get("vtok") == "vtok.integrations.vllm:register"
 
 
-def test_keep_one_is_vllm_unpruned_output_exactly(folders):
-    _, vl = folders
-    base = ok_engine(vl, None)
-    for method in ("divprune", "random", "pool2d"):
-        full = ok_engine(vl, {"vtok_method": method, "vtok_keep": 1.0})
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_one_is_vllm_unpruned_output_exactly(folders, family):
+    base = ok_engine(folders, family, None)
+    for method in ("divprune", "random", "pool2d") if family == "llava" else ("divprune",):
+        full = ok_engine(folders, family, {"vtok_method": method, "vtok_keep": 1.0})
         assert full["runs"] == base["runs"]  # token ids, prompt lengths and log-probabilities, bit for bit
 
 
-def test_unpruned_vllm_matches_hf(folders):
-    hf_dir, vl = folders
-    base = ok_engine(vl, None)
-    for got, want in zip(base["runs"][1:], hf(hf_dir, None, None), strict=True):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_vllm_matches_hf(folders, family):
+    base = ok_engine(folders, family, None)
+    for got, want in zip(base["runs"][1:], hf(folders, family, None, None), strict=True):
         same(got[0], want)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["random", "pool2d", "divprune"])
-def test_pruned_equals_hf_wrap(folders, method):
+def test_pruned_equals_hf_wrap(folders, family, method):
     """The cross-engine equivalence: vLLM + plugin == Hugging Face + vtok.wrap (same method, keep, positions)."""
-    hf_dir, vl = folders
-    res = ok_engine(vl, {"vtok_method": method, "vtok_keep": 0.25})
-    want = hf(hf_dir, method, 0.25)
+    res = ok_engine(folders, family, {"vtok_method": method, "vtok_keep": 0.25})
+    want = hf(folders, family, method, 0.25)
     for got, w in zip(res["runs"][1:], want, strict=True):
         same(got[0], w)
-    assert res["runs"][1][0]["prompt_len"] == 581 - 576 + 144  # the placeholders shrank before the encoder ran
-    unpruned = ok_engine(vl, None)
+    unpruned = ok_engine(folders, family, None)
+    assert res["runs"][1][0]["prompt_len"] < unpruned["runs"][1][0]["prompt_len"]  # placeholders shrank
     assert res["runs"][1][0]["logprobs"] != unpruned["runs"][1][0]["logprobs"]  # pruning changed the output
 
 
-@pytest.mark.parametrize("method", ["divprune", "random"])
-def test_mixed_batch_equals_one_by_one(folders, method):
-    _, vl = folders
-    res = ok_engine(vl, {"vtok_method": method, "vtok_keep": 0.25})
+def test_qwen_positions_rule_is_checked(folders):
+    """The equivalence above pins the positions rule: vtok.wrap with kept tokens at their unpruned M-RoPE ids
+    (``positions="original"``) gives other log-probabilities than the plugin, which follows ``"reindex"`` (pool2d:
+    the pooled tokens sit at the first cell of their windows, so the image spans fewer positions than its grid)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vtok
+
+    folder = str(folders["qwen2_5_vl"][0])
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(folder)
+    p = PROMPTS["qwen2_5_vl"][0]
+    inputs = proc(images=[image(*p["images"][0])], text=[p["text"]], return_tensors="pt")
+    vtok.wrap(model, "pool2d", keep=0.25, positions="original")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    first = torch.log_softmax(logits.float(), -1).max().item()
+    res = ok_engine(folders, "qwen2_5_vl", {"vtok_method": "pool2d", "vtok_keep": 0.25})
+    assert abs(first - res["runs"][1][0]["logprobs"][0]) > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_equals_one_by_one(folders, family):
+    res = ok_engine(folders, family, {"vtok_method": "divprune", "vtok_keep": 0.25})
     batch, alone = res["runs"][0], [r[0] for r in res["runs"][1:]]
     for b, a in zip(batch, alone, strict=True):
         same(b, a)
@@ -155,10 +195,15 @@ def test_mixed_batch_equals_one_by_one(folders, method):
     ({"vtok_keep": 0.25}, "vtok_method is not"),
 ])
 def test_bad_settings_fail_at_startup(folders, overrides, message):
-    _, vl = folders
-    res = engine(vl, overrides)
+    res = engine(folders, "llava", overrides)
     assert not res["ok"]
     assert "vtok:" in res["error"] and message in res["error"], res["error"]
+
+
+def test_qwen_refuses_downsample_at_startup(folders):
+    res = engine(folders, "qwen2_5_vl", {"vtok_method": "downsample", "vtok_keep": 0.25})
+    assert not res["ok"]
+    assert "vtok: vtok_method 'downsample' is not available" in res["error"], res["error"]
 
 
 def test_settings_rules():

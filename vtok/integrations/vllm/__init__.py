@@ -18,6 +18,7 @@ from vtok.integrations.vllm.settings import KEYS, Settings, read, supported_meth
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vtok.integrations.vllm.llava:VtokLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtok.integrations.vllm.qwen2_5_vl:VtokQwen2_5_VLForConditionalGeneration",
 }
 
 __all__ = ["ARCHITECTURES", "KEYS", "Settings", "read", "register", "supported_methods"]
