@@ -22,8 +22,8 @@ reconstructions of ``--clf-eval`` *test*-split images (class-balanced, seeded) f
 reconstructions' mean PSNR is reported alongside. Fashion-MNIST is out of the tokenizers' training distribution
 (photos), so this measures what survives of the class, not the tokenizer at its best.
 
-    python -m benchmarks.tokenizer_prune                        # fsq_nested vs outputs/tokenizers/fsq_control
-    python -m benchmarks.tokenizer_prune --nested fsq_nested --control fsq_control --out-dir docs/tokenizer_prune
+    python -m benchmarks.tokenizer_prune                        # fsq_nested vs fsq_control, ~3 min
+    python -m benchmarks.tokenizer_prune --control outputs/tokenizers/fsq_control --out-dir outputs/prune
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nested", default="fsq_nested", help="the nested-dropout tokenizer (folder or committed name)")
-    p.add_argument("--control", default="outputs/tokenizers/fsq_control",
+    p.add_argument("--control", default="fsq_control",
                    help="the control tokenizer without nested dropout (folder or committed name)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="mean token counts")
     p.add_argument("--control-methods", nargs="+", default=list(POST_HOC), help="post-hoc strategies on the control")
