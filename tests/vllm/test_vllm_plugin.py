@@ -206,6 +206,19 @@ def test_qwen_refuses_downsample_at_startup(folders):
     assert "vtok: vtok_method 'downsample' is not available" in res["error"], res["error"]
 
 
+def test_serve_flag_reaches_the_config(folders):
+    """``vllm serve MODEL --hf-overrides '{...}'``: the CLI form lands on the config the plugin reads."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(folders["llava"][1]), "--dtype", "float32", "--hf-overrides",
+                              '{"vtok_method": "divprune", "vtok_keep": 0.25, "vtok_options": {}}'])
+    cfg = EngineArgs.from_cli_args(args).create_model_config()
+    assert read(cfg.hf_config, "llava") == read(type("C", (), {"vtok_method": "divprune", "vtok_keep": 0.25}),
+                                                "llava")
+
+
 def test_settings_rules():
     assert {"random", "pool2d", "divprune", "uniform", "kmedoids"} <= set(supported_methods("llava"))
     assert "downsample" not in supported_methods("qwen2_5_vl")
