@@ -143,10 +143,11 @@ def test_unpruned_vllm_matches_hf(folders, family):
         same(got[0], want)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["random", "pool2d", "divprune"])
+@pytest.mark.parametrize(("family", "method"), [(f, m) for f in FAMILIES for m in ("random", "pool2d", "divprune")]
+                         + [("llava", "visionzip"), ("llava", "cls_attn")])
 def test_pruned_equals_hf_wrap(folders, family, method):
-    """The cross-engine equivalence: vLLM + plugin == Hugging Face + vtok.wrap (same method, keep, positions)."""
+    """The cross-engine equivalence: vLLM + plugin == Hugging Face + vtok.wrap (same method, keep, positions).
+    LLaVA's attention methods read the tower's CLS attention (and VisionZip its keys), recomputed on both sides."""
     res = ok_engine(folders, family, {"vtok_method": method, "vtok_keep": 0.25})
     want = hf(folders, family, method, 0.25)
     for got, w in zip(res["runs"][1:], want, strict=True):
@@ -189,8 +190,9 @@ def test_mixed_batch_equals_one_by_one(folders, family):
     ({"vtok_method": "no_such_method", "vtok_keep": 0.25}, "unknown vtok_method 'no_such_method'"),
     ({"vtok_method": "random", "vtok_keep": 1.5}, "vtok_keep must be a ratio in (0, 1]"),
     ({"vtok_method": "random", "vtok_keep": 0.0}, "vtok_keep must be a ratio in (0, 1]"),
-    ({"vtok_method": "visionzip", "vtok_keep": 0.25}, "needs context the plugin cannot supply: ['cls_attn']"),
-    ({"vtok_method": "fastv", "vtok_keep": 0.25}, "needs context the plugin cannot supply: ['text_attn']"),
+    ({"vtok_method": "hiprune", "vtok_keep": 0.25}, "needs context the plugin cannot supply on llava: ['mid_attn']"),
+    ({"vtok_method": "fastv", "vtok_keep": 0.25}, "needs context the plugin cannot supply on llava: ['text_attn']"),
+    ({"vtok_method": "cdpruner", "vtok_keep": 0.25}, "reads optional context ['query', 'relevance_features']"),
     ({"vtok_method": "random", "vtok_keep": 0.25, "vtok_options": {"sed": 1}}, "unknown option(s) ['sed']"),
     ({"vtok_keep": 0.25}, "vtok_method is not"),
 ])
@@ -200,10 +202,14 @@ def test_bad_settings_fail_at_startup(folders, overrides, message):
     assert "vtok:" in res["error"] and message in res["error"], res["error"]
 
 
-def test_qwen_refuses_downsample_at_startup(folders):
-    res = engine(folders, "qwen2_5_vl", {"vtok_method": "downsample", "vtok_keep": 0.25})
+@pytest.mark.parametrize(("method", "message"), [
+    ("downsample", "it resizes the image before Qwen's vision tower"),
+    ("visionzip", "needs context the plugin cannot supply on qwen2_5_vl: ['cls_attn']"),
+])
+def test_qwen_refusals_at_startup(folders, method, message):
+    res = engine(folders, "qwen2_5_vl", {"vtok_method": method, "vtok_keep": 0.25})
     assert not res["ok"]
-    assert "vtok: vtok_method 'downsample' is not available" in res["error"], res["error"]
+    assert f"vtok: vtok_method '{method}' is not available" in res["error"] and message in res["error"], res["error"]
 
 
 def test_serve_flag_reaches_the_config(folders):
@@ -220,8 +226,9 @@ def test_serve_flag_reaches_the_config(folders):
 
 
 def test_settings_rules():
-    assert {"random", "pool2d", "divprune", "uniform", "kmedoids"} <= set(supported_methods("llava"))
-    assert "downsample" not in supported_methods("qwen2_5_vl")
+    assert {"random", "pool2d", "divprune", "uniform", "kmedoids", "visionzip", "cls_attn"} <= set(
+        supported_methods("llava"))
+    assert not {"downsample", "visionzip", "cls_attn"} & set(supported_methods("qwen2_5_vl"))
 
     class Cfg:
         vtok_method = "pool2d"

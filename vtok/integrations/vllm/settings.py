@@ -24,13 +24,16 @@ from vtok.selection import Selection
 
 KEYS = ("vtok_method", "vtok_keep", "vtok_options")
 FAMILIES = ("llava", "qwen2_5_vl")
-# context the plugin gives a method: the image features and their patch grid; never the tower's attention (cls_attn,
-# keys, ...) nor the language model's (text_attn, ...), which vLLM's fused kernels do not expose
-SUPPLIED = frozenset({"grid"})
-IMAGE_FAMILIES = ("baseline", "diversity", "clustering", "ordered")
-# optional context a method reads when given: vtok.wrap supplies e.g. the text query or the tower's keys, the plugin
-# does not, so a method reading them would prune differently here; only these may be left to the method's fallback
-OPTIONAL_OK = frozenset({"grid", "sizes"})
+# context the plugin gives a method, per family: the image features' patch grid; for LLaVA also the CLS attention and
+# keys of the tower's feature layer, recomputed from that layer's input as vtok.wrap does (TOWER_KEYS). Never the
+# language model's attention (text_attn, ...), nor Qwen's tower attention (not written yet)
+TOWER_KEYS = frozenset({"cls_attn", "keys"})
+SUPPLIED = {"llava": frozenset({"grid"}) | TOWER_KEYS, "qwen2_5_vl": frozenset({"grid"})}
+IMAGE_FAMILIES = ("baseline", "diversity", "clustering", "ordered", "attention")
+# optional context a method reads when given: vtok.wrap supplies e.g. the text query, the plugin does not, so a
+# method reading it would prune differently here; only what the plugin supplies (or "sizes", empty in a single
+# stage) may be optional
+OPTIONAL_OK = {fam: got | {"sizes"} for fam, got in SUPPLIED.items()}
 
 
 def supported_methods(family: str) -> list[str]:
@@ -38,8 +41,8 @@ def supported_methods(family: str) -> list[str]:
     context is the features and their grid, with an output count known before the encoder runs (not ragged)."""
     out = []
     for m in all_methods():
-        if (m.family not in IMAGE_FAMILIES or m.ragged or not m.needs <= SUPPLIED or not m.uses <= OPTIONAL_OK
-                or m.placement.llm_only):
+        if (m.family not in IMAGE_FAMILIES or m.ragged or not m.needs <= SUPPLIED[family]
+                or not m.uses <= OPTIONAL_OK[family] or m.placement.llm_only):
             continue
         if family == "qwen2_5_vl" and m.placement.resize_input:
             continue  # downsample resizes the image before Qwen's tower in vtok.wrap; not done here
@@ -54,14 +57,14 @@ def _why_not(name: str, family: str) -> str:
         return "it is a temporal (video) strategy; the plugin prunes images"
     if m.ragged:
         return "it picks a length per image from its content, so its token count is unknown before the encoder runs"
-    missing = sorted(m.needs - SUPPLIED)
+    missing = sorted(m.needs - SUPPLIED[family])
     if missing:
-        return (f"it needs context the plugin cannot supply: {missing} (the vision tower's or the language model's "
-                f"attention, which vLLM's fused attention kernels do not expose)")
-    extra = sorted(m.uses - OPTIONAL_OK)
+        return (f"it needs context the plugin cannot supply on {family}: {missing} (the language model's attention, "
+                f"which vLLM's fused attention kernels do not expose, or a tower's attention not recomputed here)")
+    extra = sorted(m.uses - OPTIONAL_OK[family])
     if extra:
-        return (f"it reads optional context {extra} that vtok.wrap supplies and the plugin cannot, so it would prune "
-                f"differently from vtok.wrap")
+        return (f"it reads optional context {extra} that the plugin does not supply (vtok.wrap may), so it could "
+                f"prune differently from vtok.wrap")
     if m.placement.resize_input:
         return "it resizes the image before Qwen's vision tower in vtok.wrap, which the plugin does not do"
     return "it is not a pre-LLM image strategy"
@@ -75,13 +78,22 @@ class Settings:
     keep: float | int
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tower_context(self) -> frozenset[str]:
+        """The tower context (``TOWER_KEYS``) the method reads, required or optional."""
+        m = get_method(self.method)
+        return (m.needs | m.uses) & TOWER_KEYS
+
     def count(self, n: int, grid: tuple[int, int] | None) -> int:
         """Tokens left of an image of ``n`` tokens (its placeholder count), before the encoder runs."""
         return retained_count(self.method, n, self.keep, grid=grid)
 
-    def prune(self, feats: Tensor, grid: tuple[int, int] | None) -> tuple[Tensor, Selection]:
-        """``feats [n, D]`` of one image -> ``([k, D], selection)``, as ``vtok.compress`` on ``feats[None]``."""
+    def prune(self, feats: Tensor, grid: tuple[int, int] | None, ctx: dict[str, Tensor] | None = None
+              ) -> tuple[Tensor, Selection]:
+        """``feats [n, D]`` of one image -> ``([k, D], selection)``, as ``vtok.compress`` on ``feats[None]``;
+        ``ctx``: the image's context tensors without the batch dim (``cls_attn [n]``, ``keys [H, n, dh]``)."""
         kwargs: dict[str, Any] = dict(self.options)
+        kwargs.update({key: v[None] for key, v in (ctx or {}).items()})
         if grid is not None:  # as vtok.wrap gives it: every method sees its image's grid
             kwargs["grid"] = grid
         out, sel = compress(feats[None], self.method, self.keep, **kwargs)
