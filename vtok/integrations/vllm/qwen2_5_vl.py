@@ -17,6 +17,7 @@ the same way). Videos pass unpruned. Without ``vtok_method`` in the config the c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -84,6 +85,14 @@ class VtokQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         if self.vtok is not None and self.is_multimodal_pruning_enabled:
             raise ValueError("vtok: vtok_method together with vLLM's video_pruning_rate (EVS) is not supported; "
                              "set one of them")
+
+    def get_encoder_cudagraph_config(self):
+        """vLLM's, without images when pruning them: the encoder CUDA-graph path (GPU) bypasses
+        ``_process_image_input``, as vLLM's own EVS notes for its postprocess."""
+        cfg = super().get_encoder_cudagraph_config()
+        if self.vtok is not None:
+            cfg = dataclasses.replace(cfg, modalities=[m for m in cfg.modalities if m != "image"])
+        return cfg
 
     # --- the pruned features of one image, computed alone and cached
     def _key(self, pixels: Tensor, thw: Sequence[int]) -> bytes:
