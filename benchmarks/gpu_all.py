@@ -342,5 +342,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

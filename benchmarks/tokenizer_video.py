@@ -373,7 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", default="outputs/tokenizer_video", help="writes results.json and results.md")
     p.add_argument("--plot", default=None, help="plot path (default OUT_DIR/tokenizer_video.png)")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: a caller's (a test's) grad mode stays as it was
+        return _run(p, args, argv)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> dict:
     t0 = time.perf_counter()
     print(f"command: `python -m benchmarks.tokenizer_video {shlex.join(argv if argv is not None else sys.argv[1:])}`")
     tok = vtok.load_tokenizer(args.tokenizer)
