@@ -42,6 +42,9 @@ def test_prefix_errors_are_the_prefix_reconstructions_mse(tok, images):
     for k in pow2_lengths(tok.num_tokens):
         assert torch.allclose(cheap[:, k - 1], e[:, k - 1], atol=1e-6)
     assert (cheap - e).abs().max() < 0.01
+    assert torch.equal(tok.prefix_errors(images, codes=tok.latents(images)), e)  # given codes = computed ones
+    with pytest.raises(ValueError, match="codes must be latents"):
+        tok.prefix_errors(images, codes=tok.latents(images)[:1])
 
 
 def test_prefix_through_tokenize_equals_the_plain_prefix(tok, images):

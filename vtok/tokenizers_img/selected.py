@@ -80,7 +80,7 @@ def select(tok: Tokenizer, images: Tensor, keep: Any, method: str = "prefix", **
     info = vtok.get_method(method)
     codes = tok.latents(images)
     if "prefix_error" in info.needs | info.uses and "prefix_error" not in options:
-        options["prefix_error"] = tok.prefix_errors(images)
+        options["prefix_error"] = tok.prefix_errors(images, codes=codes)
     out, sel = vtok.compress(codes, method, keep, **options)
     valid = sel.valid_mask()
     ids = requantize(tok, out)
@@ -91,7 +91,7 @@ def select(tok: Tokenizer, images: Tensor, keep: Any, method: str = "prefix", **
 
 def decode_selection(tok: Tokenizer, ts: TokenSelection) -> Tensor:
     """Images from a :class:`TokenSelection`: each image's tokens placed at their registers, the rest masked."""
-    codes = tok._ids_to_codes(ts.ids) if ts.ids.shape[1] else None
+    codes = tok._ids_to_codes(ts.ids)
     valid = ts.valid_mask().to(tok.device)
     b = ts.ids.shape[0]
     emb = torch.zeros(b, tok.num_tokens, tok.config.width, device=tok.device)

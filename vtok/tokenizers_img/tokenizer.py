@@ -168,15 +168,19 @@ class Tokenizer(nn.Module):
         return self._ids_to_codes(self.tokenize(images))
 
     @torch.no_grad()
-    def prefix_errors(self, images: Tensor, lengths: list[int] | None = None) -> Tensor:
+    def prefix_errors(self, images: Tensor, lengths: list[int] | None = None, codes: Tensor | None = None) -> Tensor:
         """Mean squared pixel error ``[B, K]`` of the reconstruction from the first ``j + 1`` tokens, for every
         ``j`` (``adaptive_length``'s ``prefix_error``). ``lengths`` (e.g. ``pow2_lengths(K)``): decode only those
-        prefixes and interpolate linearly in between, a cheaper proxy (6 decodes instead of 32 at K = 32)."""
+        prefixes and interpolate linearly in between, a cheaper proxy (6 decodes instead of 32 at K = 32).
+        ``codes``: ``latents(images)`` when already computed (saves encoding the images again)."""
         self._check_images(images)
         x = images.to(self.device, torch.float32)
         K = self.num_tokens
         ks = list(range(1, K + 1)) if lengths is None else sorted({self._check_k(int(v)) for v in lengths} | {K})
-        codes = self.latents(x)
+        codes = self.latents(x) if codes is None else codes.to(self.device)
+        if codes.shape[:2] != (x.shape[0], K):
+            raise ValueError(f"codes must be latents(images) of shape [{x.shape[0]}, {K}, ...], got "
+                             f"{tuple(codes.shape)}")
         emb = self.embed(codes)
         out = torch.empty(x.shape[0], len(ks), device=self.device)
         for i, k in enumerate(ks):
