@@ -1,8 +1,8 @@
 """vtok's vLLM plugin on vLLM's CPU build (``make test-vllm``, in ``.venv-vllm``; skipped where vLLM is absent).
 
-Tiny random-weight float32 LLaVA (576 image tokens) and Qwen2.5-VL (4 to 64 image tokens, 3-D M-RoPE) from
-``vtok.integrations.vllm.tiny``, the same weights on both engines. Each vLLM engine runs in its own process
-(``tests/vllm/engine.py``); the Hugging Face side (``vtok.wrap``) runs here, in the same venv.
+Tiny random-weight float32 LLaVA (576 image tokens), Qwen2.5-VL (4 to 64 image tokens, 3-D M-RoPE; videos) and Qwen3-VL
+(DeepStack, interleaved M-RoPE) from ``vtok.integrations.vllm.tiny``, the same weights on both engines. Each vLLM engine
+runs in its own process (``tests/vllm/engine.py``); the Hugging Face side (``vtok.wrap``) runs here, in the same venv.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from tests.vllm.engine import MAX_TOKENS, image  # noqa: E402
+from tests.vllm.engine import MAX_TOKENS, clip_metadata, image, video  # noqa: E402
+from vtok.budget import resolve_k  # noqa: E402
 from vtok.integrations.vllm import read, supported_methods  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,18 +42,29 @@ PROMPTS = {
         {"text": _Q.format(f"{_QI} and {_QI} where is the person ?"), "images": [[224, 224, 2], [120, 160, 3]]},
     ],
 }
-LIMITS = {"llava": {"image": 2}, "qwen2_5_vl": {"image": 2, "video": 0}}
-FAMILIES = list(PROMPTS)
+_QV = "<|vision_start|> <|video_pad|> <|vision_end|>"
+# videos through Qwen2.5-VL (fps 2, temporal patch 2): 4 x 4 x 3 and 2 x 2 x 4 merged tokens, one beside an image
+PROMPTS["qwen2_5_vl_video"] = [
+    {"text": _Q.format(f"{_QV} what happens ?"), "videos": [[8, 112, 84, 5]]},
+    {"text": _Q.format(f"{_QI} then {_QV} where is the cat ?"), "images": [[60, 90, 1]], "videos": [[4, 56, 112, 6]]},
+]
+PROMPTS["qwen3_vl"] = PROMPTS["qwen2_5_vl"]
+PROMPTS["qwen3_vl_video"] = PROMPTS["qwen2_5_vl_video"]
+LIMITS = {"llava": {"image": 2}, "qwen2_5_vl": {"image": 2, "video": 0}, "qwen2_5_vl_video": {"image": 1, "video": 1},
+          "qwen3_vl": {"image": 2, "video": 0}, "qwen3_vl_video": {"image": 1, "video": 1}}
+FAMILIES = ["llava", "qwen2_5_vl", "qwen3_vl"]
 LOGPROB_ATOL = 1e-3  # float32, two engines' kernels
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Per family ``(hf_folder, vllm_folder)``: the same weights (LLaVA's tower renamed for vLLM)."""
-    from vtok.integrations.vllm.tiny import build_tiny_qwen2_5_vl, tiny_llava_pair
+    from vtok.integrations.vllm.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, tiny_llava_pair
 
     qwen = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
-    return {"llava": tiny_llava_pair(tmp_path_factory.mktemp("tiny_llava")), "qwen2_5_vl": (qwen, qwen)}
+    qwen3 = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"))
+    return {"llava": tiny_llava_pair(tmp_path_factory.mktemp("tiny_llava")), "qwen2_5_vl": (qwen, qwen),
+            "qwen2_5_vl_video": (qwen, qwen), "qwen3_vl": (qwen3, qwen3), "qwen3_vl_video": (qwen3, qwen3)}
 
 
 @cache
@@ -96,7 +108,10 @@ def _hf(family: str, folder: str, method: str | None, keep: float | None) -> lis
     out = []
     for p in PROMPTS[family]:
         imgs = [image(*im) for im in p.get("images", [])]
-        inputs = proc(images=imgs or None, text=[p["text"]], return_tensors="pt")
+        clips = [video(*v) for v in p.get("videos", [])]
+        extra = ({"videos": clips, "do_sample_frames": False, "video_metadata": [hf_metadata(len(c)) for c in clips]}
+                 if clips else {})
+        inputs = proc(images=imgs or None, text=[p["text"]], return_tensors="pt", **extra)
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
@@ -107,8 +122,16 @@ def _hf(family: str, folder: str, method: str | None, keep: float | None) -> lis
             grids = ([(24, 24)] * len(imgs) if family == "llava" else
                      [(h // 2, w // 2) for _, h, w in inputs["image_grid_thw"].tolist()] if imgs else [])
             n_prompt -= sum(g[0] * g[1] - vtok.retained_count(method, g[0] * g[1], keep, grid=g) for g in grids)
+            sizes = [t * h * w // 4 for t, h, w in inputs["video_grid_thw"].tolist()] if clips else []
+            n_prompt -= sum(n - resolve_k(keep, n) for n in sizes)
         out.append({"ids": ids, "logprobs": lps, "prompt_len": n_prompt})
     return out
+
+
+def hf_metadata(t: int) -> dict:
+    """The engine's clip metadata in the fields transformers' ``VideoMetadata`` takes (same fps and frames)."""
+    meta = clip_metadata(t)
+    return {key: meta[key] for key in ("fps", "duration", "total_num_frames", "frames_indices")}
 
 
 def hf(folders, family: str, method: str | None, keep: float | None) -> list[dict]:
@@ -143,11 +166,15 @@ def test_unpruned_vllm_matches_hf(folders, family):
         same(got[0], want)
 
 
-@pytest.mark.parametrize(("family", "method"), [(f, m) for f in FAMILIES for m in ("random", "pool2d", "divprune")]
-                         + [("llava", "visionzip"), ("llava", "cls_attn")])
+@pytest.mark.parametrize(("family", "method"), [(f, m) for f in FAMILIES for m in ("random", "pool2d", "divprune",
+                                                                                  "visionzip")]
+                         + [("llava", "cls_attn")] + [("qwen2_5_vl_video", m) for m in ("evs", "holitom", "divprune")])
 def test_pruned_equals_hf_wrap(folders, family, method):
     """The cross-engine equivalence: vLLM + plugin == Hugging Face + vtok.wrap (same method, keep, positions).
-    LLaVA's attention methods read the tower's CLS attention (and VisionZip its keys), recomputed on both sides."""
+    Attention methods read the tower's attention (LLaVA: the CLS row; Qwen: the attention received in the last
+    full-attention block; VisionZip also the keys), recomputed on both sides; Qwen3-VL's DeepStack features follow
+    the kept tokens. Videos: a temporal method without
+    (``evs``) and with (``holitom``) the tower's attention, and an image method on the flattened tokens."""
     res = ok_engine(folders, family, {"vtok_method": method, "vtok_keep": 0.25})
     want = hf(folders, family, method, 0.25)
     for got, w in zip(res["runs"][1:], want, strict=True):
@@ -202,9 +229,36 @@ def test_bad_settings_fail_at_startup(folders, overrides, message):
     assert "vtok:" in res["error"] and message in res["error"], res["error"]
 
 
+def test_video_keep_one_is_vllm_unpruned_output_exactly(folders):
+    """Videos (and an image beside one) at keep 1.0 through the plugin: vLLM's own output bit for bit. (Unpruned
+    vLLM and Hugging Face differ on videos: transformers 5.x advances the text after a video by ``max(h, w)`` of
+    its grid, vLLM and transformers 4.x by its largest position offset, temporal included; with pruning both
+    engines follow vtok's "reindex", the second rule, and agree above.)"""
+    base = ok_engine(folders, "qwen2_5_vl_video", None)
+    full = ok_engine(folders, "qwen2_5_vl_video", {"vtok_method": "evs", "vtok_keep": 1.0})
+    assert full["runs"] == base["runs"]
+
+
+def test_qwen3_videos_pass_unpruned(folders):
+    """Qwen3-VL: videos (one run per temporal patch, timestamps between) pass unpruned while images are pruned; a
+    video alone gives vLLM's own output, and beside an image only the image's placeholders shrink."""
+    base = ok_engine(folders, "qwen3_vl_video", None)
+    res = ok_engine(folders, "qwen3_vl_video", {"vtok_method": "divprune", "vtok_keep": 0.25})
+    assert res["runs"][1] == base["runs"][1]
+    n_image = 3 * 2  # the 60 x 90 image: 3 x 2 merged tokens
+    assert res["runs"][2][0]["prompt_len"] == base["runs"][2][0]["prompt_len"] - (n_image - resolve_k(0.25, n_image))
+
+
+def test_video_refuses_a_grid_method_clearly(folders):
+    res = engine(folders, "qwen2_5_vl_video", {"vtok_method": "pool2d", "vtok_keep": 0.25})
+    assert not res["ok"]
+    assert "vtok: vtok_method 'pool2d' needs an image grid and cannot prune a video" in res["error"], res["error"]
+
+
 @pytest.mark.parametrize(("method", "message"), [
     ("downsample", "it resizes the image before Qwen's vision tower"),
-    ("visionzip", "needs context the plugin cannot supply on qwen2_5_vl: ['cls_attn']"),
+    ("hiprune", "needs context the plugin cannot supply on qwen2_5_vl: ['mid_attn']"),
+    ("query_budget", "reads optional context ['frame_scores', 'query']"),
 ])
 def test_qwen_refusals_at_startup(folders, method, message):
     res = engine(folders, "qwen2_5_vl", {"vtok_method": method, "vtok_keep": 0.25})
@@ -228,7 +282,10 @@ def test_serve_flag_reaches_the_config(folders):
 def test_settings_rules():
     assert {"random", "pool2d", "divprune", "uniform", "kmedoids", "visionzip", "cls_attn"} <= set(
         supported_methods("llava"))
-    assert not {"downsample", "visionzip", "cls_attn"} & set(supported_methods("qwen2_5_vl"))
+    assert {"visionzip", "cls_attn", "evs", "holitom", "vidcom2"} <= set(supported_methods("qwen2_5_vl"))
+    assert not {"downsample", "hiprune", "query_budget", "fastv"} & set(supported_methods("qwen2_5_vl"))
+    assert not {"evs", "holitom"} & (set(supported_methods("llava")) | set(supported_methods("qwen3_vl")))
+    assert {"visionzip", "divprune", "pool2d"} <= set(supported_methods("qwen3_vl"))
 
     class Cfg:
         vtok_method = "pool2d"

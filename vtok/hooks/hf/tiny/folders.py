@@ -81,9 +81,8 @@ def _qwen_tokenizer_class() -> Any:
     return transformers.Qwen2TokenizerFast if transformers.__version__.startswith("4.") else None
 
 
-def _qwen3_vl_processor():
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
+def qwen_tokenizer():
+    """The tiny Qwen-VL tokenizer (``QWEN_VOCAB`` ids; image / video pads, vision start / end, chat turns)."""
     from vtok.hooks.hf import tiny as t
 
     specials = {t.QWEN_IMAGE_TOKEN: "<|image_pad|>", t.QWEN_VIDEO_TOKEN: "<|video_pad|>",
@@ -91,12 +90,26 @@ def _qwen3_vl_processor():
                 295: "<|im_end|>"}
     named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    tokenizer = _tokenizer(t.QWEN_VOCAB, specials, named, cls=_qwen_tokenizer_class())
+    return _tokenizer(t.QWEN_VOCAB, specials, named, cls=_qwen_tokenizer_class())
+
+
+def qwen_grid(max_side: int) -> dict[str, Any]:
+    """Qwen-VL image / video processor options: 14 px patches merged 2 x 2, images resized to 2 to ``max_side``
+    merged tokens a side (in pixel count)."""
+    from vtok.hooks.hf import tiny as t
+
     side = t.PATCH * t.MERGE
-    least, most = (2 * side) ** 2, (4 * side) ** 2  # pixels: 56 x 56 to 112 x 112
-    grid = dict(patch_size=t.PATCH, merge_size=t.MERGE, temporal_patch_size=t.TEMPORAL,
+    least, most = (2 * side) ** 2, (max_side * side) ** 2
+    return dict(patch_size=t.PATCH, merge_size=t.MERGE, temporal_patch_size=t.TEMPORAL,
                 size={"shortest_edge": least, "longest_edge": most}, min_pixels=least, max_pixels=most)
-    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**grid), tokenizer=tokenizer,
+
+
+def qwen3_vl_processor(max_side: int = 4):
+    """The tiny Qwen3-VL processor (images 56 x 56 to 112 x 112 px by default)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    grid = qwen_grid(max_side)
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**grid), tokenizer=qwen_tokenizer(),
                             video_processor=Qwen3VLVideoProcessor(**grid), chat_template=_QWEN_TEMPLATE)
 
 
@@ -149,7 +162,7 @@ def _smolvlm_processor():
                             chat_template=_SMOLVLM_TEMPLATE)
 
 
-_PROCESSORS = {"qwen3_vl": _qwen3_vl_processor, "gemma3": _gemma3_processor, "internvl": _internvl_processor,
+_PROCESSORS = {"qwen3_vl": qwen3_vl_processor, "gemma3": _gemma3_processor, "internvl": _internvl_processor,
                "smolvlm": _smolvlm_processor}
 FOLDER_FAMILIES = ("llava", *_PROCESSORS)
 
