@@ -159,7 +159,7 @@ def test_multi_turn_training_text_is_the_chat_template(tokenizer):
     assert tokenizer.decode(targets[0][targets[0] != -100]) == "".join(a + "<|im_end|>" for _, a in conv)
 
 
-def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path):
+def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path, monkeypatch):
     """The ``real_vlm`` sweep task: held-out scene questions through the wrapped model, accuracy beside keep=1.0."""
     from vtok.sweep import load_config
     from vtok.sweep.tasks import get_task
@@ -174,6 +174,19 @@ def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path):
         assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ref_accuracy"] <= 1.0
         assert m["kept_tokens"] == 16 and m["tokens"] == 64
         assert any(k.startswith("accuracy_") for k in m)
+    # a later shard of the same model and scenes reuses the unpruned reference: one generate per batch fewer, same
+    # numbers (cached equals uncached)
+    calls = []
+    real_answer = vlm.answer
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real_answer(*a, **k)
+
+    monkeypatch.setattr(vlm, "answer", counted)
+    again = dict((c.method, part) for c, part in get_task("real_vlm").run(cfg.cells()[:1], lambda *a: None))
+    assert len(calls) == 2  # 4 scenes in batches of 2, the cell only
+    assert again["random"]["metrics"] == rows["random"]["metrics"]
 
 
 def test_vlm_accuracy_benchmark_on_a_tiny_folder(tokenizer, tmp_path):
