@@ -16,11 +16,12 @@ def cfg(**kw):
 
 def test_families_offer_what_their_context_allows():
     llava, qwen25, qwen3 = (set(supported_methods(f)) for f in ("llava", "qwen2_5_vl", "qwen3_vl"))
-    assert {"random", "pool2d", "divprune", "visionzip", "cls_attn", "downsample"} <= llava
+    assert {"random", "pool2d", "divprune", "uniform", "kmedoids", "visionzip", "cls_attn", "downsample"} <= llava
     assert {"visionzip", "cls_attn", "evs", "holitom", "vidcom2", "frame_merge"} <= qwen25
     assert {"visionzip", "divprune", "pool2d"} <= qwen3
     assert not {"evs", "holitom"} & (llava | qwen3)  # temporal strategies where videos are pruned only
     assert not {"downsample"} & (qwen25 | qwen3)  # resizes before Qwen's tower in vtok.wrap
+    assert not {"hiprune", "query_budget", "fastv"} & qwen25
     for fam in (llava, qwen25, qwen3):
         assert not {"fastv", "hiprune", "cdpruner", "query_budget", "adaptive_length"} & fam
 
@@ -50,3 +51,10 @@ def test_item_shape_follows_vtok_wrap():
     out, sel = evs.prune(feats, evs.item_shape(4, (3, 5)))
     assert out.shape == (evs.count(60, (3, 5)), 8) == (15, 8)
     assert sel.emitted_keep().shape == (1, 15)
+
+
+def test_llava_pool2d_counts_and_prunes_its_grid():
+    s = read(cfg(vtok_method="pool2d", vtok_keep=0.25), "llava")
+    assert s.count(576, (24, 24)) == 144
+    out, _ = s.prune(torch.randn(576, 8), (24, 24))
+    assert out.shape == (144, 8)
