@@ -14,7 +14,8 @@ LLaVA-1.5's recipe with the tower frozen, so its features are computed once:
    hidden units 0–15 are these logits, mapped by the second layer onto the LLM's embeddings of the class words.
 3. **Stage 2**: projector + LoRA (rank 8, q/k/v/o of all 30 layers) through the frozen LLM on the cached features,
    ``--batch2`` scenes per step, ``--questions`` questions per scene in one multi-turn conversation, under bf16
-   autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is ``(s·batch + i) mod train_n``, its questions are
+   autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is ``first_scene + (s·batch + i) mod train_n``
+   (``--first-scene`` lets a continued run see scenes the earlier run never saw), its questions are
    drawn afresh each pass over the scenes (a pure function of seed, scene, pass). State saved every
    ``--save-every`` steps (atomically); every ``--eval-every`` steps, teacher-forced accuracy on 200 cached held-out
    scenes (all answer tokens argmax-correct). To train further on a new schedule, copy ``stage1.pt`` and
@@ -54,7 +55,7 @@ from vtok.bench import vlm, vlm_clip
 from vtok.bench import vlm_task as task
 
 SHARD = 250
-STAGE1_KEYS = ("seed", "train_n", "steps1", "lr1")
+STAGE1_KEYS = ("seed", "first_scene", "train_n", "steps1", "lr1")
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class Config:
 
     seed: int = 0
     train_n: int = 6000
+    first_scene: int = 0  # train on scenes first_scene … first_scene + train_n − 1 (a multiple of SHARD)
     cache_eval_n: int = 1000
     steps1: int = 2000
     lr1: float = 2e-3
@@ -87,9 +89,9 @@ RUN_ONLY = ("work", "out", "save_every", "stop_after", "eval_every", "eval_n", "
 
 
 # ------------------------------------------------------------------ 1. features of the frozen tower
-def shards(n: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` ranges of the feature files of ``n`` scenes."""
-    return [(s, min(n, s + SHARD)) for s in range(0, n, SHARD)]
+def shards(n: int, first: int = 0) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of the feature files of the ``n`` scenes from ``first``."""
+    return [(s, min(first + n, s + SHARD)) for s in range(first, first + n, SHARD)]
 
 
 def shard_path(work: Path, split: str, start: int, end: int) -> Path:
@@ -97,14 +99,15 @@ def shard_path(work: Path, split: str, start: int, end: int) -> Path:
 
 
 @torch.no_grad()
-def cache_features(work: Path, split: str, n: int, log: Log, tower=None, bf16: bool = False) -> None:
-    """Write the tower's layer −2 hidden states of scenes ``0 … n−1`` of the split's stream, ``SHARD`` per file
+def cache_features(work: Path, split: str, n: int, log: Log, tower=None, bf16: bool = False, first: int = 0) -> None:
+    """Write the tower's layer −2 hidden states of scenes ``first … first+n−1`` of the split's stream, ``SHARD`` per
+    file
     (``feats`` fp16 ``[s, 197, 768]``, ``cells`` ``[s, 4, 4]``, ``targets`` ``[s, 3, 196]`` from
     ``clip_scenes.token_targets``, the scenes' questions in the metadata)."""
     from safetensors.torch import save_file
 
     seed = cs.TRAIN_SEED if split == "train" else cs.HELDOUT_SEED
-    todo = [r for r in shards(n) if not shard_path(work, split, *r).exists()]
+    todo = [r for r in shards(n, first) if not shard_path(work, split, *r).exists()]
     if not todo:
         return
     if tower is None:
@@ -133,16 +136,16 @@ def cache_features(work: Path, split: str, n: int, log: Log, tower=None, bf16: b
         log(f"features {split} {start}-{end - 1}: {time.perf_counter() - t0:.1f} s")
 
 
-def read_features(work: Path, split: str, n: int, targets: bool = False) -> tuple:
-    """``(feats fp16 [n, 197, 768], cells [n, 4, 4], [(question, answer, qtype)])`` of the first ``n`` cached
-    scenes of ``split`` (which must be cached in ranges of ``SHARD``), plus ``targets [n, 3, 196]`` if asked."""
+def read_features(work: Path, split: str, n: int, targets: bool = False, first: int = 0) -> tuple:
+    """``(feats fp16 [n, 197, 768], cells [n, 4, 4], [(question, answer, qtype)])`` of the ``n`` cached scenes of
+    ``split`` from ``first`` (cached in ranges of ``SHARD``), plus ``targets [n, 3, 196]`` if asked."""
     from safetensors import safe_open
 
     feats, cells, tg, qa = [], [], [], []
     have = sorted((work / "features").glob(f"{split}_*.safetensors"))
     ranges = sorted(tuple(int(v) for v in p.stem.split("_")[1:]) for p in have)
-    for start in range(0, n, SHARD):
-        end = next((e for s, e in ranges if s == start and e >= min(n, start + SHARD)), None)
+    for start in range(first, first + n, SHARD):
+        end = next((e for s, e in ranges if s == start and e >= min(first + n, start + SHARD)), None)
         if end is None:
             raise FileNotFoundError(f"{work / 'features'}: no cached {split} features for scenes {start}+")
         with safe_open(str(shard_path(work, split, start, end)), "pt") as f:
@@ -171,12 +174,13 @@ def train_stage1(cfg: Config, work: Path, log: Log) -> Heads:
     heads = Heads(768)
     if final.exists():
         st = torch.load(final, weights_only=False)
-        check_resume({k: st["cfg"].get(k) for k in STAGE1_KEYS}, {k: getattr(cfg, k) for k in STAGE1_KEYS},
+        check_resume({k: st["cfg"].get(k, getattr(Config, k)) for k in STAGE1_KEYS},
+                     {k: getattr(cfg, k) for k in STAGE1_KEYS},
                      "stage 1")
         heads.load_state_dict(st["model"])
         return heads
     n_fit = min(cfg.train_n, 2000)
-    feats, _, _, targets = read_features(work, "train", n_fit, targets=True)
+    feats, _, _, targets = read_features(work, "train", n_fit, targets=True, first=cfg.first_scene)
     x = feats[:, 1:].reshape(-1, feats.shape[-1])
     y = targets.permute(0, 2, 1).reshape(-1, 3)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -279,7 +283,7 @@ def build_stage2(cfg: Config, heads: Heads, feats: torch.Tensor, llm, tokenizer)
 
 
 def train_stage2(cfg: Config, work: Path, heads: Heads, llm, tokenizer, log: Log, budget: int | None):
-    feats, cells, qa = read_features(work, "train", cfg.train_n)
+    feats, cells, qa = read_features(work, "train", cfg.train_n, first=cfg.first_scene)
     hfeats, _, hqa = read_features(work, "test", min(200, cfg.cache_eval_n))
     model = build_stage2(cfg, heads, feats, llm, tokenizer)
     params = trainable(model)
@@ -290,7 +294,8 @@ def train_stage2(cfg: Config, work: Path, heads: Heads, llm, tokenizer, log: Log
     last, step = work / "stage2_last.pt", 0
     if last.exists():
         st = torch.load(last, weights_only=False)
-        check_resume(st["cfg"], {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}, "stage 2")
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+        check_resume({"first_scene": 0, **st["cfg"]}, now, "stage 2")  # runs saved before --first-scene: 0
         with torch.no_grad():
             for k, v in st["trainable"].items():
                 params[k].copy_(v)
@@ -315,7 +320,8 @@ def train_stage2(cfg: Config, work: Path, heads: Heads, llm, tokenizer, log: Log
             grp["lr"] = grp["base"] * f
         flat = [step * cfg.batch2 + i for i in range(cfg.batch2)]
         index = [j % cfg.train_n for j in flat]
-        convs = [conversations(cells[i], qa[i], cfg.seed + 1000 * (j // cfg.train_n), i, cfg.questions,
+        convs = [conversations(cells[i], qa[i], cfg.seed + 1000 * (j // cfg.train_n), cfg.first_scene + i,
+                               cfg.questions,
                                first=j < cfg.train_n) for i, j in zip(index, flat, strict=True)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = features_loss(model, tokenizer, feats[index], convs)
@@ -346,11 +352,13 @@ def main(argv: list[str] | None = None, llm=None, tokenizer=None, tower=None) ->
     cfg = Config(**vars(ap.parse_args(argv)))
     if cfg.train_n < 1 or cfg.cache_eval_n < 1 or cfg.batch2 < 1 or cfg.questions < 1:
         raise SystemExit("--train-n, --cache-eval-n, --batch2 and --questions must be >= 1")
+    if cfg.first_scene < 0 or cfg.first_scene % SHARD:
+        raise SystemExit(f"--first-scene must be a multiple of {SHARD} and >= 0, got {cfg.first_scene}")
     work = Path(cfg.work)
     log = Log(work / "log.txt")
     log(f"config {json.dumps(dataclasses.asdict(cfg))} threads {torch.get_num_threads()}")
     cache_features(work, "test", cfg.cache_eval_n, log, tower)
-    cache_features(work, "train", cfg.train_n, log, tower, bf16=True)
+    cache_features(work, "train", cfg.train_n, log, tower, bf16=True, first=cfg.first_scene)
     heads = train_stage1(cfg, work, log)
     for p in heads.parameters():
         p.requires_grad_(False)

@@ -165,3 +165,32 @@ def test_init_continues_from_a_finished_run(trained, tokenizer, tmp_path):
     for k, v in started["trainable"].items():
         assert torch.equal(v, done["trainable"][k]), k
     assert "features" not in (tmp_path / "c" / "log.txt").read_text()  # nothing recomputed
+
+
+def test_first_scene_trains_on_later_scenes(trained, tokenizer, tmp_path):
+    """``--first-scene``: the run caches and trains on scenes ``first … first+n−1`` of the train stream (their
+    features equal the tower's on those scenes); a start off the shard grid is refused before any work."""
+    from safetensors import safe_open
+
+    from vtok.bench import clip_scenes as cs
+    from vtok.bench.towers import load_tower
+
+    train = load_train_script("train_vlm_clip")
+    work = tmp_path / "d"
+    (work / "features").mkdir(parents=True)
+    for f in (trained[0] / "a" / "features").glob("test_*"):
+        shutil.copy(f, work / "features" / f.name)
+    args = [*_args(work, tmp_path / "d.safetensors"), "--init", str(trained[0] / "a" / "stage2_last.pt")]
+    with pytest.raises(SystemExit, match="--first-scene must be a multiple of 250"):
+        train.main([*args, "--first-scene", "3"], llm=tiny_llm(tokenizer), tokenizer=tokenizer)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--first-scene", "250", "--stop-after", "1"], llm=tiny_llm(tokenizer), tokenizer=tokenizer)
+    assert [p.name for p in (work / "features").glob("train_*")] == ["train_000250_000256.safetensors"]
+    with safe_open(str(work / "features" / "train_000250_000256.safetensors"), "pt") as f:
+        feats = f.get_tensor("feats")
+    tower = load_tower("clip_b16", library="hf", projection=False)
+    scene = cs.make_scene("train", cs.TRAIN_SEED, 252)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = tower(cs.pixel_values([scene.image]), output_hidden_states=True).hidden_states[vlm_clip.FEATURE_LAYER]
+    torch.testing.assert_close(feats[2].float(), want[0].float().half().float())
+    assert torch.load(work / "stage2_last.pt", weights_only=False)["step"] == 1
