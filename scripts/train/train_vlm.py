@@ -315,12 +315,15 @@ def evaluate(model, processor, scenes: list[task.Scene], batch: int = 16, ask=No
 
 def copy_init(params: dict[str, nn.Parameter], init: str) -> None:
     """Copy a previous run's projector + LoRA (``--init``: a ``stage2_last.pt`` or a saved ``.safetensors``) into
-    ``params``; ``ValueError`` when its keys differ."""
+    ``params``; ``ValueError`` when its keys differ, except for whole LoRA adapters only this run has (new targets,
+    whose ``B = 0`` leaves the old run's model unchanged)."""
     if init.endswith(".safetensors"):
         state = {k: v for k, v in vlm.read_trained(init)[0].items() if k in params}
     else:
         state = torch.load(init, weights_only=False)["trainable"]
-    if set(state) != set(params):
+    new = set(params) - set(state)  # adapters this run adds (B = 0: the model starts as the old run's)
+    if set(state) - set(params) or any(".lora_" not in k for k in new) \
+            or any(k.replace(".lora_A", ".lora_B") not in new for k in new if k.endswith(".lora_A")):
         raise ValueError(f"--init {init}: its projector / LoRA keys do not match this model")
     with torch.no_grad():
         for k, v in state.items():

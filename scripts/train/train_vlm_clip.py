@@ -12,14 +12,14 @@ LLaVA-1.5's recipe with the tower frozen, so its features are computed once:
 2. **Stage 1** (no LLM, seconds): linear heads on the cached patch features, per token its class (7 + background),
    row and column (``clip_scenes.token_targets``). They seed the projector as in ``scripts/train/train_vlm.py``:
    hidden units 0–15 are these logits, mapped by the second layer onto the LLM's embeddings of the class words.
-3. **Stage 2**: projector + LoRA (rank 8, q/k/v/o of all 30 layers) through the frozen LLM on the cached features,
-   ``--batch2`` scenes per step, ``--questions`` questions per scene in one multi-turn conversation, under bf16
-   autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is ``first_scene + (s·batch + i) mod train_n``
-   (``--first-scene`` lets a continued run see scenes the earlier run never saw), its questions are
-   drawn afresh each pass over the scenes (a pure function of seed, scene, pass). State saved every
-   ``--save-every`` steps (atomically); every ``--eval-every`` steps, teacher-forced accuracy on 200 cached held-out
-   scenes (all answer tokens argmax-correct). To train further on a new schedule, copy ``stage1.pt`` and
-   ``features/`` into a new ``--work`` and pass ``--init <old work>/stage2_last.pt``.
+3. **Stage 2**: projector + LoRA (rank 8, q/k/v/o of all 30 layers; ``--lora-targets attn+mlp`` adds the MLPs)
+   through the frozen LLM on the cached features, ``--batch2`` scenes per step, ``--questions`` questions per scene
+   in one multi-turn conversation, under bf16 autocast; loss on the answer tokens. Scene ``i`` of step ``s`` is
+   ``first_scene + (s·batch + i) mod train_n`` (``--first-scene`` lets a continued run see scenes the earlier run
+   never saw), its questions are drawn afresh each pass over the scenes (a pure function of seed, scene, pass). State
+   saved every ``--save-every`` steps (atomically); every ``--eval-every`` steps, teacher-forced accuracy on 200
+   cached held-out scenes (all answer tokens argmax-correct). To train further on a new schedule, copy ``stage1.pt``
+   and ``features/`` into a new ``--work`` and pass ``--init <old work>/stage2_last.pt``.
 4. **Evaluation**: the LLaVA folder is assembled (real tower, LoRA merged), loaded with ``from_pretrained`` and asked
    ``--eval-n`` held-out questions with greedy ``generate`` in fp32; the result goes to ``--work/eval.json`` and into
    the ``--out`` checkpoint's metadata.
@@ -55,6 +55,7 @@ from vtok.bench import vlm, vlm_clip
 from vtok.bench import vlm_task as task
 
 SHARD = 250
+LORA_TARGETS = {"attn": vlm.LORA_TARGETS, "attn+mlp": vlm.LORA_TARGETS + vlm.MLP_TARGETS}
 STAGE1_KEYS = ("seed", "first_scene", "train_n", "steps1", "lr1")
 
 
@@ -74,6 +75,7 @@ class Config:
     lr_proj: float = 2e-3
     lr_lora: float = 1e-3
     lora_r: int = 8
+    lora_targets: str = "attn"  # "attn": q/k/v/o of every layer; "attn+mlp": and gate/up/down
     warmup: int = 50
     init: str | None = None  # stage 2 starts from this run's projector + LoRA (a stage2_last.pt or --out file)
     work: str = "outputs/vlm_clip/train"
@@ -85,6 +87,7 @@ class Config:
     log_every: int = 10
 
 
+DEFAULTS = {"first_scene": 0, "lora_targets": "attn"}  # what runs saved before these options were added used
 RUN_ONLY = ("work", "out", "save_every", "stop_after", "eval_every", "eval_n", "log_every", "cache_eval_n")
 
 
@@ -174,7 +177,7 @@ def train_stage1(cfg: Config, work: Path, log: Log) -> Heads:
     heads = Heads(768)
     if final.exists():
         st = torch.load(final, weights_only=False)
-        check_resume({k: st["cfg"].get(k, getattr(Config, k)) for k in STAGE1_KEYS},
+        check_resume({k: st["cfg"].get(k, getattr(Config, k)) for k in STAGE1_KEYS},  # older runs: defaults
                      {k: getattr(cfg, k) for k in STAGE1_KEYS},
                      "stage 1")
         heads.load_state_dict(st["model"])
@@ -273,7 +276,7 @@ def build_stage2(cfg: Config, heads: Heads, feats: torch.Tensor, llm, tokenizer)
     init_projector(model, heads, feats, tokenizer, cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed)
+    vlm.add_lora(model, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed, targets=LORA_TARGETS[cfg.lora_targets])
     params = trainable(model)
     if cfg.init:
         copy_init(params, cfg.init)
@@ -295,7 +298,7 @@ def train_stage2(cfg: Config, work: Path, heads: Heads, llm, tokenizer, log: Log
     if last.exists():
         st = torch.load(last, weights_only=False)
         now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
-        check_resume({"first_scene": 0, **st["cfg"]}, now, "stage 2")  # runs saved before --first-scene: 0
+        check_resume({**DEFAULTS, **st["cfg"]}, now, "stage 2")  # options newer than the run: their defaults
         with torch.no_grad():
             for k, v in st["trainable"].items():
                 params[k].copy_(v)
@@ -352,6 +355,8 @@ def main(argv: list[str] | None = None, llm=None, tokenizer=None, tower=None) ->
     cfg = Config(**vars(ap.parse_args(argv)))
     if cfg.train_n < 1 or cfg.cache_eval_n < 1 or cfg.batch2 < 1 or cfg.questions < 1:
         raise SystemExit("--train-n, --cache-eval-n, --batch2 and --questions must be >= 1")
+    if cfg.lora_targets not in LORA_TARGETS:
+        raise SystemExit(f"--lora-targets must be one of {sorted(LORA_TARGETS)}, got {cfg.lora_targets!r}")
     if cfg.first_scene < 0 or cfg.first_scene % SHARD:
         raise SystemExit(f"--first-scene must be a multiple of {SHARD} and >= 0, got {cfg.first_scene}")
     work = Path(cfg.work)

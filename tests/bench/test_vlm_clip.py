@@ -194,3 +194,26 @@ def test_first_scene_trains_on_later_scenes(trained, tokenizer, tmp_path):
         want = tower(cs.pixel_values([scene.image]), output_hidden_states=True).hidden_states[vlm_clip.FEATURE_LAYER]
     torch.testing.assert_close(feats[2].float(), want[0].float().half().float())
     assert torch.load(work / "stage2_last.pt", weights_only=False)["step"] == 1
+
+
+def test_init_adds_mlp_adapters_to_a_finished_run(trained, tokenizer, tmp_path):
+    """``--lora-targets attn+mlp --init``: the old run's projector + attention LoRA are copied, the new MLP adapters
+    start with ``B = 0`` (so the model starts as the old one); an unknown target set is refused."""
+    train = load_train_script("train_vlm_clip")
+    old = trained[0] / "a"
+    (tmp_path / "e").mkdir()
+    shutil.copytree(old / "features", tmp_path / "e" / "features")
+    shutil.copy(old / "stage1.pt", tmp_path / "e" / "stage1.pt")
+    args = [*_args(tmp_path / "e", tmp_path / "e.safetensors"), "--init", str(old / "stage2_last.pt")]
+    with pytest.raises(SystemExit, match="--lora-targets must be one of"):
+        train.main([*args, "--lora-targets", "mlp"], llm=tiny_llm(tokenizer), tokenizer=tokenizer)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--lora-targets", "attn+mlp", "--stop-after", "0"], llm=tiny_llm(tokenizer),
+                   tokenizer=tokenizer)
+    started = torch.load(tmp_path / "e" / "stage2_last.pt", weights_only=False)["trainable"]
+    done = torch.load(old / "stage2_last.pt", weights_only=False)["trainable"]
+    new = set(started) - set(done)
+    assert set(done) < set(started) and new and all(".mlp." in k for k in new)
+    for k, v in done.items():
+        assert torch.equal(started[k], v), k
+    assert all(not started[k].any() for k in new if k.endswith(".lora_B"))

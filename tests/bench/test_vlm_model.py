@@ -118,6 +118,36 @@ def test_lora_merge_and_trained_weights_round_trip(tokenizer, tmp_path):
         assert torch.allclose(model(**inputs).logits, ref, atol=1e-4)
 
 
+def test_lora_on_mlps_round_trips_and_merges(tokenizer, tmp_path):
+    """LoRA on the attention and MLP projections: saved with its targets, re-added by ``load_trained``, merged into
+    a plain LLaVA folder that gives the same logits; a target that is not a linear layer is refused."""
+    llm = tiny_llm(tokenizer)
+    model = vlm.build_vlm(llm, tokenizer, vision=TINY_VISION)
+    targets = vlm.LORA_TARGETS + vlm.MLP_TARGETS
+    mods = vlm.add_lora(model, r=2, alpha=4.0, seed=3, targets=targets)
+    assert len(mods) == 2 * len(targets) and "model.language_model.layers.1.mlp.down_proj" in mods
+    assert vlm.lora_targets(model) == targets
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.05)
+    s = task.make_scene("test", 0, 1)
+    inputs = vlm.build_processor(tokenizer)(images=[task.to_rgb(s.image)], text=["<image>\n" + s.question],
+                                            return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    weights = tmp_path / "w.safetensors"
+    vlm.save_trained(model, weights, dtype=torch.float32)
+    _, cfg, _ = vlm.read_trained(weights)
+    assert cfg["lora"] == {"r": 2, "alpha": 4.0, "targets": list(targets)}
+    model2, _ = vlm.load_vlm(vlm.assemble(tmp_path / "vlm", weights, llm=llm, tokenizer=tokenizer), weights)
+    assert not any(isinstance(m, vlm.LoRALinear) for m in model2.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model2(**inputs).logits, ref, atol=1e-4, rtol=1e-4)
+    assert vlm.merge_lora(model) == len(mods) and vlm.lora_targets(model) == ()
+    with pytest.raises(ValueError, match="'mlp.act_fn' is not a linear layer"):
+        vlm.add_lora(model, targets=("mlp.act_fn",))
+
+
 def test_errors(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="make vlm"):
         vlm.load_vlm(tmp_path / "none", tmp_path / "none.safetensors")

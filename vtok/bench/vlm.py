@@ -39,7 +39,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 VISION_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
                      image_size=task.CANVAS, patch_size=task.PATCH, num_channels=3, projection_dim=192)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # a bare name is in ``self_attn``
+MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -327,31 +328,52 @@ class LoRALinear(nn.Module):
         return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
 
 
+def lora_path(target: str) -> str:
+    """A LoRA target as a path inside a decoder layer: a bare name (``"q_proj"``) is in ``self_attn``."""
+    return target if "." in target else f"self_attn.{target}"
+
+
 def add_lora(model, r: int = 8, alpha: float = 16.0, seed: int = 0,
              targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, LoRALinear]:
-    """Replace the LLM's attention projections ``targets`` by ``LoRALinear`` (in place); ``{name: module}``."""
+    """Replace the LLM's linear layers ``targets`` (paths in each decoder layer, e.g. ``"q_proj"`` for
+    ``self_attn.q_proj`` or ``"mlp.up_proj"``; see ``LORA_TARGETS``, ``MLP_TARGETS``) by ``LoRALinear`` (in place);
+    ``{name: module}``. Adapters are drawn layer by layer in ``targets`` order, so the attention adapters of
+    ``LORA_TARGETS + MLP_TARGETS`` differ from those of ``LORA_TARGETS`` alone (``B`` starts at zero either way)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, LoRALinear] = {}
     for i, layer in enumerate(model.model.language_model.layers):
-        for t in targets:
-            base = getattr(layer.self_attn, t)
+        for t in map(lora_path, targets):
+            parent_path, _, name = t.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            base = getattr(parent, name, None)
             if isinstance(base, LoRALinear):
                 raise ValueError("model already has LoRA adapters")
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"LoRA target {t!r} is not a linear layer of the LLM's decoder layers")
             mod = LoRALinear(base, r=r, alpha=alpha, generator=g)
-            setattr(layer.self_attn, t, mod)
-            out[f"model.language_model.layers.{i}.self_attn.{t}"] = mod
+            setattr(parent, name, mod)
+            out[f"model.language_model.layers.{i}.{t}"] = mod
     return out
+
+
+def lora_targets(model) -> tuple[str, ...]:
+    """The targets (as ``add_lora`` takes them) of the LoRA adapters in the model's first decoder layer."""
+    layer = model.model.language_model.layers[0]
+    paths = [k for k, m in layer.named_modules() if isinstance(m, LoRALinear)]
+    return tuple(k.removeprefix("self_attn.") if k.count(".") == 1 and k.startswith("self_attn.") else k
+                 for k in paths)
 
 
 def merge_lora(model) -> int:
     """Fold every ``LoRALinear`` back into a plain ``nn.Linear`` (in place); returns how many were merged."""
     n = 0
     for layer in model.model.language_model.layers:
-        for name, mod in list(layer.self_attn.named_children()):
+        for path, mod in list(layer.named_modules()):
             if isinstance(mod, LoRALinear):
+                parent_path, _, name = path.rpartition(".")
                 with torch.no_grad():
                     mod.base.weight.copy_(mod.merged_weight())
-                setattr(layer.self_attn, name, mod.base)
+                setattr(layer.get_submodule(parent_path), name, mod.base)
                 n += 1
     return n
 
@@ -376,13 +398,22 @@ def save_trained(model, path: str | Path, meta: dict | None = None, dtype: torch
     state = {k: v.to(dtype).contiguous() for k, v in trained_state(model, tower).items()}
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     info = {"vision": {k: getattr(model.config.vision_config, k) for k in VISION_CONFIG},
-            "lora": {"r": lora[0].r, "alpha": lora[0].scale * lora[0].r} if lora else None,
+            "lora": _lora_info(model, lora),
             "feature_layer": model.config.vision_feature_layer}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"config": json.dumps(info), "meta": json.dumps(meta or {})})
     tmp.replace(path)
+
+
+def _lora_info(model, lora: list[LoRALinear]) -> dict | None:
+    """The LoRA shape saved with the weights (``targets`` only when they are not the default ``LORA_TARGETS``)."""
+    if not lora:
+        return None
+    info = {"r": lora[0].r, "alpha": lora[0].scale * lora[0].r}
+    targets = lora_targets(model)
+    return info if targets == LORA_TARGETS else {**info, "targets": list(targets)}
 
 
 def read_trained(path: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
@@ -399,7 +430,8 @@ def read_trained(path: str | Path) -> tuple[dict[str, Tensor], dict, dict]:
 def load_trained(model, state: dict[str, Tensor], config: dict) -> Any:
     """Put ``state`` (from ``read_trained``) into ``model`` (adds LoRA first when the state has it)."""
     if config.get("lora") and not any(isinstance(m, LoRALinear) for m in model.modules()):
-        add_lora(model, r=int(config["lora"]["r"]), alpha=float(config["lora"]["alpha"]))
+        add_lora(model, r=int(config["lora"]["r"]), alpha=float(config["lora"]["alpha"]),
+                 targets=tuple(config["lora"].get("targets", LORA_TARGETS)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"unexpected keys in trained weights: {unexpected[:5]}")
