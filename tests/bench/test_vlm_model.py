@@ -88,20 +88,25 @@ def test_save_load_round_trip_generates_through_chat_template(tiny, tokenizer, t
         assert torch.allclose(tiny(**inputs).logits, back(**inputs).logits, atol=1e-5)
 
 
+def _perturbed_logits(model, mods, tokenizer, index: int):
+    """Give the LoRA adapters ``mods`` random ``B`` and scale the projector; ``(inputs, logits)`` of held-out scene
+    ``index`` through the chat-less prompt."""
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.05)
+        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+    s = task.make_scene("test", 0, index)
+    inputs = vlm.build_processor(tokenizer)(images=[task.to_rgb(s.image)], text=["<image>\n" + s.question],
+                                            return_tensors="pt")
+    with torch.no_grad():
+        return inputs, model(**inputs).logits
+
 def test_lora_merge_and_trained_weights_round_trip(tokenizer, tmp_path):
     llm = tiny_llm(tokenizer)
     model = vlm.build_vlm(llm, tokenizer, vision=TINY_VISION)
     mods = vlm.add_lora(model, r=4, alpha=8.0, seed=1)
     assert len(mods) == 2 * len(vlm.LORA_TARGETS)
-    with torch.no_grad():
-        for m in mods.values():
-            m.lora_B.normal_(0, 0.05)
-        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
-    s = task.make_scene("test", 0, 0)
-    inputs = vlm.build_processor(tokenizer)(images=[task.to_rgb(s.image)], text=["<image>\n" + s.question],
-                                            return_tensors="pt")
-    with torch.no_grad():
-        ref = model(**inputs).logits
+    inputs, ref = _perturbed_logits(model, mods, tokenizer, 0)
     weights = tmp_path / "w.safetensors"
     vlm.save_trained(model, weights, meta={"accuracy": 0.5}, dtype=torch.float32)
     state, cfg, meta = vlm.read_trained(weights)
@@ -127,14 +132,7 @@ def test_lora_on_mlps_round_trips_and_merges(tokenizer, tmp_path):
     mods = vlm.add_lora(model, r=2, alpha=4.0, seed=3, targets=targets)
     assert len(mods) == 2 * len(targets) and "model.language_model.layers.1.mlp.down_proj" in mods
     assert vlm.lora_targets(model) == targets
-    with torch.no_grad():
-        for m in mods.values():
-            m.lora_B.normal_(0, 0.05)
-    s = task.make_scene("test", 0, 1)
-    inputs = vlm.build_processor(tokenizer)(images=[task.to_rgb(s.image)], text=["<image>\n" + s.question],
-                                            return_tensors="pt")
-    with torch.no_grad():
-        ref = model(**inputs).logits
+    inputs, ref = _perturbed_logits(model, mods, tokenizer, 1)
     weights = tmp_path / "w.safetensors"
     vlm.save_trained(model, weights, dtype=torch.float32)
     _, cfg, _ = vlm.read_trained(weights)
