@@ -212,8 +212,21 @@ def test_real_vlm_sweep_task_on_an_assembled_folder(tiny, tokenizer, tmp_path, m
         return real_answer(*a, **k)
 
     monkeypatch.setattr(vlm, "answer", counted)
+    # ... and the frozen tower's layers answer from the process's store (vtok.bench.layer_cache): none runs again
+    from vtok.hooks.hf.adapter import find_adapter
+
+    layer_cls = type(find_adapter(tiny).tower_layers(tiny)[0])
+    ran = []
+    real_forward = layer_cls.forward
+
+    def counted_forward(self, *a, **k):
+        ran.append(1)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(layer_cls, "forward", counted_forward)
     again = dict((c.method, part) for c, part in get_task("real_vlm").run(cfg.cells()[:1], lambda *a: None))
     assert len(calls) == 2  # 4 scenes in batches of 2, the cell only
+    assert not ran
     assert again["random"]["metrics"] == rows["random"]["metrics"]
 
 

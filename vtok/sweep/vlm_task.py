@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import vtok
+from vtok.bench.layer_cache import cached_layers, module_digest
 from vtok.hooks.hf import llm_context
+from vtok.hooks.hf.adapter import find_adapter
 from vtok.sweep.tasks import Option, Task, file_digest, register_task
 
 
@@ -214,6 +216,9 @@ class _VlmTask(_Placements):
 
 # the unwrapped model's accuracy per (task, model, its fingerprint, n, start, batch), within one process
 _REFERENCE: dict[tuple, dict[str, Any]] = {}
+# the frozen tower's layer outputs (vtok.bench.layer_cache), within one process: one store, for the tower whose
+# weights have this digest (another tower replaces it)
+_TOWER_STORE: dict[str, Any] = {"digest": None, "store": {}}
 
 
 def _visual_counts(model) -> tuple[int, int]:
@@ -395,20 +400,27 @@ class RealVlm(_Placements):
 
         # keep = 1.0 on these scenes: once per process (a sweep's later shards of the same model and scenes reuse it)
         key = (self.name, c0.model, self.fingerprint(c0.model), opts["n"], opts["start"], opts["batch"])
-        if key not in _REFERENCE:
-            _REFERENCE[key] = score()[0]
-        ref = _REFERENCE[key]
-        for i, c in enumerate(cells):
-            try:
-                with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
-                    m, kept, tokens = score()
-            except ValueError as e:
-                yield c, {"error": str(e)}
+        # the frozen tower answers the same images in every cell: its layers' outputs are memoised by input digest
+        # (bit-identical results; pruning inside the tower changes the digests and so computes)
+        layers = find_adapter(model).tower_layers(model)
+        digest = module_digest(layers)
+        if _TOWER_STORE["digest"] != digest:
+            _TOWER_STORE.update(digest=digest, store={})
+        with cached_layers(layers, _TOWER_STORE["store"]):
+            if key not in _REFERENCE:
+                _REFERENCE[key] = score()[0]
+            ref = _REFERENCE[key]
+            for i, c in enumerate(cells):
+                try:
+                    with vtok.wrapped(model, c.method, c.keep, **_wrap_kwargs(c)):
+                        m, kept, tokens = score()
+                except ValueError as e:
+                    yield c, {"error": str(e)}
+                    progress(i + 1, len(cells))
+                    continue
+                yield c, {"metrics": {**m, "ref_accuracy": ref["accuracy"], "kept_tokens": kept / len(scenes),
+                                      "tokens": tokens / len(scenes)}}
                 progress(i + 1, len(cells))
-                continue
-            yield c, {"metrics": {**m, "ref_accuracy": ref["accuracy"], "kept_tokens": kept / len(scenes),
-                                  "tokens": tokens / len(scenes)}}
-            progress(i + 1, len(cells))
 
 
 class RealVlmClip(RealVlm):
