@@ -103,9 +103,8 @@ def shard_path(work: Path, split: str, start: int, end: int) -> Path:
 
 @torch.no_grad()
 def cache_features(work: Path, split: str, n: int, log: Log, tower=None, bf16: bool = False, first: int = 0) -> None:
-    """Write the tower's layer −2 hidden states of scenes ``first … first+n−1`` of the split's stream, ``SHARD`` per
-    file
-    (``feats`` fp16 ``[s, 197, 768]``, ``cells`` ``[s, 4, 4]``, ``targets`` ``[s, 3, 196]`` from
+    """Write the tower's layer −2 hidden states of scenes ``first … first+n−1`` of the split's stream, ``SHARD``
+    per file (``feats`` fp16 ``[s, 197, 768]``, ``cells`` ``[s, 4, 4]``, ``targets`` ``[s, 3, 196]`` from
     ``clip_scenes.token_targets``, the scenes' questions in the metadata)."""
     from safetensors.torch import save_file
 

@@ -360,8 +360,7 @@ def lora_targets(model) -> tuple[str, ...]:
     """The targets (as ``add_lora`` takes them) of the LoRA adapters in the model's first decoder layer."""
     layer = model.model.language_model.layers[0]
     paths = [k for k, m in layer.named_modules() if isinstance(m, LoRALinear)]
-    return tuple(k.removeprefix("self_attn.") if k.count(".") == 1 and k.startswith("self_attn.") else k
-                 for k in paths)
+    return tuple(k.removeprefix("self_attn.") if k.count(".") == 1 else k for k in paths)  # bare = self_attn
 
 
 def merge_lora(model) -> int:
