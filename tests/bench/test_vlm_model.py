@@ -271,3 +271,20 @@ def test_ask_vlm_demo_on_a_tiny_folder(tiny, tokenizer, tmp_path):
                                                                     ("fastv", 1.0, 64), ("fastv", 0.25, 16)]
     assert all(r["prefill_ms"] > 0 for r in rows)
     assert (tmp_path / "out" / "vlm_kept_patches.png").exists()
+
+
+def test_vlm_positions_benchmark_on_a_tiny_folder(tiny, tokenizer, tmp_path, capsys):
+    """benchmarks/vlm_positions.py at tiny settings: the unpruned row, then each method renumbered and at original
+    positions, with accuracies in [0, 1] and a markdown table printed."""
+    bench = load_benchmark("vlm_positions")
+    folder = tmp_path / "vlm"
+    tiny.save_pretrained(folder)
+    vlm.build_processor(tokenizer).save_pretrained(folder)
+    rows = bench.main(["--vlm", "fmnist", "--model", str(folder), "--n", "2", "--batch", "2", "--methods", "random",
+                       "--keep", "0.25"])
+    assert [(r["method"], r["positions"]) for r in rows] == [("(unpruned)", "-"), ("random", "reindex"),
+                                                            ("random", "original")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert "| random | original |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--vlm", "fmnist", "--model", str(folder), "--n", "0"])
